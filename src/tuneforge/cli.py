@@ -1,0 +1,172 @@
+"""The `tuneforge` command.
+
+Exit codes: 0 success, 1 the job failed while running, 2 bad input (spec, data, arguments) and nothing
+was started. Heavy imports (torch, transformers) happen only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UserError(Exception):
+    """An error caused by input, printed as one paragraph without a traceback."""
+
+
+def _resolve_paths(spec) -> None:
+    """Make file paths absolute against the current directory, so spec.json works from anywhere."""
+    spec.dataset.path = str(Path(spec.dataset.path).expanduser().resolve())
+    if spec.dataset.validation_path:
+        spec.dataset.validation_path = str(Path(spec.dataset.validation_path).expanduser().resolve())
+    from tuneforge.spec.job import BUILTIN_BASE_MODELS
+
+    if spec.model.base_model not in BUILTIN_BASE_MODELS:
+        spec.model.base_model = str(Path(spec.model.base_model).expanduser().resolve())
+
+
+def _preflight(spec) -> None:
+    """Everything that can be checked before a job directory exists: data files and the model path."""
+    from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, load_examples
+    from tuneforge.data.problems import DataError
+    from tuneforge.spec.job import BUILTIN_BASE_MODELS
+
+    try:
+        _, data_format = load_examples(spec.dataset.path, spec.dataset.format, min_examples=MIN_TRAINING_EXAMPLES)
+        if spec.dataset.validation_path:
+            load_examples(spec.dataset.validation_path, data_format)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    if spec.model.base_model not in BUILTIN_BASE_MODELS and not (Path(spec.model.base_model) / "config.json").is_file():
+        raise UserError(
+            f"model.base_model {spec.model.base_model!r}: expected a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "
+            "or a local Hugging Face model directory with a config.json"
+        )
+
+
+def _new_job_dir(spec) -> Path:
+    from tuneforge.home import jobs_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = jobs_dir() / f"{spec.name or 'job'}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuneforge.spec import SpecError, load_job_spec
+    from tuneforge.spec.jobdir import SUMMARY_FILE, write_spec
+
+    try:
+        spec = load_job_spec(args.spec, args.overrides)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    _resolve_paths(spec)
+    _preflight(spec)
+
+    job_dir = args.job_dir.expanduser().resolve() if args.job_dir else _new_job_dir(spec)
+    if (job_dir / SUMMARY_FILE).exists():
+        raise UserError(f"{job_dir} holds a finished job (it has {SUMMARY_FILE}); choose another --job-dir")
+    if job_dir.exists() and any(job_dir.iterdir()) and not (job_dir / "spec.json").exists():
+        raise UserError(f"{job_dir} exists and is not a tuneforge job directory; choose another --job-dir")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_spec(job_dir, spec)
+    print(f"job directory: {job_dir}", file=sys.stderr)
+    return _run_recipe(job_dir, progress=not args.no_progress)
+
+
+def _run_recipe(job_dir: Path, *, progress: bool) -> int:
+    from tuneforge.recipes import sft
+
+    try:
+        summary = sft.run(job_dir, progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the job directory is {job_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the recipe already wrote the failure event
+        if os.environ.get("TUNEFORGE_DEBUG"):
+            raise
+        print(f"error: the job failed: {type(exc).__name__}: {exc}\n  events: {job_dir / 'events.jsonl'}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_summary(summary, job_dir)
+    return EXIT_OK
+
+
+def _print_summary(summary: dict, job_dir: Path) -> None:
+    base, tuned = summary["eval"].get("base") or {}, summary["eval"].get("fine_tuned") or {}
+    print(f"done in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, {summary['tokens_seen']:,} tokens")
+    for metric in ("loss", "perplexity", "exact_match"):
+        if metric in tuned:
+            before = f"{base[metric]:.4f} -> " if metric in base else ""
+            print(f"  eval {metric}: {before}{tuned[metric]:.4f}")
+    print(f"  {summary['output']}: {job_dir / summary['output']}")
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from tuneforge.spec import SpecError, load_job_spec
+    from tuneforge.spec.reference import reference_text
+
+    if not args.spec:
+        print(reference_text())
+        return EXIT_OK
+    try:
+        spec = load_job_spec(args.spec, args.overrides)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    print(spec.model_dump_json(indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tuneforge.spec.reference import reference_text
+
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune large language models on your own hardware.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="run a fine-tuning job in the foreground",
+        description="Run the job described by a YAML job spec; dotted overrides like training.learning_rate=1e-4 follow it.",
+        epilog="job spec fields (dotted.name = default):\n" + reference_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("spec", type=Path, help="YAML job spec, e.g. configs/sft/smollm2-135m-lora.yaml")
+    train.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
+    train.add_argument("--job-dir", type=Path, help="job directory (default: $TUNEFORGE_HOME/jobs/NAME-TIME)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    train.set_defaults(handler=cmd_train)
+
+    spec = commands.add_parser("spec", help="print the job spec reference, or validate a spec file and print it resolved")
+    spec.add_argument("spec", type=Path, nargs="?", help="YAML job spec to validate")
+    spec.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
+    spec.set_defaults(handler=cmd_spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options too (`train job.yaml --job-dir D a.b=1`), which argparse's
+    # positional handling does not allow; collect the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    strays = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

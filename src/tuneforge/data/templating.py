@@ -1,0 +1,201 @@
+"""Turn examples into token ids and labels, with the loss only on what the model should learn to say.
+
+The chat template is rendered by the tokenizer itself; loss masks are computed from character spans
+(prefix renders of the conversation) mapped onto tokens through the fast tokenizer's offsets. This works
+for templates without `{% generation %}` markers (SmolLM2, Llama, Qwen...) and keeps the end-of-turn
+token in the loss, so the model learns to stop even when pad and EOS share an id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tuneforge.data.formats import Example, Format
+from tuneforge.data.problems import DataError, DataProblem
+
+IGNORE_INDEX = -100
+Template = Literal["chat", "alpaca", "plain"]
+
+# ChatML, for base models whose tokenizer ships no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class TemplateError(ValueError):
+    """The prompt template cannot render this data, or renders it in a way masks cannot follow."""
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken; aligned with input_ids (the loss shifts)
+    line: int
+
+    @property
+    def num_label_tokens(self) -> int:
+        # Labels predict the next token, so the first position never contributes.
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizeStats:
+    examples_in: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_labels: int = 0
+    too_long_lines: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples_in": self.examples_in,
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped_too_long,
+            "dropped_no_labels": self.dropped_no_labels,
+        }
+
+
+def resolve_template(template: str, fmt: Format, tokenizer) -> Template:
+    """Pick the concrete template for `auto`, and refuse combinations that cannot work."""
+    if template == "auto":
+        if fmt == "completion":
+            return "plain"
+        if fmt == "instruction" and not tokenizer.chat_template:
+            return "alpaca"
+        return "chat"
+    if template == "alpaca" and fmt != "instruction":
+        raise TemplateError(f"dataset.prompt_template alpaca needs instruction data (instruction/input/output), not {fmt}")
+    if template == "plain" and fmt == "chat":
+        raise TemplateError("dataset.prompt_template plain needs completion or instruction data, not chat")
+    return template  # type: ignore[return-value]
+
+
+class PromptRenderer:
+    """Renders examples to text with loss spans, for one tokenizer and template."""
+
+    def __init__(self, tokenizer, template: Template):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TemplateError("tuneforge needs a fast (Rust) tokenizer to map loss masks onto tokens")
+        self.tokenizer = tokenizer
+        self.template = template
+        if template == "chat" and not tokenizer.chat_template:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        specials = set(tokenizer.all_special_tokens)
+        specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+
+    # --- rendering -------------------------------------------------------------------------------------
+    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _plain_parts(self, example: Example) -> tuple[str, str]:
+        record = example.record
+        if example.format == "completion":
+            return record["prompt"], record["completion"]
+        if self.template == "alpaca":
+            pattern = ALPACA_WITH_INPUT if record["input"] else ALPACA_NO_INPUT
+            return pattern.format(instruction=record["instruction"], input=record["input"]), record["output"]
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "") + "\n\n"
+        return prompt, record["output"]
+
+    def _end_of_turn(self, rendered: str, start: int, content: str) -> int:
+        """End of the trained span: through the first special token after the content (the EOT)."""
+        found = rendered.find(content, start)
+        content_end = found + len(content) if found >= 0 else start
+        tail = rendered[content_end:]
+        hits = [(tail.find(tok), tok) for tok in self._special_tokens if tail.find(tok) >= 0]
+        if hits:
+            position, token = min(hits)
+            return content_end + position + len(token)
+        return content_end + len(tail.rstrip())
+
+    def render(self, example: Example) -> tuple[str, list[tuple[int, int]]]:
+        """The full text and the character spans that carry loss."""
+        if self.template != "chat":
+            prompt, completion = self._plain_parts(example)
+            eos = self.tokenizer.eos_token or ""
+            return prompt + completion + eos, [(len(prompt), len(prompt) + len(completion) + len(eos))]
+        messages = example.as_messages()
+        text = self._apply(messages, generation_prompt=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant" or message.get("weight", 1) == 0:
+                continue
+            prefix = self._apply(messages[:index], generation_prompt=True) if index else ""
+            through = self._apply(messages[: index + 1], generation_prompt=False)
+            if not (through.startswith(prefix) and text.startswith(through)):
+                raise TemplateError(
+                    "the chat template renders a conversation differently depending on what follows "
+                    "(e.g. it rewrites earlier turns), so assistant loss masks cannot be computed"
+                )
+            spans.append((len(prefix), self._end_of_turn(through, len(prefix), message["content"])))
+        return text, spans
+
+    def generation_prompt(self, example: Example) -> tuple[str, str]:
+        """(prompt to generate from, reference answer): everything before the last assistant turn."""
+        if self.template != "chat":
+            return self._plain_parts(example)
+        messages = example.as_messages()
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return self._apply(messages[:last], generation_prompt=True), messages[last]["content"]
+
+    # --- tokenizing ------------------------------------------------------------------------------------
+    def tokenize(self, example: Example) -> TokenizedExample:
+        text, spans = self.render(example)
+        # Chat templates write their own BOS; plain text gets the tokenizer's usual special tokens.
+        encoding = self.tokenizer(
+            text, add_special_tokens=self.template != "chat", return_offsets_mapping=True, return_attention_mask=False
+        )
+        input_ids = list(encoding["input_ids"])
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for position, (start, end) in enumerate(encoding["offset_mapping"]):
+            if end > start and any(s <= start < e for s, e in spans):
+                labels[position] = input_ids[position]
+        return TokenizedExample(input_ids, labels, example.line)
+
+
+def tokenize_examples(
+    examples: list[Example],
+    renderer: PromptRenderer,
+    *,
+    max_seq_length: int,
+    too_long: str = "drop",
+    file: str = "dataset",
+) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenize all examples and apply the too-long policy (drop, truncate or error)."""
+    stats = TokenizeStats(examples_in=len(examples))
+    out: list[TokenizedExample] = []
+    for example in examples:
+        item = renderer.tokenize(example)
+        if len(item.input_ids) > max_seq_length:
+            stats.too_long_lines.append(example.line)
+            if too_long == "drop":
+                stats.dropped_too_long += 1
+                continue
+            if too_long == "truncate":
+                stats.truncated += 1
+                item = TokenizedExample(item.input_ids[:max_seq_length], item.labels[:max_seq_length], item.line)
+        if item.num_label_tokens == 0:
+            stats.dropped_no_labels += 1
+            continue
+        out.append(item)
+    if too_long == "error" and stats.too_long_lines:
+        raise DataError(
+            [
+                DataProblem(file, line, "too_long", "", f"at most {max_seq_length} tokens once templated", "a longer example")
+                for line in stats.too_long_lines
+            ]
+        )
+    return out, stats

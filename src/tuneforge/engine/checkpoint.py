@@ -1,0 +1,214 @@
+"""Checkpoints that are either complete and verified or do not exist.
+
+A checkpoint is written into a staging directory, every file is fsynced, a manifest with each file's
+size and sha256 is written last, and the directory is renamed into place. Readers trust only a
+checkpoint whose manifest verifies. It holds everything needed to continue exactly: trainable weights,
+optimizer, scheduler, loss scaler, RNG states and the trainer state (step, epoch, data position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+STAGING_PREFIX = ".staging-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def commit_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically: staging dir, fsync, manifest last, rename into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    staging = root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_files(staging)
+        files = {}
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            _fsync_file(path)
+            files[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest = {"version": 1, "step": step, "created_at": time.time(), "files": files, **(meta or {})}
+        manifest_path = staging / MANIFEST
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        _fsync_file(manifest_path)
+        _fsync_dir(staging)
+        if final.exists():  # a step re-saved after a resume: replace the old copy
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the manifest, else the reason it cannot be used."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoint directories (verified or not), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def remove_staging(root: Path) -> list[Path]:
+    """Delete half-written checkpoints left by a process that died mid-save."""
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(STAGING_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def latest_valid_checkpoint(root: Path, on_invalid: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest checkpoint whose manifest verifies; on_invalid hears about each one skipped."""
+    for _, path in reversed(list_checkpoints(root)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        if on_invalid:
+            on_invalid(path, reason)
+    return None
+
+
+def prune_checkpoints(root: Path, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest keep_last checkpoints, never one in protect (best, resumed-from)."""
+    existing = [path for _, path in list_checkpoints(root)]
+    keep = set(existing[-keep_last:]) | {p for p in protect if p is not None}
+    removed = []
+    for path in existing:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, in a form torch.load(weights_only=True) accepts."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(
+    root: Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any]
+) -> Path:
+    """A complete, verified checkpoint of a training run after `step` optimizer steps."""
+    from tuneforge.engine.weights import save_trainable
+
+    def write(directory: Path) -> None:
+        save_trainable(model, directory)
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), directory / "scaler.pt")
+        torch.save(capture_rng_state(), directory / "rng.pt")
+        (directory / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+
+    return commit_checkpoint(root, step, write)
+
+
+def restore_training_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Load a verified checkpoint into live objects; returns its trainer state."""
+    from tuneforge.engine.weights import load_trainable
+
+    load_trainable(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

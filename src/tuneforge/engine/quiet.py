@@ -1,0 +1,21 @@
+"""Keep library chatter (weight-loading bars, deprecation notices) out of a training run's terminal.
+
+Our own progress display and events say what is happening; transformers' per-file progress bars and
+bitsandbytes' optional-kernel notices do not help a user and bury the lines that do.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for module in ("transformers", "peft", "torch", "accelerate", "trl"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)

@@ -1,0 +1,57 @@
+"""Save and restore what a job trains (the LoRA adapter, or all weights) and publish the final result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.safetensors"
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_trainable(model, directory: Path) -> None:
+    """Only the trained weights: the adapter for PEFT models, every weight for full fine-tuning."""
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(state, str(directory / ADAPTER_WEIGHTS))
+    else:
+        save_model(model, str(directory / FULL_WEIGHTS))  # de-duplicates tied embeddings
+
+
+def load_trainable(model, directory: Path) -> None:
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        result = set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS), device=str(device)))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"checkpoint {directory} has weights this adapter does not: {result.unexpected_keys[:5]}")
+    else:
+        load_model(model, str(directory / FULL_WEIGHTS), strict=True, device=str(next(model.parameters()).device))
+
+
+def publish_final(model, tokenizer, target: Path) -> Path:
+    """Write the final adapter (PEFT format) or model (HF format) with its tokenizer, atomically."""
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with torch.no_grad():
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

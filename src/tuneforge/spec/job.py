@@ -1,0 +1,176 @@
+"""JobSpec: the one schema for a fine-tuning job, read by the CLI, stored by the API, run by recipes.
+
+Every field has a default (where one makes sense) and a one-line description; the descriptions are
+the `--help` text of `tuneforge train` and the API schema. Choices are closed literals, never import
+paths, so a job spec cannot name code to run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_BASE_MODELS = ("smollm2-135m-instruct", "tiny-llama")
+
+GpuType = Literal[
+    "any", "cpu", "t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"
+]
+
+
+class Section(BaseModel):
+    """A part of the job spec: unknown keys are an error, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in base model (smollm2-135m-instruct, tiny-llama) or a local Hugging Face model directory.",
+    )
+    quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
+        "none", description="Load the base weights quantized with bitsandbytes: none, int8, nf4 or fp4 (4-bit is QLoRA)."
+    )
+    double_quantization: bool = Field(
+        True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bits per parameter)."
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="4-bit only: dtype of the matmuls on dequantized weights; auto follows training.precision."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel: auto picks flash_attention_2 when installed on a GPU, else sdpa."
+    )
+
+    @field_validator("base_model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a built-in base model or a model directory")
+        return value
+
+
+class DatasetSpec(Section):
+    path: str = Field(..., description="Training data file (JSONL): chat, instruction or completion records.")
+    format: Literal["auto", "chat", "instruction", "completion"] = Field(
+        "auto", description="Record format; auto detects it from the fields of the first record."
+    )
+    max_seq_length: int = Field(2048, gt=0, description="Longest tokenized example, after the prompt template.")
+    prompt_template: Literal["auto", "chat", "alpaca", "plain"] = Field(
+        "auto",
+        description="How records become text: chat (the tokenizer's chat template), alpaca, plain (prompt+completion); "
+        "auto uses chat for chat/instruction data and plain for completion data.",
+    )
+    too_long: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What to do with an example longer than max_seq_length: drop it, truncate it, or fail."
+    )
+    validation_path: str | None = Field(
+        None, description="Validation data file; when empty, train_split carves a validation set out of path."
+    )
+    train_split: float = Field(
+        0.95, gt=0.0, le=1.0, description="Fraction of path used for training when validation_path is empty."
+    )
+
+
+class AdapterSpec(Section):
+    type: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora (adapter on a frozen base), qlora (LoRA on a 4-bit base) or full fine-tuning."
+    )
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]) or "all-linear".'
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class TrainingSpec(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    per_device_batch_size: int = Field(4, gt=0, description="Examples per micro-batch on each device.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides num_epochs.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps with a linear learning-rate warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field(
+        "adamw", description="Optimizer: adamw, adamw_8bit / paged_adamw_8bit (bitsandbytes), adafactor or sgd."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to biases and norms).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value; empty disables.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision; auto is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+    )
+    seed: int = Field(42, description="Seed for data order, splits, adapter initialization and dropout.")
+    packing: bool = Field(False, description="Pack several examples into one max_seq_length row.")
+    logging_steps: int = Field(1, gt=0, description="Write a metrics event every N optimizer steps.")
+
+
+class ResourcesSpec(Section):
+    num_gpus: int = Field(1, ge=1, description="Training processes per node, one per GPU (CPU processes when there is no GPU).")
+    gpu_type: GpuType = Field("any", description="GPU model the job needs; any takes what the worker has.")
+    num_nodes: int = Field(1, ge=1, description="Machines to train on.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes share the work: ddp, fsdp (sharded) or deepspeed (ZeRO)."
+    )
+
+
+class EvaluationSpec(Section):
+    metrics: list[Literal["loss", "perplexity", "exact_match"]] = Field(
+        default_factory=lambda: ["loss", "perplexity"],
+        description="Metrics on the validation set: loss, perplexity, exact_match (greedy generation vs the reference).",
+    )
+    eval_every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps; empty: only at the end.")
+    eval_before_training: bool = Field(True, description="Also evaluate the base model, so the summary shows the gain.")
+    max_eval_examples: int | None = Field(200, gt=0, description="Evaluate on at most this many validation examples.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per example for generated metrics.")
+
+
+class CheckpointSpec(Section):
+    every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N optimizer steps.")
+    every_minutes: float | None = Field(30.0, gt=0, description="Save a checkpoint every M minutes of training.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints to keep (the newest ones).")
+
+
+class DeploySpec(Section):
+    target: Literal["none", "vllm", "tgi", "playground"] = Field(
+        "none", description="Where the result will be served; decides the export layout."
+    )
+    merge_adapter: bool = Field(False, description="Also write the base model with the adapter merged in.")
+
+
+class JobSpec(Section):
+    """A fine-tuning job: what to train, on what, how, with what resources."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Short name for the job (letters, digits, . _ -); used in the job directory name.",
+    )
+    method: Literal["sft"] = Field("sft", description="Training method: sft (supervised fine-tuning).")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model and how it is loaded.")
+    dataset: DatasetSpec = Field(..., description="Training and validation data.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="What is trained: LoRA, QLoRA or all weights.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization hyperparameters.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware the job asks for.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="What is measured on validation data.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="When checkpoints are written.")
+    deploy: DeploySpec = Field(default_factory=DeploySpec, description="Export for serving.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        quant = self.model.quantization
+        if self.adapter.type == "qlora" and quant in ("none", "int8"):
+            if quant == "int8":
+                raise ValueError("adapter.type qlora needs a 4-bit base: set model.quantization to nf4 or fp4")
+            # QLoRA means a 4-bit base; NF4 is what the QLoRA paper uses.
+            self.model.quantization = "nf4"
+        if self.adapter.type == "full" and quant != "none":
+            raise ValueError(
+                f"adapter.type full trains every weight and cannot use a quantized base (model.quantization is {quant})"
+            )
+        return self
