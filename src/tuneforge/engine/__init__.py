@@ -1,0 +1,1 @@
+"""Reusable training parts: model loading, adapters, optimizers, the loss, checkpoints, events."""
