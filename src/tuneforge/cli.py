@@ -1,18 +1,17 @@
 """The `tuneforge` command.
 
 Exit codes: 0 success, 1 the job failed while running, 2 bad input (spec, data, arguments) and nothing
-was started. Heavy imports (torch, transformers) happen only inside the commands that need them.
+was started, 75 stopped on request (SIGTERM, Ctrl-C, spot notice) after a checkpoint: resume it. Heavy imports (torch, transformers) happen only inside the commands that need them.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
 
 
 class UserError(Exception):
@@ -63,41 +62,58 @@ def _new_job_dir(spec) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tuneforge.spec import SpecError, load_job_spec
-    from tuneforge.spec.jobdir import SUMMARY_FILE, write_spec
+    from tuneforge.spec.jobdir import SPEC_FILE, SUMMARY_FILE, read_spec, write_spec
 
-    try:
-        spec = load_job_spec(args.spec, args.overrides)
-    except SpecError as exc:
-        raise UserError(str(exc)) from None
-    _resolve_paths(spec)
-    _preflight(spec)
-
-    job_dir = args.job_dir.expanduser().resolve() if args.job_dir else _new_job_dir(spec)
+    if args.resume:
+        if args.spec or args.overrides or args.job_dir:
+            raise UserError("--resume DIR continues a job exactly as specified in DIR/spec.json; "
+                            "it takes no spec file, overrides or --job-dir")
+        job_dir = args.resume.expanduser().resolve()
+        if not (job_dir / SPEC_FILE).is_file():
+            raise UserError(f"{job_dir}: not a job directory (no {SPEC_FILE})")
+        spec = read_spec(job_dir)
+        _preflight(spec)
+    else:
+        if not args.spec:
+            raise UserError("name a job spec (tuneforge train JOB.yaml) or a job to continue (--resume DIR)")
+        try:
+            spec = load_job_spec(args.spec, args.overrides)
+        except SpecError as exc:
+            raise UserError(str(exc)) from None
+        _resolve_paths(spec)
+        _preflight(spec)
+        job_dir = args.job_dir.expanduser().resolve() if args.job_dir else _new_job_dir(spec)
+        if (job_dir / SUMMARY_FILE).exists():
+            raise UserError(f"{job_dir} holds a finished job (it has {SUMMARY_FILE}); choose another --job-dir")
+        if job_dir.exists() and any(job_dir.iterdir()):
+            if not (job_dir / SPEC_FILE).exists():
+                raise UserError(f"{job_dir} exists and is not a tuneforge job directory; choose another --job-dir")
+            if read_spec(job_dir) != spec:
+                raise UserError(f"{job_dir} holds a job with a different spec; continue it with --resume {job_dir} "
+                                "or choose another --job-dir")
     if (job_dir / SUMMARY_FILE).exists():
         raise UserError(f"{job_dir} holds a finished job (it has {SUMMARY_FILE}); choose another --job-dir")
-    if job_dir.exists() and any(job_dir.iterdir()) and not (job_dir / "spec.json").exists():
-        raise UserError(f"{job_dir} exists and is not a tuneforge job directory; choose another --job-dir")
     job_dir.mkdir(parents=True, exist_ok=True)
     write_spec(job_dir, spec)
     print(f"job directory: {job_dir}", file=sys.stderr)
-    return _run_recipe(job_dir, progress=not args.no_progress)
+    return _run_recipe(job_dir, spec, progress=not args.no_progress)
 
 
-def _run_recipe(job_dir: Path, *, progress: bool) -> int:
-    from tuneforge.recipes import sft
+def _run_recipe(job_dir: Path, spec, *, progress: bool) -> int:
+    """Run the recipe in a child process, restarting it from its checkpoint if it dies."""
+    from tuneforge.launch.supervisor import recipe_command, supervise
+    from tuneforge.spec.jobdir import read_summary
 
-    try:
-        summary = sft.run(job_dir, progress=progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the job directory is {job_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # the recipe already wrote the failure event
-        if os.environ.get("TUNEFORGE_DEBUG"):
-            raise
-        print(f"error: the job failed: {type(exc).__name__}: {exc}\n  events: {job_dir / 'events.jsonl'}", file=sys.stderr)
-        return EXIT_FAILED
-    _print_summary(summary, job_dir)
-    return EXIT_OK
+    outcome = supervise(job_dir, recipe_command(job_dir, method=spec.method, progress=progress),
+                        max_restarts=spec.checkpoint.max_restarts)
+    if outcome.status == "succeeded":
+        _print_summary(read_summary(job_dir), job_dir)
+        return EXIT_OK
+    if outcome.status == "preempted":
+        print(f"stopped after a checkpoint; continue with: tuneforge train --resume {job_dir}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    print(f"error: the job failed: {outcome.reason}\n  events: {job_dir / 'events.jsonl'}", file=sys.stderr)
+    return EXIT_BAD_INPUT if outcome.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
 
 
 def _print_summary(summary: dict, job_dir: Path) -> None:
@@ -138,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="job spec fields (dotted.name = default):\n" + reference_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("spec", type=Path, help="YAML job spec, e.g. configs/sft/smollm2-135m-lora.yaml")
+    train.add_argument("spec", type=Path, nargs="?", help="YAML job spec, e.g. configs/sft/smollm2-135m-lora.yaml")
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
     train.add_argument("--job-dir", type=Path, help="job directory (default: $TUNEFORGE_HOME/jobs/NAME-TIME)")
+    train.add_argument("--resume", type=Path, metavar="JOB_DIR", help="continue a stopped or crashed job from its newest verified checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     train.set_defaults(handler=cmd_train)
 

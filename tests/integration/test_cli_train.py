@@ -83,14 +83,27 @@ def test_smoke_config_runs_end_to_end_from_the_command_line(tmp_path, tuneforge_
 
 def test_a_failing_job_exits_1_and_leaves_no_summary(tmp_path, tuneforge_home):
     data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(12)])
-    spec = spec_file(tmp_path, data, "dataset_extra: 1\n").read_text().replace("dataset_extra: 1\n", "")
-    (tmp_path / "job.yaml").write_text(spec + "  precision: fp16\n")  # fp16 on a CPU fails at start
+    spec = spec_file(tmp_path, data, "checkpoint:\n  max_restarts: 0\n")
     job_dir = tmp_path / "job"
-    result = run_cli("train", tmp_path / "job.yaml", "--job-dir", job_dir, home=tuneforge_home)
-    assert result.returncode == 1 and "fp16 needs a GPU" in result.stderr and "Traceback" not in result.stderr
+    env = {**os.environ, "TUNEFORGE_HOME": str(tuneforge_home), "TUNEFORGE_FAULT_INJECTION": "crash_at_step=1"}
+    result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", str(spec), "--job-dir", str(job_dir)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 1 and "InjectedCrash: injected crash after step 1" in result.stderr
     assert not (job_dir / "summary.json").exists()
     last = json.loads((job_dir / "events.jsonl").read_text().splitlines()[-1])
-    assert last["level"] == "error" and last["data"]["status"] == "failed"
+    assert last["level"] == "error" and last["data"]["status"] == "failed" and last["data"]["retryable"]
+
+
+def test_a_job_the_hardware_cannot_run_exits_2_without_retries(tmp_path, tuneforge_home):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(12)])
+    spec = spec_file(tmp_path, data, "  precision: fp16\n")  # under training:
+    job_dir = tmp_path / "job"
+    result = run_cli("train", spec, "--job-dir", job_dir, home=tuneforge_home)
+    assert result.returncode == 2 and "fp16 needs a GPU" in result.stderr
+    assert "restarting" not in result.stderr and "Traceback" not in result.stderr
+    events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["data"].get("kind") for e in events].count("restart") == 0
+    assert events[-1]["data"]["retryable"] is False
 
 
 def test_spec_reference_lists_every_field(capsys):

@@ -8,6 +8,7 @@ optimizer, scheduler, loss scaler, RNG states and the trainer state (step, epoch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -78,10 +79,31 @@ def commit_checkpoint(root: Path, step: int, write_files: Callable[[Path], None]
             shutil.rmtree(final)
         os.rename(staging, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
+        # Measure before cleaning up: the staging files are what filled the disk.
+        free = shutil.disk_usage(root).free
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception):
+            raise _explain_write_failure(exc, final, free) from exc
         raise
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the ones committed before it are untouched."""
+
+
+def _explain_write_failure(exc: Exception, target: Path, free_bytes: int) -> Exception:
+    # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos", so ask the disk.
+    disk_full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free_bytes < 1 << 20
+    if disk_full:
+        return CheckpointWriteError(
+            errno.ENOSPC,
+            f"No space left on device while writing checkpoint {target.name} in {target.parent} "
+            f"({free_bytes} bytes free); the previous checkpoints are intact",
+        )
+    return CheckpointWriteError(errno.EIO, f"could not write checkpoint {target.name}: {type(exc).__name__}: {exc}; "
+                                           "the previous checkpoints are intact")
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -179,10 +201,12 @@ def save_training_checkpoint(
     root: Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any]
 ) -> Path:
     """A complete, verified checkpoint of a training run after `step` optimizer steps."""
+    from tuneforge.engine import faults
     from tuneforge.engine.weights import save_trainable
 
     def write(directory: Path) -> None:
         save_trainable(model, directory)
+        faults.inside_checkpoint(step)
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
         if scaler is not None:
@@ -190,7 +214,7 @@ def save_training_checkpoint(
         torch.save(capture_rng_state(), directory / "rng.pt")
         (directory / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
 
-    return commit_checkpoint(root, step, write)
+    return commit_checkpoint(root, step, write, meta={"metrics": trainer_state.get("metrics", {})})
 
 
 def restore_training_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> dict[str, Any]:
@@ -212,3 +236,37 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 def checkpoint_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class CheckpointKeeper:
+    """When to checkpoint (every N steps and/or M minutes), and which checkpoints to keep.
+
+    Keeps the newest `keep_last`, the best by validation loss, and the one the run resumed from.
+    """
+
+    def __init__(self, root: Path, *, every_steps: int | None, every_minutes: float | None, keep_last: int,
+                 resumed_from: Path | None = None, best: dict[str, Any] | None = None):
+        self.root, self.every_steps, self.every_minutes, self.keep_last = root, every_steps, every_minutes, keep_last
+        self.resumed_from = resumed_from
+        self.best = best  # {"step": N, "valid_loss": x}
+        self.last_saved_step: int | None = None
+        self._last_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        by_steps = bool(self.every_steps) and step % self.every_steps == 0
+        by_time = bool(self.every_minutes) and time.monotonic() - self._last_time >= self.every_minutes * 60
+        return by_steps or by_time
+
+    def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any]) -> tuple[Path, bool]:
+        """Commit a checkpoint, prune old ones; returns (path, whether it is the best so far)."""
+        valid_loss = trainer_state.get("metrics", {}).get("valid_loss")
+        is_best = valid_loss is not None and (self.best is None or valid_loss < self.best["valid_loss"])
+        if is_best:
+            self.best = {"step": step, "valid_loss": valid_loss}
+        path = save_training_checkpoint(self.root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        scaler=scaler, trainer_state={**trainer_state, "best": self.best})
+        best_path = self.root / checkpoint_name(self.best["step"]) if self.best else None
+        prune_checkpoints(self.root, self.keep_last, protect={self.resumed_from, best_path})
+        self.last_saved_step = step
+        self._last_time = time.monotonic()
+        return path, is_best

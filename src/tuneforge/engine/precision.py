@@ -9,6 +9,10 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class PrecisionError(ValueError):
+    """A precision the hardware cannot train in."""
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str  # fp32, bf16 or fp16
@@ -45,5 +49,5 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         else:
             requested = "fp32"
     if requested == "fp16" and device.type == "cpu":
-        raise ValueError("training.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+        raise PrecisionError("training.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     return Precision(requested, device)

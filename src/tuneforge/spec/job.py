@@ -133,7 +133,10 @@ class EvaluationSpec(Section):
 class CheckpointSpec(Section):
     every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N optimizer steps.")
     every_minutes: float | None = Field(30.0, gt=0, description="Save a checkpoint every M minutes of training.")
-    keep_last: int = Field(2, ge=1, description="Checkpoints to keep (the newest ones).")
+    keep_last: int = Field(2, ge=1, description="Newest checkpoints to keep (plus the best by validation loss).")
+    max_restarts: int = Field(
+        2, ge=0, description="Restarts from the last checkpoint after a crash, kill or out-of-memory before the job fails."
+    )
 
 
 class DeploySpec(Section):

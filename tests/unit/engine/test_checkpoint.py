@@ -57,3 +57,27 @@ def test_staging_leftovers_are_removed_and_prune_keeps_protected(tmp_path):
     assert [p.name for p in remove_staging(tmp_path)] == [".staging-step-000005-123"]
     prune_checkpoints(tmp_path, keep_last=2, protect={paths[0]})
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1, 3, 4]
+
+
+def test_keeper_keeps_the_newest_the_best_and_the_resumed_from(tmp_path):
+    import torch
+
+    from tuneforge.engine.checkpoint import CheckpointKeeper, restore_training_checkpoint
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    keeper = CheckpointKeeper(tmp_path, every_steps=2, every_minutes=None, keep_last=2)
+    assert [keeper.due(step) for step in (1, 2, 3, 4)] == [False, True, False, True]
+    for step, valid_loss in [(2, 3.0), (4, 1.0), (6, 2.0), (8, 2.5), (10, 2.2)]:
+        model.weight.data.fill_(step)
+        _, is_best = keeper.save(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
+                                 trainer_state={"metrics": {"valid_loss": valid_loss}})
+        assert is_best == (step in (2, 4))
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 8, 10]  # the best (4) survives
+    assert keeper.best == {"step": 4, "valid_loss": 1.0}
+
+    state = restore_training_checkpoint(tmp_path / "step-000004", model=model, optimizer=optimizer,
+                                        scheduler=scheduler, scaler=None)
+    assert state["step"] == 4 and state["best"] == {"step": 4, "valid_loss": 1.0}
+    assert torch.equal(model.weight.data, torch.full((2, 4), 4.0))

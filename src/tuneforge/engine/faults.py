@@ -1,0 +1,40 @@
+"""Deterministic fault injection for the resilience tests, set by the host, never by a job spec.
+
+TUNEFORGE_FAULT_INJECTION is a comma-separated list of:
+  crash_at_step=N        raise an error when step N has finished (a crash that repeats on every attempt)
+  kill_at_step=N         SIGKILL this process when step N has finished, before any checkpoint of step N
+  kill_in_checkpoint=N   SIGKILL this process while checkpoint N is half written (before its manifest)
+Unset, every hook is a no-op costing one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse(text: str) -> dict[str, int]:
+    faults = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        faults[name] = int(value)
+    return faults
+
+
+FAULTS = _parse(os.environ.get("TUNEFORGE_FAULT_INJECTION", ""))
+
+
+class InjectedCrash(RuntimeError):
+    """The error `crash_at_step` raises, standing in for a bug or a bad batch."""
+
+
+def after_step(step: int) -> None:
+    if FAULTS.get("kill_at_step") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if FAULTS.get("crash_at_step") == step:
+        raise InjectedCrash(f"injected crash after step {step}")
+
+
+def inside_checkpoint(step: int) -> None:
+    if FAULTS.get("kill_in_checkpoint") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
