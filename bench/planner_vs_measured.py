@@ -6,8 +6,9 @@
 Each configuration runs tuneforge's SFT recipe (tuneforge.recipes.sft.run on a job directory whose spec.json
 was written with spec.jobdir.write_spec) in its own subprocess. What is compared (docs/planner.md says why):
 the process's peak RSS during the training steps (the kernel's VmHWM, reset when training starts) minus
-its RSS just before the base model is loaded, against the planner's `peak_allocated` for the worst
-micro-batch the run actually saw (its padded length and its count of label tokens).
+its RSS just before the base model is loaded, against the planner's `total` (peak allocated plus the
+process's non-tensor growth) for the worst micro-batch the run actually saw (its padded length and its
+count of label tokens).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def planner_estimate(model: str, method: str, batches: list[dict]) -> tuple[int,
             micro_batch=batch["rows"], loss_fraction=min(1.0, max(batch["label_tokens"], 1) / positions),
             lora_rank=16, lora_dropout=0.05,
         )
-        peak = estimate_memory(arch, setup).peak_allocated
+        peak = estimate_memory(arch, setup).total  # on CPU: peak allocated + the process's non-tensor growth
         if peak > best:
             best, worst = peak, batch
     return int(best), worst

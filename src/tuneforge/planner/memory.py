@@ -23,6 +23,10 @@ BNB_8BIT_BLOCK = 256
 CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context + cuBLAS workspace outside torch's allocator
 NCCL_BYTES = 0.5 * GiB  # communicator buffers when more than one rank
 FRAGMENTATION = 0.05  # caching-allocator reserve over allocated at peak
+# A CPU training process also grows by memory that is not tensors: module and adapter objects, the
+# autograd graph, code imported while the model loads, kernel scratch. Measured with tiny-llama, whose
+# tensors are negligible (bench/planner_vs_measured.py; docs/planner.md).
+CPU_RUNTIME_BYTES = 8 * (1 << 20)
 GATHERED_UNITS = 2  # FSDP / ZeRO-3: the unit being computed and the one being prefetched
 
 
@@ -200,7 +204,7 @@ class MemoryEstimate:
     buffers: float  # autocast weight copies, gathered FSDP / ZeRO-3 units, DDP buckets, dequantization
     optimizer_step: float  # temporaries of the optimizer step
     peak_allocated: float
-    overhead: float  # CUDA context, NCCL, allocator fragmentation
+    overhead: float  # CUDA context, NCCL, allocator fragmentation; on CPU the process's non-tensor growth
     total: float
     host_offload: float  # bytes per rank held in host RAM by CPU offload
     trainable_params: int
@@ -336,7 +340,7 @@ def estimate_memory(arch: ModelArch, setup: TrainingSetup) -> MemoryEstimate:
     if gpu.is_gpu:
         overhead = CUDA_CONTEXT_BYTES + (NCCL_BYTES if setup.world_size > 1 else 0) + FRAGMENTATION * peak
     else:
-        overhead = 0.0
+        overhead = CPU_RUNTIME_BYTES
     return MemoryEstimate(
         weights=resident,
         gradients=gradients,
