@@ -159,7 +159,7 @@ def measure(model: str, method: str, steps: int, scratch: Path) -> dict:
         "measured_bytes": measured, "estimate_bytes": estimate,
         "error": (estimate - measured) / measured,
         "model_ready_bytes": record["rss_model_ready"] - record["rss_before_model"],
-        "worst_batch": worst, "trainable_parameters": record.get("trainable_parameters"),
+        "worst_batch": worst, "batches": record["batches"], "trainable_parameters": record.get("trainable_parameters"),
     }
 
 
