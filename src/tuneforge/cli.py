@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("spec", type=Path, nargs="?", help="YAML job spec to validate")
     spec.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
     spec.set_defaults(handler=cmd_spec)
+
+    from tuneforge.planner.command import add_plan_command
+
+    add_plan_command(commands)
     return parser
 
 

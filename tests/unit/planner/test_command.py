@@ -1,0 +1,53 @@
+"""`tuneforge plan` from the outside: a table, JSON, and one-line errors with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from tuneforge.cli import main
+
+
+def test_table_shows_breakdown_verdict_and_throughput(capsys):
+    code = main(["plan", "--model", "llama-3-8b", "--method", "lora", "--gpus", "1", "--gpu", "a100-80gb",
+                 "--seq-len", "2048", "--batch", "4", "--tokens", "1e9"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for expected in ("weights", "gradients", "optimizer state", "activations", "buffers", "total",
+                     "verdict: Does not fit", "recommendations:", "tokens/s per GPU", "GPU-hours"):
+        assert expected in out
+
+
+def test_json_for_machines(capsys):
+    code = main(["plan", "--model", "llama-3-70b", "--method", "full", "--gpus", "8", "--gpu", "a100-80gb",
+                 "--strategy", "fsdp", "--cpu-offload", "--gradient-checkpointing", "--batch", "1", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["fits"] is True
+    assert data["setup"]["strategy"] == "fsdp_full_shard" and data["setup"]["cpu_offload"] is True
+    assert data["memory_bytes"]["host_offload"] > 0
+    assert data["throughput"]["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "gpt-9"], "expected a preset"),
+        (["--model", "/nonexistent/config.json"], "expected a preset"),
+        (["--model", "llama-3-8b", "--gpus", "0"], "--gpus: expected a positive integer, found '0'"),
+        (["--model", "llama-3-8b", "--seq-len", "-5"], "--seq-len: expected a positive integer"),
+        (["--model", "llama-3-8b", "--gpu", "v100"], "gpu 'v100': expected one of"),
+        (["--model", "llama-3-8b", "--method", "prefix"], "method 'prefix'"),
+        (["--model", "llama-3-8b", "--tokens", "lots"], "--tokens: expected a positive token count"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", "plan", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
