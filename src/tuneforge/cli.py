@@ -88,7 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if job_dir.exists() and any(job_dir.iterdir()):
             if not (job_dir / SPEC_FILE).exists():
                 raise UserError(f"{job_dir} exists and is not a tuneforge job directory; choose another --job-dir")
-            if read_spec(job_dir) != spec:
+            from tuneforge.spec.hyperparameters import matches_submitted
+
+            if not matches_submitted(spec, read_spec(job_dir)):
                 raise UserError(f"{job_dir} holds a job with a different spec; continue it with --resume {job_dir} "
                                 "or choose another --job-dir")
     if (job_dir / SUMMARY_FILE).exists():

@@ -109,4 +109,4 @@ def test_a_job_the_hardware_cannot_run_exits_2_without_retries(tmp_path, tunefor
 def test_spec_reference_lists_every_field(capsys):
     assert main(["spec"]) == 0
     out = capsys.readouterr().out
-    assert "training.learning_rate = 0.0002" in out and "adapter.rank = 16" in out
+    assert "training.learning_rate = 'auto'" in out and "adapter.rank = 16" in out

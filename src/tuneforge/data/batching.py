@@ -19,31 +19,22 @@ from tuneforge.data.templating import IGNORE_INDEX, TokenizedExample
 class StepPlan:
     step: int  # 0-based optimizer step
     epoch: int
-    micro_batches: tuple[tuple[int, ...], ...]  # example indices, one tuple per micro-batch
-
-    @property
-    def example_ids(self) -> list[int]:
-        return [i for batch in self.micro_batches for i in batch]
+    example_ids: tuple[int, ...]  # the examples of this optimizer step, over all devices
 
 
 class StepSchedule:
-    """Deterministic shuffled epochs cut into micro-batches and optimizer steps."""
+    """Deterministic shuffled epochs cut into optimizer steps of `examples_per_step` examples.
 
-    def __init__(
-        self,
-        num_examples: int,
-        *,
-        batch_size: int,
-        grad_accum: int,
-        seed: int,
-        num_epochs: float = 1.0,
-        max_steps: int | None = None,
-    ):
+    How a step is split into micro-batches (and, later, across devices) is not part of the schedule, so
+    a resumed run may use another micro-batch size and still see exactly the same data.
+    """
+
+    def __init__(self, num_examples: int, *, examples_per_step: int, seed: int, num_epochs: float = 1.0,
+                 max_steps: int | None = None):
         if num_examples < 1:
             raise ValueError("no training examples left to schedule")
-        self.num_examples, self.batch_size, self.grad_accum, self.seed = num_examples, batch_size, grad_accum, seed
-        micro_per_epoch = math.ceil(num_examples / batch_size)
-        self.steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
+        self.num_examples, self.examples_per_step, self.seed = num_examples, examples_per_step, seed
+        self.steps_per_epoch = math.ceil(num_examples / examples_per_step)
         self.total_steps = max_steps or max(1, round(self.steps_per_epoch * num_epochs))
         self._orders: dict[int, tuple[int, ...]] = {}
 
@@ -55,14 +46,15 @@ class StepSchedule:
 
     def plan(self, step: int) -> StepPlan:
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        first = within * self.grad_accum * self.batch_size
-        last = min(first + self.grad_accum * self.batch_size, self.num_examples)
-        micro = tuple(order[i : min(i + self.batch_size, last)] for i in range(first, last, self.batch_size))
-        return StepPlan(step, epoch, micro)
+        first = within * self.examples_per_step
+        return StepPlan(step, epoch, self.epoch_order(epoch)[first : first + self.examples_per_step])
 
     def epoch_at(self, step: int) -> float:
         return step / self.steps_per_epoch
+
+
+def micro_batches(example_ids: tuple[int, ...], micro_batch_size: int) -> list[tuple[int, ...]]:
+    return [example_ids[i : i + micro_batch_size] for i in range(0, len(example_ids), micro_batch_size)]
 
 
 def collate(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ TUNEFORGE_FAULT_INJECTION is a comma-separated list of:
   crash_at_step=N        raise an error when step N has finished (a crash that repeats on every attempt)
   kill_at_step=N         SIGKILL this process when step N has finished, before any checkpoint of step N
   kill_in_checkpoint=N   SIGKILL this process while checkpoint N is half written (before its manifest)
+  oom_above_micro_batch=N  raise torch.OutOfMemoryError for any micro-batch of more than N examples
 Unset, every hook is a no-op costing one dict lookup.
 """
 
@@ -38,3 +39,11 @@ def after_step(step: int) -> None:
 def inside_checkpoint(step: int) -> None:
     if FAULTS.get("kill_in_checkpoint") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_micro_batch(size: int) -> None:
+    limit = FAULTS.get("oom_above_micro_batch")
+    if limit is not None and size > limit:
+        import torch
+
+        raise torch.OutOfMemoryError(f"injected out of memory for a micro-batch of {size} (limit {limit})")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tuneforge.data.templating import IGNORE_INDEX
+from tuneforge.engine import faults
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ def optimizer_step(
     label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     loss_total, correct_total, tokens = 0.0, 0, 0
     for batch in batches:
+        faults.before_micro_batch(batch["input_ids"].shape[0])
         batch = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
             loss_sum, _, correct = loss_module(**batch)

@@ -213,8 +213,9 @@ def setup_from_job(spec) -> TrainingSetup:
             optimizer=spec.training.optimizer,
             precision=precision,
             seq_len=spec.dataset.max_seq_length,
-            micro_batch=spec.training.per_device_batch_size,
-            grad_accum=spec.training.gradient_accumulation_steps,
+            # "auto" backs off until a micro-batch fits, so the job fits if one example does.
+            micro_batch=1 if spec.training.per_device_batch_size == "auto" else spec.training.per_device_batch_size,
+            grad_accum=1 if spec.training.gradient_accumulation_steps == "auto" else spec.training.gradient_accumulation_steps,
             gradient_checkpointing=spec.training.gradient_checkpointing,
             # auto is flash_attention_2 only where it is installed, which the submitter cannot know.
             attention="sdpa" if spec.model.attn_implementation == "auto" else spec.model.attn_implementation,

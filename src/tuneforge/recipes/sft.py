@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.data.batching import StepSchedule, collate
+from tuneforge.data.batching import StepSchedule, collate, micro_batches
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, load_examples, split_examples
 from tuneforge.data.problems import DataError
 from tuneforge.data.templating import PromptRenderer, TemplateError, resolve_template, tokenize_examples
@@ -34,6 +34,7 @@ from tuneforge.engine.checkpoint import (
 )
 from tuneforge.engine.events import EventReporter
 from tuneforge.engine.loss import CausalLMLoss
+from tuneforge.engine.micro_batch import optimizer_state_bytes, plan_cpu, probe_cuda
 from tuneforge.engine.model_loading import load_base_model, load_tokenizer
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.precision import PrecisionError, resolve_device, resolve_precision
@@ -43,7 +44,16 @@ from tuneforge.engine.quiet import quiet_libraries
 from tuneforge.engine.train_step import optimizer_step
 from tuneforge.engine.weights import publish_final
 from tuneforge.evaluation.runner import evaluate
-from tuneforge.spec.jobdir import ADAPTER_DIR, CHECKPOINTS_DIR, MODEL_DIR, SUMMARY_FILE, read_spec, write_json_atomic
+from tuneforge.spec.hyperparameters import resolve_hyperparameters
+from tuneforge.spec.jobdir import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
+    SUMMARY_FILE,
+    read_spec,
+    write_json_atomic,
+    write_spec,
+)
 from tuneforge.spec.loader import SpecError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -137,37 +147,54 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     # 4. The base model, and how it scores before training (measured once, kept across resumes).
     full = spec.adapter.type == "full"
     model = load_base_model(model_dir, spec.model, precision, full_finetune=full)
-    eval_batch = max(train_cfg.per_device_batch_size, 8)
+    eval_batch = 8
     base_metrics = saved_state.get("base_metrics", {})
     if spec.evaluation.eval_before_training and val_tokens and not resumed_from:
         base_metrics = _scalars(evaluate(model, CausalLMLoss(model), tokenizer, renderer, val_examples, val_tokens,
                                          spec.evaluation, batch_size=eval_batch, precision=precision), keep_samples=True)
         note(f"base model: {_fmt(base_metrics)}", kind="eval", model="base", step=0, metrics=_scalars(base_metrics))
 
-    # 5. What is trained, the optimizer and the step schedule.
+    # 5. What is trained; "auto" hyperparameters resolved from the data, the method and the memory.
     model = make_trainable(model, spec.adapter, quantized=spec.model.quantization != "none",
                            gradient_checkpointing=train_cfg.gradient_checkpointing)
     model.train()
     trainable, total = parameter_counts(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     loss_module = CausalLMLoss(model)
-    schedule = StepSchedule(
-        len(train_tokens), batch_size=train_cfg.per_device_batch_size, grad_accum=train_cfg.gradient_accumulation_steps,
-        seed=train_cfg.seed, num_epochs=train_cfg.num_epochs, max_steps=train_cfg.max_steps,
-    )
+    spec = resolve_hyperparameters(spec, len(train_tokens))
+    if spec.training.per_device_batch_size == "auto":
+        target = spec.training.batch_size  # one process here: the whole step on this device
+        if device.type == "cuda":
+            longest = sorted(train_tokens, key=lambda t: len(t.input_ids), reverse=True)[:target]
+            micro = probe_cuda(loss_module, longest, target, pad_id=tokenizer.pad_token_id, precision=precision,
+                               reserve_bytes=optimizer_state_bytes(parameters, train_cfg.optimizer))
+        else:
+            micro = plan_cpu(spec, model_dir, target)
+        spec = resolve_hyperparameters(spec, len(train_tokens), micro_batch=micro)
+    train_cfg = spec.training
+    write_spec(job_dir, spec)  # the resolved spec: what this job really runs with
+
+    # 6. The optimizer and the step schedule.
+    schedule = StepSchedule(len(train_tokens), examples_per_step=train_cfg.batch_size, seed=train_cfg.seed,
+                            num_epochs=train_cfg.num_epochs, max_steps=train_cfg.max_steps)
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg, schedule.total_steps)
     scaler = precision.grad_scaler()
     # The data order is a pure function of these and the step: equal values mean an exact resume.
-    data_position = {"num_examples": len(train_tokens), "batch_size": train_cfg.per_device_batch_size,
-                     "grad_accum": train_cfg.gradient_accumulation_steps, "seed": train_cfg.seed}
+    data_position = {"num_examples": len(train_tokens), "examples_per_step": train_cfg.batch_size,
+                     "seed": train_cfg.seed}
+    micro = train_cfg.per_device_batch_size
     note(
-        f"training {trainable:,} of {total:,} parameters ({spec.adapter.type}) for {schedule.total_steps} steps",
+        f"training {trainable:,} of {total:,} parameters ({spec.adapter.type}) for {schedule.total_steps} steps: "
+        f"batch {train_cfg.batch_size} (micro-batch {micro} x {train_cfg.gradient_accumulation_steps}), "
+        f"learning rate {train_cfg.learning_rate:g}, {train_cfg.num_epochs:g} epochs",
         kind="plan", trainable_parameters=trainable, total_parameters=total, total_steps=schedule.total_steps,
-        steps_per_epoch=schedule.steps_per_epoch,
+        steps_per_epoch=schedule.steps_per_epoch, batch_size=train_cfg.batch_size, per_device_batch_size=micro,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps, learning_rate=train_cfg.learning_rate,
+        num_epochs=train_cfg.num_epochs,
     )
 
-    # 6. Restore the exact training state: weights, optimizer, scheduler, scaler, RNGs, step.
+    # 7. Restore the exact training state: weights, optimizer, scheduler, scaler, RNGs, step.
     state = {"tokens_seen": 0, "trained_tokens": 0, "train_seconds": 0.0}
     start_step = 0
     if resumed_from is not None:
@@ -192,7 +219,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step, path=f"{CHECKPOINTS_DIR}/{path.name}",
                     bytes=checkpoint_bytes(path), metrics=metrics, is_best=is_best)
 
-    # 7. Train.
+    # 8. Train.
     display.start(schedule.total_steps, start_step)
     last_eval: dict = {}
     losses: list[float] = []
@@ -200,9 +227,24 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     for step in range(start_step, schedule.total_steps):
         step_started = time.perf_counter()
         plan = schedule.plan(step)
-        batches = [collate([train_tokens[i] for i in ids], tokenizer.pad_token_id) for ids in plan.micro_batches]
-        result = optimizer_step(loss_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                precision=precision, max_grad_norm=train_cfg.max_grad_norm, parameters=parameters)
+        while True:
+            batches = [collate([train_tokens[i] for i in ids], tokenizer.pad_token_id)
+                       for ids in micro_batches(plan.example_ids, micro)]
+            try:
+                result = optimizer_step(loss_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                        precision=precision, max_grad_norm=train_cfg.max_grad_norm,
+                                        parameters=parameters)
+                break
+            except torch.OutOfMemoryError:
+                # Nothing was stepped yet: drop the partial gradients and redo the step in smaller pieces.
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if micro == 1:
+                    raise
+                micro //= 2
+                note(f"out of memory at step {step + 1}; continuing with micro-batches of {micro}",
+                     level="warning", kind="micro_batch", step=step + 1, per_device_batch_size=micro)
         done = step + 1
         tokens_per_second = result.tokens / (time.perf_counter() - step_started)
         losses.append(result.loss)
@@ -238,14 +280,14 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                  level="warning", kind="status", status="preempted", step=done, reason=watcher.reason)
             raise Preempted(done, watcher.reason)
 
-    # 8. Save: the last checkpoint, and the final adapter (or model) where users and servers load it.
+    # 9. Save: the last checkpoint, and the final adapter (or model) where users and servers load it.
     final_step = schedule.total_steps
     checkpoint(final_step, {"train_loss": losses[-1] if losses else None})
     output = job_dir / (MODEL_DIR if full else ADAPTER_DIR)
     publish_final(model, tokenizer, output)
     note(f"saved the {'model' if full else 'adapter'} to {output.name}/", kind="artifact", path=output.name)
 
-    # 9. Evaluate the fine-tuned model, and write the summary last: its presence means success.
+    # 10. Evaluate the fine-tuned model, and write the summary last: its presence means success.
     final_metrics = {}
     if val_tokens:
         final_metrics = _scalars(evaluate(model, loss_module, tokenizer, renderer, val_examples, val_tokens,

@@ -7,11 +7,15 @@ paths, so a job spec cannot name code to run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_BASE_MODELS = ("smollm2-135m-instruct", "tiny-llama")
+
+Auto = Literal["auto"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 GpuType = Literal[
     "any", "cpu", "t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"
@@ -87,10 +91,22 @@ class AdapterSpec(Section):
 
 
 class TrainingSpec(Section):
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    per_device_batch_size: int = Field(4, gt=0, description="Examples per micro-batch on each device.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    num_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    learning_rate: PositiveFloat | Auto = Field(
+        "auto", description="Peak learning rate; auto: 2e-4 for LoRA and QLoRA, 2e-5 for full fine-tuning."
+    )
+    batch_size: PositiveInt | Auto = Field(
+        "auto", description="Examples per optimizer step over all devices (the effective batch); auto grows with the data."
+    )
+    per_device_batch_size: PositiveInt | Auto = Field(
+        "auto", description="Examples per micro-batch on each device; auto: the largest that fits, backing off on OOM."
+    )
+    gradient_accumulation_steps: PositiveInt | Auto = Field(
+        "auto", description="Micro-batches per optimizer step; auto: what batch_size and per_device_batch_size imply."
+    )
+    num_epochs: PositiveFloat | Auto = Field(
+        "auto", description="Passes over the training data (ignored when max_steps is set); auto: 3, fewer or more "
+        "so that small and large datasets see a sensible number of examples."
+    )
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides num_epochs.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps with a linear learning-rate warmup.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
@@ -175,5 +191,12 @@ class JobSpec(Section):
         if self.adapter.type == "full" and quant != "none":
             raise ValueError(
                 f"adapter.type full trains every weight and cannot use a quantized base (model.quantization is {quant})"
+            )
+        training, world = self.training, self.resources.num_gpus * self.resources.num_nodes
+        sizes = (training.batch_size, training.per_device_batch_size, training.gradient_accumulation_steps)
+        if "auto" not in sizes and sizes[0] != sizes[1] * sizes[2] * world:
+            raise ValueError(
+                f"training.batch_size {sizes[0]} must equal per_device_batch_size x gradient_accumulation_steps x "
+                f"devices = {sizes[1]} x {sizes[2]} x {world}; set one of them to auto"
             )
         return self

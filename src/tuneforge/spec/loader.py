@@ -98,6 +98,33 @@ def _section_model(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | N
     return model
 
 
+def _field_path(loc: tuple, root: type[BaseModel]) -> tuple[str, ...]:
+    """The user-facing path of an error: field names and list indices, without pydantic's union tags."""
+    path: list[str] = []
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            path.append(str(part))
+        elif model is not None and part in model.model_fields:
+            path.append(part)
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        elif model is not None:  # an unknown key of a section
+            path.append(part)
+            model = None
+        # else: a tag pydantic adds for each member of a union ("constrained-float", "literal['auto']")
+    return tuple(path)
+
+
+def _merge(messages: list[str]) -> str:
+    """'expected a number, got x' + "expected 'auto', got x" -> "expected a number or 'auto', got x"."""
+    if len(messages) > 1 and all(m.startswith("expected ") and ", got " in m for m in messages):
+        # Keep pydantic's expectation, not its detail ("a valid integer, got a number with a fractional part").
+        expectations = [m[len("expected ") :].split(", got ")[0].split(", unable to")[0] for m in messages]
+        return "expected " + " or ".join(expectations) + messages[0][messages[0].rindex(", got ") :]
+    return "; ".join(dict.fromkeys(messages))
+
+
 def format_validation_error(
     exc: ValidationError,
     *,
@@ -106,9 +133,11 @@ def format_validation_error(
     overridden: set[tuple] | None = None,
 ) -> str:
     """One line per problem: `source:line: field.path: expected ..., got ...`."""
-    problems = []
+    grouped: dict[tuple, list[str]] = {}
     for error in exc.errors():
-        loc = tuple(str(part) for part in error["loc"])
+        grouped.setdefault(_field_path(error["loc"], JobSpec), []).append(_describe(error, JobSpec))
+    problems = []
+    for loc, messages in grouped.items():
         field = ".".join(loc) or "(top level)"
         where = source
         if overridden and any(loc[: len(o)] == o for o in overridden):
@@ -119,7 +148,7 @@ def format_validation_error(
                 if loc[:depth] in lines:
                     where = f"{source}:{lines[loc[:depth]]}"
                     break
-        problems.append(f"{where}: {field}: {_describe(error, JobSpec)}")
+        problems.append(f"{where}: {field}: {_merge(messages)}")
     return "invalid job spec\n  " + "\n  ".join(problems)
 
 

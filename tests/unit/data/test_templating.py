@@ -1,6 +1,6 @@
 import torch
 
-from tuneforge.data.batching import StepSchedule, collate
+from tuneforge.data.batching import StepSchedule, collate, micro_batches
 from tuneforge.data.formats import Example
 from tuneforge.data.templating import IGNORE_INDEX, PromptRenderer, resolve_template, tokenize_examples
 
@@ -93,11 +93,12 @@ def test_collate_pads_without_loss(byte_tokenizer):
 
 
 def test_step_schedule_is_a_pure_function_of_the_step():
-    schedule = StepSchedule(10, batch_size=3, grad_accum=2, seed=5, num_epochs=2)
+    schedule = StepSchedule(10, examples_per_step=6, seed=5, num_epochs=2)
     assert schedule.steps_per_epoch == 2 and schedule.total_steps == 4
     epoch0 = schedule.plan(0).example_ids + schedule.plan(1).example_ids
     assert sorted(epoch0) == list(range(10))  # every example once per epoch
-    assert [len(b) for b in schedule.plan(1).micro_batches] == [3, 1]
-    fresh = StepSchedule(10, batch_size=3, grad_accum=2, seed=5, num_epochs=2)
+    assert [len(b) for b in micro_batches(schedule.plan(1).example_ids, 3)] == [3, 1]
+    fresh = StepSchedule(10, examples_per_step=6, seed=5, num_epochs=2)
     assert fresh.plan(3) == schedule.plan(3)
     assert schedule.plan(2).example_ids != schedule.plan(0).example_ids  # epochs reshuffle
+    assert StepSchedule(10, examples_per_step=6, seed=5, max_steps=7).total_steps == 7

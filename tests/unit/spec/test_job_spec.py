@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.spec import JobSpec, SpecError, load_job_spec, validate_job_spec
+from tuneforge.spec.hyperparameters import resolve_hyperparameters
 from tuneforge.spec.reference import iter_fields
 
 REPO = Path(__file__).resolve().parents[3]
@@ -34,8 +35,12 @@ def test_defaults_follow_the_issue():
     assert spec.dataset.max_seq_length == 2048 and spec.dataset.train_split == 0.95
     assert (spec.adapter.type, spec.adapter.rank, spec.adapter.alpha, spec.adapter.dropout) == ("lora", 16, 32, 0.05)
     assert spec.adapter.target_modules == "all-linear"
-    assert spec.training.learning_rate == 2e-4 and spec.training.warmup_ratio == 0.03
+    assert spec.training.warmup_ratio == 0.03
     assert spec.training.max_grad_norm == 1.0 and spec.training.optimizer == "adamw"
+    resolved = resolve_hyperparameters(spec, 320, micro_batch=4)
+    assert resolved.training.learning_rate == 2e-4  # the LoRA default
+    assert (resolved.training.batch_size, resolved.training.per_device_batch_size,
+            resolved.training.gradient_accumulation_steps, resolved.training.num_epochs) == (8, 4, 2, 3.0)
 
 
 def test_every_field_has_a_description():

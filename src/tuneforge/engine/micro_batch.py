@@ -1,0 +1,84 @@
+"""Pick the largest micro-batch that fits, and shrink it when a step runs out of memory.
+
+On a GPU the pick is measured: forward and backward on the longest examples of the dataset, with the
+optimizer state's memory held back, halving until it fits. On a CPU an out-of-memory kill cannot be
+caught, so the pick comes from the memory planner against the machine's available RAM. Either way the
+effective batch (examples per optimizer step) never changes: a smaller micro-batch only means more
+accumulation, and the loss is normalized per step, so the result is the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tuneforge.data.batching import collate
+from tuneforge.data.templating import TokenizedExample
+
+CPU_MEMORY_FRACTION = 0.7  # leave room for the page cache, the data and the rest of the machine
+
+
+def optimizer_state_bytes(parameters: list[torch.nn.Parameter], optimizer_name: str) -> int:
+    """Memory the optimizer will allocate at its first step (not yet there while probing)."""
+    numel = sum(p.numel() for p in parameters)
+    per_value = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0, "adafactor": 1, "sgd": 4}[optimizer_name]
+    return numel * per_value + numel * 4  # + the gradients themselves
+
+
+def probe_cuda(loss_module, longest: list[TokenizedExample], target: int, *, pad_id: int, precision,
+               reserve_bytes: int) -> int:
+    """Largest micro-batch <= target whose forward and backward fit on the GPU."""
+    micro = target
+    while True:
+        try:
+            reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=precision.device)
+            batch = {k: v.to(precision.device) for k, v in collate(longest[:micro], pad_id).items()}
+            with precision.autocast():
+                loss, _, _ = loss_module(**batch)
+            loss.backward()
+            del reserve, batch, loss
+            return micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro = max(1, micro // 2)
+        finally:
+            loss_module.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+
+def plan_cpu(spec, model_dir, target: int) -> int:
+    """Largest micro-batch <= target that the planner expects to fit in this machine's available RAM."""
+    from tuneforge.planner import PlannerError, load_model_arch, plan, setup_from_job
+
+    try:
+        arch = load_model_arch(str(model_dir))
+        base = setup_from_job(spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": "cpu"})}))
+    except PlannerError:
+        return target  # an architecture the planner does not know: trust the target, back off on failure
+    budget = _available_ram() * CPU_MEMORY_FRACTION
+    micro = target
+    while micro > 1:
+        estimate = plan(arch, base.but(micro_batch=micro, grad_accum=1)).memory.total
+        if estimate <= budget:
+            break
+        micro = max(1, micro // 2)
+    return micro
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def accumulation_for(per_device_examples: int, micro: int) -> int:
+    return math.ceil(per_device_examples / micro)

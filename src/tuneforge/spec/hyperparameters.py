@@ -1,0 +1,76 @@
+"""Resolve "auto" hyperparameters the way hosted fine-tuning APIs do, from the dataset size and method.
+
+Epochs follow OpenAI's published rule (openai-cookbook, "Data preparation and analysis for chat model
+fine-tuning"): aim at 3 epochs, but at least 100 and at most 25,000 examples seen, within 1-25 epochs.
+The batch grows with the data (about 0.2% of the examples, as OpenAI describes, as a power of two
+within 8-256: small batches waste accelerators, huge ones take too few steps). Learning rates are the
+usual ones for the method: 2e-4 for LoRA/QLoRA (the QLoRA paper), 2e-5 for full fine-tuning.
+The micro-batch (per_device_batch_size) needs the hardware and is resolved by the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tuneforge.spec.job import JobSpec
+
+TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 3, 100, 25_000
+MIN_EPOCHS, MAX_EPOCHS = 1, 25
+MIN_BATCH, MAX_BATCH = 8, 256
+LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+
+
+def auto_epochs(num_examples: int) -> float:
+    if num_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return float(min(MAX_EPOCHS, MIN_TARGET_EXAMPLES // num_examples))
+    if num_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return float(max(MIN_EPOCHS, MAX_TARGET_EXAMPLES // num_examples))
+    return float(TARGET_EPOCHS)
+
+
+def auto_batch_size(num_examples: int, world_size: int = 1) -> int:
+    target = max(1.0, num_examples * 0.002)
+    batch = 2 ** round(math.log2(target))
+    batch = min(MAX_BATCH, max(MIN_BATCH, batch))
+    # Every device gets the same share of a step.
+    return math.ceil(batch / world_size) * world_size
+
+
+def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, micro_batch: int | None = None) -> JobSpec:
+    """A copy of spec with learning_rate, num_epochs, batch_size and (given micro_batch) the micro-batch
+    and accumulation filled in. micro_batch is the per-device micro-batch the hardware allows."""
+    training = spec.training.model_copy()
+    world = spec.resources.num_gpus * spec.resources.num_nodes
+    if training.learning_rate == "auto":
+        training.learning_rate = LEARNING_RATES[spec.adapter.type]
+    if training.num_epochs == "auto":
+        training.num_epochs = auto_epochs(num_examples)
+    micro, accum = training.per_device_batch_size, training.gradient_accumulation_steps
+    if training.batch_size == "auto":
+        if micro != "auto" and accum != "auto":
+            training.batch_size = micro * accum * world
+        else:
+            training.batch_size = auto_batch_size(num_examples, world)
+    per_device = math.ceil(training.batch_size / world)
+    if micro == "auto" and accum != "auto":
+        micro = math.ceil(per_device / accum)
+    if micro == "auto" and micro_batch is not None:
+        micro = min(micro_batch, per_device)
+    if micro != "auto":
+        micro = min(micro, per_device)
+        training.per_device_batch_size = micro
+        training.gradient_accumulation_steps = math.ceil(per_device / micro)
+    return spec.model_copy(update={"training": training})
+
+
+def matches_submitted(submitted: JobSpec, stored: JobSpec) -> bool:
+    """Is stored the same job as submitted, once its "auto" values were resolved?"""
+
+    def walk(a, b) -> bool:
+        if a == "auto":
+            return True
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(walk(a[k], b[k]) for k in a)
+        return a == b
+
+    return walk(submitted.model_dump(mode="json"), stored.model_dump(mode="json"))

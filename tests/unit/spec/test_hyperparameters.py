@@ -1,0 +1,46 @@
+import pytest
+
+from tuneforge.spec import SpecError, validate_job_spec
+from tuneforge.spec.hyperparameters import auto_batch_size, auto_epochs, matches_submitted, resolve_hyperparameters
+
+
+def spec(**training):
+    return validate_job_spec({"dataset": {"path": "d"}, "training": training})
+
+
+def test_auto_epochs_follow_openais_rule():
+    assert auto_epochs(20) == 5.0  # 100 examples seen at least
+    assert auto_epochs(10) == 10.0
+    assert auto_epochs(1000) == 3.0
+    assert auto_epochs(20_000) == 1.0  # at most 25,000 seen, at least one epoch
+    assert auto_epochs(2) == 25.0  # capped
+
+
+def test_auto_batch_grows_with_the_data():
+    assert auto_batch_size(320) == 8 and auto_batch_size(10_000) == 16 and auto_batch_size(10**7) == 256
+    assert auto_batch_size(10_000, world_size=3) == 18  # every device gets the same share
+
+
+def test_learning_rate_depends_on_the_method():
+    full = validate_job_spec({"dataset": {"path": "d"}, "adapter": {"type": "full"}})
+    assert resolve_hyperparameters(full, 100).training.learning_rate == 2e-5
+    assert resolve_hyperparameters(spec(), 100).training.learning_rate == 2e-4
+    assert resolve_hyperparameters(spec(learning_rate=1e-3), 100).training.learning_rate == 1e-3
+
+
+def test_batch_sizes_resolve_consistently():
+    explicit = resolve_hyperparameters(spec(per_device_batch_size=4, gradient_accumulation_steps=3), 1000)
+    assert explicit.training.batch_size == 12
+    from_batch = resolve_hyperparameters(spec(batch_size=32, gradient_accumulation_steps=4), 1000)
+    assert from_batch.training.per_device_batch_size == 8
+    measured = resolve_hyperparameters(spec(batch_size=32), 1000, micro_batch=6)
+    assert (measured.training.per_device_batch_size, measured.training.gradient_accumulation_steps) == (6, 6)
+    with pytest.raises(SpecError, match="must equal per_device_batch_size x gradient_accumulation_steps"):
+        spec(batch_size=10, per_device_batch_size=4, gradient_accumulation_steps=2)
+
+
+def test_a_resolved_spec_matches_what_was_submitted():
+    submitted = spec()
+    resolved = resolve_hyperparameters(submitted, 500, micro_batch=8)
+    assert matches_submitted(submitted, resolved)
+    assert not matches_submitted(spec(seed=3), resolved)
