@@ -58,7 +58,9 @@ def micro_batches(example_ids: tuple[int, ...], micro_batch_size: int) -> list[t
 
 
 def collate(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest example; padding never carries loss."""
+    """Right-pad a micro-batch to its longest example; padding never carries loss.
+
+    `tokens` counts the real tokens; it is for throughput, not for the model."""
     length = max(len(item.input_ids) for item in items)
     if pad_to_multiple_of:
         length = math.ceil(length / pad_to_multiple_of) * pad_to_multiple_of
@@ -67,7 +69,43 @@ def collate(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int 
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
     for row, item in enumerate(items):
         n = len(item.input_ids)
-        input_ids[row, :n] = torch.tensor(item.input_ids)
-        labels[row, :n] = torch.tensor(item.labels)
+        input_ids[row, :n] = torch.from_numpy(np.asarray(item.input_ids, dtype=np.int64))
+        labels[row, :n] = torch.from_numpy(np.asarray(item.labels, dtype=np.int64))
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "tokens": attention_mask.sum()}
+
+
+class Batcher:
+    """Turns a step's units into micro-batches: single examples, or packed rows of several examples.
+
+    With packing, units are rows filled best-fit decreasing once (the same rows every epoch; their
+    order is shuffled by the step schedule like examples would be).
+    """
+
+    def __init__(self, items: list[TokenizedExample], pad_id: int, *, packing: bool = False,
+                 max_seq_length: int | None = None, attention: str = "sdpa"):
+        from tuneforge.data.packing import best_fit_decreasing
+
+        self.items, self.pad_id, self.packing, self.attention = items, pad_id, packing, attention
+        if packing:
+            self.units = best_fit_decreasing([len(item.input_ids) for item in items], max_seq_length)
+        else:
+            self.units = [[index] for index in range(len(items))]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def example_ids(self, unit_ids) -> list[int]:
+        return [index for unit in unit_ids for index in self.units[unit]]
+
+    def collate(self, unit_ids) -> dict[str, torch.Tensor]:
+        if not self.packing:
+            return collate([self.items[self.units[u][0]] for u in unit_ids], self.pad_id)
+        from tuneforge.data.packing import collate_packed
+
+        rows = [[self.items[index] for index in self.units[u]] for u in unit_ids]
+        return collate_packed(rows, self.pad_id, attention=self.attention)
+
+    def unit_lengths(self) -> list[int]:
+        return [sum(len(self.items[index].input_ids) for index in unit) for unit in self.units]

@@ -1,8 +1,12 @@
 """Dataset record formats: detect which one a record is, validate it field by field, normalize it.
 
 chat:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight"?: 0|1}]}
+             ShareGPT {"conversations": [{"from": "human"|"gpt"|"system"|..., "value": str}]} becomes chat.
 instruction: {"instruction": str, "input"?: str, "output": str}       (Alpaca)
 completion:  {"prompt": str, "completion": str}
+text:        {"text": str}                                            (continued pre-training: loss on all)
+preference:  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}, or OpenAI's
+             {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
 Extra keys (ids, metadata) are allowed and ignored.
 """
 
@@ -13,10 +17,18 @@ from typing import Any, Literal
 
 from tuneforge.data.problems import DataProblem, json_type, short_repr
 
-Format = Literal["chat", "instruction", "completion"]
-FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion")
+Format = Literal["chat", "instruction", "completion", "text", "preference"]
+FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
-FORMAT_FIELDS = {"chat": "messages", "instruction": "instruction + output", "completion": "prompt + completion"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "bot": "assistant", "model": "assistant", "tool": "tool", "function_response": "tool"}
+FORMAT_FIELDS = {
+    "chat": "messages (or ShareGPT conversations)",
+    "instruction": "instruction + output",
+    "completion": "prompt + completion",
+    "text": "text",
+    "preference": "prompt + chosen + rejected (or input + preferred_output + non_preferred_output)",
+}
 
 
 @dataclass(frozen=True)
@@ -28,27 +40,35 @@ class Example:
     record: dict[str, Any]
 
     def as_messages(self) -> list[dict[str, Any]]:
-        """The example as a conversation, for chat templates."""
+        """The example as a conversation, for chat templates (preference: the prompt and the chosen reply)."""
+        record = self.record
         if self.format == "chat":
-            return self.record["messages"]
+            return record["messages"]
         if self.format == "instruction":
-            user = self.record["instruction"]
-            if self.record.get("input"):
-                user = f"{user}\n\n{self.record['input']}"
-            return [{"role": "user", "content": user}, {"role": "assistant", "content": self.record["output"]}]
-        return [
-            {"role": "user", "content": self.record["prompt"]},
-            {"role": "assistant", "content": self.record["completion"]},
-        ]
+            user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+            return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        if self.format == "preference":
+            return _as_turns(record["prompt"], "user") + _as_turns(record["chosen"], "assistant")
+        if self.format == "text":
+            raise ValueError("text examples have no conversation; they train on the whole text")
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+
+
+def _as_turns(value: str | list, role: str) -> list[dict[str, Any]]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
 def detect_format(record: dict[str, Any]) -> Format | None:
-    if "messages" in record:
+    if "messages" in record or "conversations" in record:
         return "chat"
+    if "chosen" in record and "rejected" in record or "preferred_output" in record:
+        return "preference"
     if "instruction" in record and "output" in record:
         return "instruction"
     if "prompt" in record and "completion" in record:
         return "completion"
+    if "text" in record:
+        return "text"
     return None
 
 
@@ -73,72 +93,154 @@ class _Checker:
             self.add("empty_content", field, "non-empty text", "an empty string")
 
 
-def _check_chat(record: dict, check: _Checker) -> None:
-    messages = record.get("messages")
+def sharegpt_to_messages(conversations: list) -> list:
+    """ShareGPT turns ({"from", "value"}) as chat messages; unknown speakers are kept for the validator."""
+    messages = []
+    for turn in conversations:
+        if isinstance(turn, dict) and "from" in turn:
+            speaker = turn["from"]
+            message = {"role": SHAREGPT_ROLES.get(speaker, speaker), "content": turn.get("value")}
+            if "weight" in turn:
+                message["weight"] = turn["weight"]
+            messages.append(message)
+        else:
+            messages.append(turn)
+    return messages
+
+
+def _check_messages(messages: Any, check: _Checker, field: str, *, need_assistant: bool = True,
+                    allowed_roles: tuple[str, ...] = ROLES) -> None:
     if not isinstance(messages, list):
-        check.add("wrong_type", "messages", "an array of messages", json_type(messages))
+        check.add("wrong_type", field, "an array of messages", json_type(messages))
         return
     if not messages:
-        check.add("no_assistant_turn", "messages", "at least a user and an assistant message", "an empty array")
+        check.add("no_assistant_turn" if need_assistant else "empty_content", field,
+                  "at least a user and an assistant message" if need_assistant else "at least one message",
+                  "an empty array")
         return
     roles = []
     for index, message in enumerate(messages):
-        field = f"messages[{index}]"
+        where = f"{field}[{index}]"
         if not isinstance(message, dict):
-            check.add("wrong_type", field, "a message object with role and content", json_type(message))
+            check.add("wrong_type", where, "a message object with role and content", json_type(message))
+            roles.append(None)
             continue
         role = message.get("role")
         if role is None:
-            check.add("missing_field", f"{field}.role", f"one of {', '.join(ROLES)}", "no such field")
-        elif role not in ROLES:
-            check.add("unknown_role", f"{field}.role", f"one of {', '.join(ROLES)}", short_repr(role))
+            check.add("missing_field", f"{where}.role", f"one of {', '.join(allowed_roles)}", "no such field")
+        elif role not in allowed_roles:
+            check.add("unknown_role", f"{where}.role", f"one of {', '.join(allowed_roles)}", short_repr(role))
         roles.append(role)
-        check.text(message, "content", f"{field}.content")
+        check.text(message, "content", f"{where}.content")
         if "weight" in message:
             weight = message["weight"]
             if role != "assistant":
-                check.add("misplaced_weight", f"{field}.weight", "weight only on assistant messages", f"weight on a {role} message")
+                check.add("misplaced_weight", f"{where}.weight", "weight only on assistant messages", f"weight on a {role} message")
             elif weight not in (0, 1) or isinstance(weight, bool):
-                check.add("wrong_type", f"{field}.weight", "0 or 1", short_repr(weight))
-    if any(r not in ROLES for r in roles):
+                check.add("wrong_type", f"{where}.weight", "0 or 1", short_repr(weight))
+    if any(r not in allowed_roles for r in roles) or not need_assistant:
         return
     for index, role in enumerate(roles):
         if role == "system" and index > 0:
-            check.add("roles_out_of_order", f"messages[{index}].role", "system only as the first message", "system later on")
+            check.add("roles_out_of_order", f"{field}[{index}].role", "system only as the first message", "system later on")
         if role == "tool" and (index == 0 or roles[index - 1] not in ("assistant", "tool")):
-            check.add("roles_out_of_order", f"messages[{index}].role", "a tool message after an assistant message", "tool elsewhere")
+            check.add("roles_out_of_order", f"{field}[{index}].role", "a tool message after an assistant message",
+                      "tool elsewhere")
     first = next((i for i, r in enumerate(roles) if r != "system"), None)
     if first is not None and roles[first] == "assistant":
-        check.add("roles_out_of_order", f"messages[{first}].role", "a user message before the first assistant message", "assistant")
+        check.add("roles_out_of_order", f"{field}[{first}].role", "a user message before the first assistant message",
+                  "assistant")
     assistants = [m for m, r in zip(messages, roles) if r == "assistant"]
     if not assistants:
-        check.add("no_assistant_turn", "messages", "at least one assistant message to learn from", "none")
+        check.add("no_assistant_turn", field, "at least one assistant message to learn from", "none")
     elif all(isinstance(m, dict) and m.get("weight", 1) == 0 for m in assistants):
-        check.add("no_assistant_turn", "messages", "at least one assistant message with weight 1", "every weight 0")
+        check.add("no_assistant_turn", field, "at least one assistant message with weight 1", "every weight 0")
+
+
+def _check_reply(record: dict, key: str, check: _Checker) -> None:
+    """A preference reply: a string, or assistant messages."""
+    value = record.get(key)
+    if value is None:
+        check.add("missing_field", key, "a string or an array of assistant messages", "no such field")
+    elif isinstance(value, list):
+        _check_messages(value, check, key, need_assistant=False, allowed_roles=("assistant",))
+    else:
+        check.text(record, key, key)
+
+
+def _openai_preference(record: dict[str, Any], check: _Checker) -> dict[str, Any] | None:
+    """OpenAI's preference form as prompt / chosen / rejected, or None after reporting what is wrong."""
+    source = record.get("input")
+    if not isinstance(source, dict) or "messages" not in source:
+        check.add("missing_field", "input.messages", "the prompt as input.messages", f"input is {json_type(source)}")
+        return None
+    _check_messages(source["messages"], check, "input.messages", need_assistant=False,
+                    allowed_roles=("system", "user", "assistant", "tool"))
+    for key in ("preferred_output", "non_preferred_output"):
+        if key not in record:
+            check.add("missing_field", key, "an array with the assistant reply", "no such field")
+        else:
+            _check_messages(record[key], check, key, need_assistant=False, allowed_roles=("assistant",))
+    if check.problems:
+        return None
+    return {"prompt": source["messages"], "chosen": record["preferred_output"], "rejected": record["non_preferred_output"]}
 
 
 def validate_record(record: dict[str, Any], fmt: Format, *, file: str, line: int) -> list[DataProblem]:
     """Every problem of one record for the given format; empty when it is usable."""
+    return validate_and_normalize(record, fmt, file=file, line=line)[1]
+
+
+def validate_and_normalize(record: dict[str, Any], fmt: Format, *, file: str, line: int
+                           ) -> tuple[dict[str, Any] | None, list[DataProblem]]:
+    """(normalized record or None, problems): one pass that both checks and converts."""
     check = _Checker(file, line)
     if fmt == "chat":
-        if "messages" not in record:
-            check.add("missing_field", "messages", "a messages array (chat format)", f"fields {sorted(record)}")
+        if "messages" in record:
+            messages, field = record["messages"], "messages"
+        elif "conversations" in record:
+            messages, field = record["conversations"], "conversations"
+            if isinstance(messages, list):
+                messages = sharegpt_to_messages(messages)
         else:
-            _check_chat(record, check)
+            check.add("missing_field", "messages", "a messages array (chat format)", f"fields {sorted(record)}")
+            return None, check.problems
+        _check_messages(messages, check, field)
+        normalized = {"messages": [dict(m) for m in messages]} if not check.problems else None
     elif fmt == "instruction":
         check.text(record, "instruction", "instruction")
         check.text(record, "input", "input", required=False, allow_empty=True)
         check.text(record, "output", "output")
-    else:
+        normalized = {"instruction": record.get("instruction"), "input": record.get("input") or "",
+                      "output": record.get("output")}
+    elif fmt == "completion":
         check.text(record, "prompt", "prompt", allow_empty=True)
         check.text(record, "completion", "completion")
-    return check.problems
+        normalized = {"prompt": record.get("prompt"), "completion": record.get("completion")}
+    elif fmt == "text":
+        check.text(record, "text", "text")
+        normalized = {"text": record.get("text")}
+    else:
+        if "preferred_output" in record:
+            normalized = _openai_preference(record, check)
+        else:
+            prompt = record.get("prompt")
+            if isinstance(prompt, list):
+                _check_messages(prompt, check, "prompt", need_assistant=False)
+            else:
+                check.text(record, "prompt", "prompt", allow_empty=True)
+            _check_reply(record, "chosen", check)
+            _check_reply(record, "rejected", check)
+            normalized = {"prompt": prompt if prompt is not None else "", "chosen": record.get("chosen"),
+                          "rejected": record.get("rejected")}
+            if not check.problems and normalized["chosen"] == normalized["rejected"]:
+                check.add("identical_pair", "rejected", "a rejected reply different from the chosen one", "the same reply")
+    return (None if check.problems else normalized), check.problems
 
 
 def normalize(record: dict[str, Any], fmt: Format) -> dict[str, Any]:
-    """Keep only the fields a format uses, with defaults filled in."""
-    if fmt == "chat":
-        return {"messages": [dict(m) for m in record["messages"]]}
-    if fmt == "instruction":
-        return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
-    return {"prompt": record["prompt"], "completion": record["completion"]}
+    """Keep only the fields a format uses, with defaults filled in (the record must be valid)."""
+    normalized, problems = validate_and_normalize(record, fmt, file="record", line=0)
+    if problems:
+        raise ValueError(str(problems[0]))
+    return normalized

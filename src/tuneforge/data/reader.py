@@ -1,13 +1,18 @@
-"""Stream records out of a data file, one at a time, with their line numbers.
+"""Stream records out of a data file, one at a time, with their line (or row) numbers.
 
-Problems that make a line unreadable (bad UTF-8, not JSON, not an object, too long) come out of the
-stream as DataProblem values in the record's place, so a validator can report every bad line in one
-pass without holding the file in memory.
+JSONL, a JSON array, CSV and Parquet, each optionally gzip-compressed, are read without loading the
+file whole. Problems that make a record unreadable (bad UTF-8, not JSON, too long, too deep, a torn
+gzip) come out of the stream as DataProblem values in the record's place, so a validator reports
+every bad line in one pass. A file that cannot be read at all raises UnusableInput.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +20,16 @@ from tuneforge.data.problems import DataError, DataProblem, json_type
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one example over 8 MiB is a data mistake, not a long conversation
 MAX_JSON_DEPTH = 64
+FILE_TYPES = ("jsonl", "json", "csv", "parquet")
+Record = tuple[int, "dict | DataProblem"]
+
+
+class UnusableInput(DataError):
+    """The file cannot be read as data at all (missing, binary, unknown type): nothing to validate."""
+
+
+def _unusable(path: Path, expected: str, found: str) -> UnusableInput:
+    return UnusableInput([DataProblem(str(path), 0, "unusable_input", "", expected, found)])
 
 
 def _reject_constant(name: str) -> float:
@@ -22,75 +37,270 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _depth(value: object, limit: int) -> int:
-    """Nesting depth of a parsed JSON value, stopping once it passes limit."""
+def _too_deep(value: object, limit: int) -> bool:
     depth, frontier = 0, [value]
-    while frontier and depth <= limit:
-        nxt = []
-        for item in frontier:
-            if isinstance(item, dict):
-                nxt.extend(item.values())
-            elif isinstance(item, list):
-                nxt.extend(item)
-        frontier, depth = nxt, depth + 1 if nxt else depth
-    return depth
+    while frontier:
+        depth += 1
+        if depth > limit:
+            return True
+        frontier = [v for item in frontier if isinstance(item, (dict, list))
+                    for v in (item.values() if isinstance(item, dict) else item) if isinstance(v, (dict, list))]
+    return False
 
 
-def iter_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, dict | DataProblem]]:
-    """Yield (line number, record or problem) for every non-blank line of a JSONL file."""
-    path = Path(path)
-    name = str(path)
+def _parse_record(text: str, name: str, line: int) -> dict | DataProblem:
+    """One JSON object, or the problem that stops it from being one."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        return DataProblem(name, line, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep", "deeper nesting")
+    except ValueError as exc:
+        detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return DataProblem(name, line, "not_json", "", "a JSON object", f"invalid JSON ({detail})")
+    if not isinstance(value, dict):
+        return DataProblem(name, line, "wrong_type", "", "a JSON object per record", json_type(value))
+    if _too_deep(value, MAX_JSON_DEPTH):
+        return DataProblem(name, line, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep", "deeper nesting")
+    return value
+
+
+def _compressed(path: Path) -> bool:
     with open(path, "rb") as handle:
-        line_no = 0
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def file_type(path: str | Path) -> str:
+    """jsonl, json, csv or parquet, from the name (a .gz suffix is looked through) or the content."""
+    path = Path(path)
+    suffixes = [s.lower().lstrip(".") for s in path.suffixes]
+    if suffixes and suffixes[-1] in ("gz", "gzip"):
+        suffixes = suffixes[:-1]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in ("jsonl", "ndjson"):
+        return "jsonl"
+    if kind in FILE_TYPES:
+        return kind
+    with _open_binary(path) as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    return "json" if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") else "jsonl"
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
+
+
+def check_readable(path: str | Path) -> Path:
+    """Fail early, with one clear sentence, when a data path cannot be read as data at all."""
+    path = Path(path)
+    if not path.exists():
+        raise _unusable(path, "an existing data file", "no such file")
+    if path.is_dir():
+        raise _unusable(path, "a data file", "a directory")
+    if file_type(path) != "parquet":
+        try:
+            with _open_binary(path) as handle:
+                head = handle.read(8192)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _unusable(path, "a readable (gzip) file", f"{type(exc).__name__}: {exc}") from None
+        if b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise _unusable(path, "a text data file (JSONL, JSON, CSV) or Parquet", "binary content (NUL bytes)")
+    return path
+
+
+def _iter_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | DataProblem]]:
+    """Raw lines with numbers; an over-long line is skipped without being read into memory."""
+    name = str(path)
+    line_no = 0
+    handle = _open_binary(path)
+    try:
         while True:
-            raw = handle.readline(max_line_bytes + 1)
+            try:
+                raw = handle.readline(max_line_bytes + 1)
+            except (EOFError, zlib.error, OSError) as exc:
+                yield line_no + 1, DataProblem(name, line_no + 1, "truncated_file", "", "a complete gzip stream",
+                                               f"the file ends early ({exc})")
+                return
             if not raw:
                 return
             line_no += 1
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                # Skip the rest of the oversized line without reading it into memory.
                 while raw and not raw.endswith(b"\n"):
-                    raw = handle.readline(1024 * 1024)
-                yield line_no, DataProblem(
-                    name, line_no, "line_too_long", "", f"a line of at most {max_line_bytes} bytes", "a longer line"
-                )
+                    raw = handle.readline(1 << 20)
+                yield line_no, DataProblem(name, line_no, "line_too_long", "", f"a line of at most {max_line_bytes} bytes",
+                                           "a longer line")
                 continue
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark, as Windows editors write it
+            yield line_no, raw
+    finally:
+        handle.close()
+
+
+def _decode(raw: bytes, name: str, line: int) -> str | DataProblem:
+    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark, as Windows editors write it
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return DataProblem(name, line, "not_utf8", "", "UTF-8 text", f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
+
+
+def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[Record]:
+    name = str(path)
+    for line_no, raw in _iter_lines(path, max_line_bytes):
+        if isinstance(raw, DataProblem):
+            yield line_no, raw
+            continue
+        text = _decode(raw, name, line_no)
+        if isinstance(text, DataProblem):
+            yield line_no, text
+        elif text.strip():  # CRLF endings and blank lines are fine
+            yield line_no, _parse_record(text, name, line_no)
+
+
+def _iter_json_array(path: Path, max_line_bytes: int) -> Iterator[Record]:
+    """The elements of a top-level JSON array, streamed; numbers are the element's starting line."""
+    name = str(path)
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    handle = _open_binary(path)
+    reader = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="strict")
+    buffer, line, started, done = "", 1, False, False
+
+    def fill() -> bool:
+        nonlocal buffer
+        chunk = reader.read(1 << 16)
+        buffer += chunk
+        return bool(chunk)
+
+    try:
+        while not done:
+            stripped = buffer.lstrip(" \t\r\n,")
+            line += buffer[: len(buffer) - len(stripped)].count("\n")
+            buffer = stripped
+            if not buffer and not fill():
+                if not started:
+                    return
+                yield line, DataProblem(name, line, "not_json", "", "a JSON array closed with ]", "the file ends early")
+                return
+            if not buffer:
+                continue
+            if not started:
+                if buffer[0] != "[":
+                    yield line, DataProblem(name, line, "not_json", "", "a JSON array of records", f"{buffer[:20]!r}")
+                    return
+                started, buffer = True, buffer[1:]
+                continue
+            if buffer[0] == "]":
+                done = True
+                continue
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield line_no, DataProblem(
-                    name, line_no, "not_utf8", "", "UTF-8 text", f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
-                )
-                continue
-            text = text.strip()
-            if not text:
-                continue
-            try:
-                value = json.loads(text, parse_constant=_reject_constant)
+                value, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError as exc:
+                if len(buffer) <= max_line_bytes and fill():
+                    continue  # the element continues in the next chunk
+                where = line + buffer[: exc.pos].count("\n")
+                yield where, DataProblem(name, where, "not_json", "", "a JSON array of records",
+                                         f"invalid JSON ({exc.msg}); the rest of the array cannot be read")
+                return
             except RecursionError:
-                yield line_no, DataProblem(name, line_no, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep", "deeper nesting")
-                continue
-            except ValueError as exc:
-                detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                column = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-                yield line_no, DataProblem(name, line_no, "not_json", "", "a JSON object", f"invalid JSON ({detail}{column})")
-                continue
+                yield line, DataProblem(name, line, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep",
+                                        "deeper nesting; the rest of the array cannot be read")
+                return
             if not isinstance(value, dict):
-                yield line_no, DataProblem(name, line_no, "wrong_type", "", "a JSON object per line", json_type(value))
-                continue
-            if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-                yield line_no, DataProblem(name, line_no, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep", "deeper nesting")
-                continue
-            yield line_no, value
+                yield line, DataProblem(name, line, "wrong_type", "", "a JSON object per record", json_type(value))
+            elif _too_deep(value, MAX_JSON_DEPTH):
+                yield line, DataProblem(name, line, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep",
+                                        "deeper nesting")
+            else:
+                yield line, value
+            line += buffer[:end].count("\n")
+            buffer = buffer[end:]
+    except UnicodeDecodeError as exc:
+        yield line, DataProblem(name, line, "not_utf8", "", "UTF-8 text", f"byte 0x{exc.object[exc.start]:02x}")
+    except (EOFError, zlib.error, OSError) as exc:
+        yield line, DataProblem(name, line, "truncated_file", "", "a complete gzip stream", f"the file ends early ({exc})")
+    finally:
+        reader.close()
 
 
-def check_readable(path: str | Path) -> Path:
-    """Fail early, with one clear sentence, when a data path cannot be opened at all."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError([DataProblem(str(path), 0, "no_such_file", "", "an existing data file", "no such file")])
-    if path.is_dir():
-        raise DataError([DataProblem(str(path), 0, "not_a_file", "", "a data file", "a directory")])
-    return path
+def _cell(value: str) -> object:
+    """CSV cells are text; a cell holding a JSON array or object (e.g. messages) is parsed."""
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped, parse_constant=_reject_constant)
+        except ValueError:
+            return value
+    return value
+
+
+def _iter_csv(path: Path, max_line_bytes: int) -> Iterator[Record]:
+    name = str(path)
+    handle = _open_binary(path)
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="strict", newline="")
+    csv.field_size_limit(max_line_bytes)
+    try:
+        reader = csv.reader(text)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        header = [h.strip() for h in header]
+        if len(set(header)) != len(header):
+            yield 1, DataProblem(name, 1, "bad_header", "", "distinct column names", f"columns {header}")
+            return
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, DataProblem(name, start, "bad_csv", "", "a CSV row", str(exc))
+                return
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                yield start, DataProblem(name, start, "missing_column" if len(row) < len(header) else "extra_column", "",
+                                         f"{len(header)} columns ({', '.join(header)})", f"{len(row)} columns")
+                continue
+            yield start, {key: _cell(value) for key, value in zip(header, row)}
+    except UnicodeDecodeError as exc:
+        yield reader.line_num + 1, DataProblem(name, reader.line_num + 1, "not_utf8", "", "UTF-8 text",
+                                               f"byte 0x{exc.object[exc.start]:02x}")
+    except (EOFError, zlib.error, OSError) as exc:
+        yield reader.line_num + 1, DataProblem(name, reader.line_num + 1, "truncated_file", "", "a complete gzip stream",
+                                               f"the file ends early ({exc})")
+    finally:
+        text.close()
+
+
+def _iter_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error types for a torn or foreign file
+        raise _unusable(path, "a Parquet file", f"{type(exc).__name__}: {exc}") from None
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, {k: v for k, v in record.items() if v is not None}
+    except Exception as exc:
+        yield row + 1, DataProblem(str(path), row + 1, "truncated_file", "", "readable Parquet row groups",
+                                   f"{type(exc).__name__}: {exc}")
+
+
+def iter_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Record]:
+    """Yield (line or row number, record or problem) for every record of a data file."""
+    path = check_readable(path)
+    kind = file_type(path)
+    if kind == "parquet":
+        return _iter_parquet(path)
+    if kind == "csv":
+        return _iter_csv(path, max_line_bytes)
+    if kind == "json":
+        return _iter_json_array(path, max_line_bytes)
+    return _iter_jsonl(path, max_line_bytes)

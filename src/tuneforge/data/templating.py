@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from tuneforge.data.formats import Example, Format
 from tuneforge.data.problems import DataError, DataProblem
 
@@ -39,14 +41,17 @@ class TemplateError(ValueError):
 
 @dataclass
 class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken; aligned with input_ids (the loss shifts)
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32; IGNORE_INDEX where no loss is taken; aligned with input_ids (the loss shifts)
     line: int
 
     @property
     def num_label_tokens(self) -> int:
         # Labels predict the next token, so the first position never contributes.
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass
@@ -69,15 +74,17 @@ class TokenizeStats:
 def resolve_template(template: str, fmt: Format, tokenizer) -> Template:
     """Pick the concrete template for `auto`, and refuse combinations that cannot work."""
     if template == "auto":
-        if fmt == "completion":
+        if fmt in ("completion", "text"):
             return "plain"
         if fmt == "instruction" and not tokenizer.chat_template:
             return "alpaca"
         return "chat"
+    if fmt == "text" and template != "plain":
+        raise TemplateError(f"text data trains on the raw text: dataset.prompt_template must be plain or auto, not {template}")
     if template == "alpaca" and fmt != "instruction":
         raise TemplateError(f"dataset.prompt_template alpaca needs instruction data (instruction/input/output), not {fmt}")
-    if template == "plain" and fmt == "chat":
-        raise TemplateError("dataset.prompt_template plain needs completion or instruction data, not chat")
+    if template == "plain" and fmt in ("chat", "preference"):
+        raise TemplateError(f"dataset.prompt_template plain needs completion, instruction or text data, not {fmt}")
     return template  # type: ignore[return-value]
 
 
@@ -94,16 +101,23 @@ class PromptRenderer:
         specials = set(tokenizer.all_special_tokens)
         specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+        self._compiled = _compiled_template(tokenizer.chat_template) if template == "chat" else None
+        self._template_kwargs = dict(tokenizer.special_tokens_map)
 
     # --- rendering -------------------------------------------------------------------------------------
     def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self._compiled is not None:
+            # The same compiled template and variables apply_chat_template uses, without its per-call overhead.
+            return self._compiled.render(messages=plain, add_generation_prompt=generation_prompt, **self._template_kwargs)
         return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _plain_parts(self, example: Example) -> tuple[str, str]:
         record = example.record
         if example.format == "completion":
             return record["prompt"], record["completion"]
+        if example.format == "text":
+            return "", record["text"]
         if self.template == "alpaca":
             pattern = ALPACA_WITH_INPUT if record["input"] else ALPACA_NO_INPUT
             return pattern.format(instruction=record["instruction"], input=record["input"]), record["output"]
@@ -130,11 +144,12 @@ class PromptRenderer:
         messages = example.as_messages()
         text = self._apply(messages, generation_prompt=False)
         spans = []
+        last = len(messages) - 1
         for index, message in enumerate(messages):
             if message["role"] != "assistant" or message.get("weight", 1) == 0:
                 continue
             prefix = self._apply(messages[:index], generation_prompt=True) if index else ""
-            through = self._apply(messages[: index + 1], generation_prompt=False)
+            through = text if index == last else self._apply(messages[: index + 1], generation_prompt=False)
             if not (through.startswith(prefix) and text.startswith(through)):
                 raise TemplateError(
                     "the chat template renders a conversation differently depending on what follows "
@@ -153,34 +168,47 @@ class PromptRenderer:
 
     # --- tokenizing ------------------------------------------------------------------------------------
     def tokenize(self, example: Example) -> TokenizedExample:
-        text, spans = self.render(example)
+        return self.tokenize_many([example])[0]
+
+    def tokenize_many(self, examples: list[Example]) -> list[TokenizedExample]:
+        """Tokenize a batch in one call to the (parallel, Rust) tokenizer; labels from character spans."""
+        rendered = [self.render(example) for example in examples]
         # Chat templates write their own BOS; plain text gets the tokenizer's usual special tokens.
         encoding = self.tokenizer(
-            text, add_special_tokens=self.template != "chat", return_offsets_mapping=True, return_attention_mask=False
+            [text for text, _ in rendered], add_special_tokens=self.template != "chat",
+            return_offsets_mapping=True, return_attention_mask=False,
         )
-        input_ids = list(encoding["input_ids"])
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for position, (start, end) in enumerate(encoding["offset_mapping"]):
-            if end > start and any(s <= start < e for s, e in spans):
-                labels[position] = input_ids[position]
-        return TokenizedExample(input_ids, labels, example.line)
+        out = []
+        for (_, spans), ids, offsets, example in zip(rendered, encoding["input_ids"], encoding["offset_mapping"], examples):
+            input_ids = np.asarray(ids, dtype=np.int32)
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = offsets[:, 0], offsets[:, 1]
+            trained = np.zeros(len(input_ids), dtype=bool)
+            for start, end in spans:
+                trained |= (starts >= start) & (starts < end)
+            trained &= ends > starts
+            labels = np.where(trained, input_ids, IGNORE_INDEX).astype(np.int32)
+            out.append(TokenizedExample(input_ids, labels, example.line))
+        return out
 
 
-def tokenize_examples(
-    examples: list[Example],
-    renderer: PromptRenderer,
-    *,
-    max_seq_length: int,
-    too_long: str = "drop",
-    file: str = "dataset",
+def _compiled_template(template: str):
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: apply_chat_template is correct, only slower
+        return None
+    return _compile_jinja_template(template)
+
+
+def fit_to_length(
+    items: list[TokenizedExample], *, max_seq_length: int, too_long: str = "drop", file: str = "dataset",
 ) -> tuple[list[TokenizedExample], TokenizeStats]:
-    """Tokenize all examples and apply the too-long policy (drop, truncate or error)."""
-    stats = TokenizeStats(examples_in=len(examples))
+    """Apply the too-long policy (drop, truncate or error) and drop examples left with nothing to learn."""
+    stats = TokenizeStats(examples_in=len(items))
     out: list[TokenizedExample] = []
-    for example in examples:
-        item = renderer.tokenize(example)
+    for item in items:
         if len(item.input_ids) > max_seq_length:
-            stats.too_long_lines.append(example.line)
+            stats.too_long_lines.append(item.line)
             if too_long == "drop":
                 stats.dropped_too_long += 1
                 continue
@@ -199,3 +227,16 @@ def tokenize_examples(
             ]
         )
     return out, stats
+
+
+def tokenize_examples(
+    examples: list[Example],
+    renderer: PromptRenderer,
+    *,
+    max_seq_length: int,
+    too_long: str = "drop",
+    file: str = "dataset",
+) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenize examples (in batches) and fit them to max_seq_length."""
+    tokenized = [item for start in range(0, len(examples), 256) for item in renderer.tokenize_many(examples[start : start + 256])]
+    return fit_to_length(tokenized, max_seq_length=max_seq_length, too_long=too_long, file=file)

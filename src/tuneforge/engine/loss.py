@@ -84,7 +84,7 @@ class CausalLMLoss(nn.Module):
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         base = self.base_model()
         hidden = base.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

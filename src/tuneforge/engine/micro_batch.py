@@ -13,8 +13,6 @@ import math
 
 import torch
 
-from tuneforge.data.batching import collate
-from tuneforge.data.templating import TokenizedExample
 
 CPU_MEMORY_FRACTION = 0.7  # leave room for the page cache, the data and the rest of the machine
 
@@ -26,14 +24,15 @@ def optimizer_state_bytes(parameters: list[torch.nn.Parameter], optimizer_name: 
     return numel * per_value + numel * 4  # + the gradients themselves
 
 
-def probe_cuda(loss_module, longest: list[TokenizedExample], target: int, *, pad_id: int, precision,
-               reserve_bytes: int) -> int:
-    """Largest micro-batch <= target whose forward and backward fit on the GPU."""
+def probe_cuda(loss_module, worst_batch, target: int, *, precision, reserve_bytes: int) -> int:
+    """Largest micro-batch <= target whose forward and backward fit on the GPU.
+
+    worst_batch(n) collates the n longest units of the dataset (the worst case for memory)."""
     micro = target
     while True:
         try:
             reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=precision.device)
-            batch = {k: v.to(precision.device) for k, v in collate(longest[:micro], pad_id).items()}
+            batch = {k: v.to(precision.device) for k, v in worst_batch(micro).items() if k != "tokens" and v is not None}
             with precision.autocast():
                 loss, _, _ = loss_module(**batch)
             loss.backward()

@@ -85,3 +85,20 @@ def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision
         _keep_4bit_weights_trainable(model)
     model.config.use_cache = False  # the KV cache only costs memory while training
     return model
+
+
+# Model families whose attention takes a custom 4D mask on sdpa/eager and position ids on flash-attention:
+# packed examples are verified isolated for these (tests/integration/test_packing.py on Llama).
+PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def packing_support(config, attention: str, max_seq_length: int) -> tuple[bool, str]:
+    """(can examples be packed with isolated attention for this model, why not)."""
+    if config.model_type not in PACKING_MODEL_TYPES:
+        return False, f"packing isolation is not verified for {config.model_type} models"
+    if attention not in ("sdpa", "eager", "flash_attention_2"):
+        return False, f"packing needs sdpa, eager or flash_attention_2 attention, not {attention}"
+    window = getattr(config, "sliding_window", None)
+    if window and max_seq_length > window and attention != "flash_attention_2":
+        return False, f"rows longer than the {window}-token sliding window need flash-attention to stay isolated"
+    return True, ""

@@ -19,6 +19,7 @@ class StepResult:
     loss: float  # mean loss per label token
     token_accuracy: float
     tokens: int  # real (non-padding) input tokens
+    padded_tokens: int  # positions computed, padding included
     label_tokens: int
     grad_norm: float | None
     learning_rate: float  # the rate this step used
@@ -29,17 +30,18 @@ def optimizer_step(
     max_grad_norm: float | None, parameters: list[torch.nn.Parameter],
 ) -> StepResult:
     label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    loss_total, correct_total, tokens = 0.0, 0, 0
+    loss_total, correct_total, tokens, padded = 0.0, 0, 0, 0
     for batch in batches:
         faults.before_micro_batch(batch["input_ids"].shape[0])
-        batch = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items()}
+        tokens += int(batch["tokens"])
+        padded += batch["input_ids"].numel()
+        inputs = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "tokens" and v is not None}
         with precision.autocast():
-            loss_sum, _, correct = loss_module(**batch)
+            loss_sum, _, correct = loss_module(**inputs)
         loss = loss_sum / max(label_tokens, 1)
         (scaler.scale(loss) if scaler else loss).backward()
         loss_total += float(loss_sum.detach())
         correct_total += int(correct)
-        tokens += int(batch["attention_mask"].sum())
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm else None
@@ -55,6 +57,7 @@ def optimizer_step(
         loss=loss_total / max(label_tokens, 1),
         token_accuracy=correct_total / max(label_tokens, 1),
         tokens=tokens,
+        padded_tokens=padded,
         label_tokens=label_tokens,
         grad_norm=grad_norm,
         learning_rate=learning_rate,

@@ -21,7 +21,7 @@ def evaluate_loss(loss_module, examples: list[TokenizedExample], *, batch_size: 
     device = precision.device
     for start in range(0, len(ordered), batch_size):
         batch = collate(ordered[start : start + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k != "tokens"}
         with precision.autocast():
             loss_sum, tokens, correct = loss_module(**batch)
         total_loss += float(loss_sum)

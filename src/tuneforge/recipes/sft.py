@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.data.batching import StepSchedule, collate, micro_batches
-from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, load_examples, split_examples
-from tuneforge.data.problems import DataError
-from tuneforge.data.templating import PromptRenderer, TemplateError, resolve_template, tokenize_examples
+from tuneforge.data.batching import Batcher, StepSchedule, micro_batches
+from tuneforge.data.cache import load_tokenized
+from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, file_sha256, iter_examples, load_examples, split_indices
+from tuneforge.data.packing import real_token_fraction
+from tuneforge.data.problems import DataError, DataProblem
+from tuneforge.data.templating import PromptRenderer, TemplateError, fit_to_length, resolve_template
 from tuneforge.engine import faults
 from tuneforge.engine.adapters import make_trainable, parameter_counts
 from tuneforge.engine.base_models import ModelNotFound, needs_import, resolve_base_model
@@ -35,7 +37,7 @@ from tuneforge.engine.checkpoint import (
 from tuneforge.engine.events import EventReporter
 from tuneforge.engine.loss import CausalLMLoss
 from tuneforge.engine.micro_batch import optimizer_state_bytes, plan_cpu, probe_cuda
-from tuneforge.engine.model_loading import load_base_model, load_tokenizer
+from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packing_support
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.precision import PrecisionError, resolve_device, resolve_precision
 from tuneforge.engine.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
@@ -108,29 +110,39 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     note(f"job started on {device.type} in {precision.name}", kind="status", status="running", device=str(device),
          precision=precision.name)
 
-    # 2. Tokenizer and data: validate, split, template, tokenize.
+    # 2. Tokenizer and data: validated and tokenized once (cached by content hash), split, fitted.
     if needs_import(spec.model.base_model):
         note(f"importing {spec.model.base_model} into the model cache (first use only)", kind="model_import")
     model_dir = resolve_base_model(spec.model.base_model)
     tokenizer = load_tokenizer(model_dir)
-    train_examples, data_format = load_examples(data_cfg.path, data_cfg.format, min_examples=MIN_TRAINING_EXAMPLES)
-    if data_cfg.validation_path:
-        val_examples, _ = load_examples(data_cfg.validation_path, data_format)
-    else:
-        train_examples, val_examples = split_examples(train_examples, data_cfg.train_split, train_cfg.seed)
+    data_format, _ = iter_examples(data_cfg.path, data_cfg.format)
     renderer = PromptRenderer(tokenizer, resolve_template(data_cfg.prompt_template, data_format, tokenizer))
-    train_tokens, train_stats = tokenize_examples(
-        train_examples, renderer, max_seq_length=data_cfg.max_seq_length, too_long=data_cfg.too_long, file=data_cfg.path
-    )
-    if spec.evaluation.max_eval_examples:
-        val_examples = val_examples[: spec.evaluation.max_eval_examples]
-    val_tokens, _ = tokenize_examples(val_examples, renderer, max_seq_length=data_cfg.max_seq_length, too_long="truncate")
+    train_set = load_tokenized(data_cfg.path, data_format, renderer)
+    if data_cfg.validation_path:
+        val_set = load_tokenized(data_cfg.validation_path, data_format, renderer)
+        train_ids, val_ids = list(range(len(train_set))), list(range(len(val_set)))
+    else:
+        val_set = train_set
+        train_ids, val_ids = split_indices(len(train_set), data_cfg.train_split, train_cfg.seed)
+    if len(train_ids) < MIN_TRAINING_EXAMPLES:
+        raise DataError([DataProblem(data_cfg.path, 0, "too_few_examples", "",
+                                     f"at least {MIN_TRAINING_EXAMPLES} training examples", str(len(train_ids)))])
+    val_ids = val_ids[: spec.evaluation.max_eval_examples or None]
+    train_tokens, train_stats = fit_to_length([train_set[i] for i in train_ids], max_seq_length=data_cfg.max_seq_length,
+                                              too_long=data_cfg.too_long, file=data_cfg.path)
+    val_tokens, _ = fit_to_length([val_set[i] for i in val_ids], max_seq_length=data_cfg.max_seq_length,
+                                  too_long="truncate")
+    # Generated metrics need the examples themselves (prompts and references), not only their tokens.
+    val_examples = []
+    if "exact_match" in spec.evaluation.metrics and val_ids:
+        source, _ = load_examples(data_cfg.validation_path or data_cfg.path, data_format)
+        val_examples = [source[i] for i in val_ids]
     note(
         f"dataset ready: {len(train_tokens)} training and {len(val_tokens)} validation examples ({data_format}, "
-        f"{renderer.template} template)",
+        f"{renderer.template} template, tokenization {'cached' if train_set.cache_hit else 'done and cached'})",
         kind="dataset", format=data_format, template=renderer.template, train_examples=len(train_tokens),
         validation_examples=len(val_tokens), train_label_tokens=sum(t.num_label_tokens for t in train_tokens),
-        **train_stats.to_dict(),
+        cache_hit=train_set.cache_hit, **train_stats.to_dict(),
     )
 
     # 3. The checkpoint to resume from, if this job directory has one that verifies.
@@ -161,37 +173,51 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     trainable, total = parameter_counts(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     loss_module = CausalLMLoss(model)
-    spec = resolve_hyperparameters(spec, len(train_tokens))
+    attention = model.config._attn_implementation
+    supported, why_not = packing_support(model.config, attention, data_cfg.max_seq_length)
+    if train_cfg.packing is True and not supported:
+        raise SpecError(f"training.packing: {why_not}; set it to auto or false")
+    packing = supported and train_cfg.packing in (True, "auto")
+    batcher = Batcher(train_tokens, tokenizer.pad_token_id, packing=packing, max_seq_length=data_cfg.max_seq_length,
+                      attention=attention)
+    spec = resolve_hyperparameters(spec, len(train_tokens), num_rows=len(batcher) if packing else None)
     if spec.training.per_device_batch_size == "auto":
         target = spec.training.batch_size  # one process here: the whole step on this device
         if device.type == "cuda":
-            longest = sorted(train_tokens, key=lambda t: len(t.input_ids), reverse=True)[:target]
-            micro = probe_cuda(loss_module, longest, target, pad_id=tokenizer.pad_token_id, precision=precision,
+            lengths = batcher.unit_lengths()
+            longest = sorted(range(len(batcher)), key=lambda u: -lengths[u])[:target]
+            micro = probe_cuda(loss_module, lambda n: batcher.collate(longest[:n]), target, precision=precision,
                                reserve_bytes=optimizer_state_bytes(parameters, train_cfg.optimizer))
         else:
             micro = plan_cpu(spec, model_dir, target)
-        spec = resolve_hyperparameters(spec, len(train_tokens), micro_batch=micro)
+        spec = resolve_hyperparameters(spec, len(train_tokens), num_rows=len(batcher) if packing else None,
+                                       micro_batch=micro)
+    spec.training.packing = packing
     train_cfg = spec.training
     write_spec(job_dir, spec)  # the resolved spec: what this job really runs with
 
-    # 6. The optimizer and the step schedule.
-    schedule = StepSchedule(len(train_tokens), examples_per_step=train_cfg.batch_size, seed=train_cfg.seed,
+    # 6. The optimizer and the step schedule (over examples, or over packed rows).
+    schedule = StepSchedule(len(batcher), examples_per_step=train_cfg.batch_size, seed=train_cfg.seed,
                             num_epochs=train_cfg.num_epochs, max_steps=train_cfg.max_steps)
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg, schedule.total_steps)
     scaler = precision.grad_scaler()
     # The data order is a pure function of these and the step: equal values mean an exact resume.
-    data_position = {"num_examples": len(train_tokens), "examples_per_step": train_cfg.batch_size,
-                     "seed": train_cfg.seed}
+    data_position = {"dataset_sha256": file_sha256(data_cfg.path), "units": len(batcher), "packing": packing,
+                     "examples_per_step": train_cfg.batch_size, "seed": train_cfg.seed}
     micro = train_cfg.per_device_batch_size
+    unit = "rows" if packing else "examples"
     note(
         f"training {trainable:,} of {total:,} parameters ({spec.adapter.type}) for {schedule.total_steps} steps: "
-        f"batch {train_cfg.batch_size} (micro-batch {micro} x {train_cfg.gradient_accumulation_steps}), "
-        f"learning rate {train_cfg.learning_rate:g}, {train_cfg.num_epochs:g} epochs",
+        f"batch {train_cfg.batch_size} {unit} (micro-batch {micro} x {train_cfg.gradient_accumulation_steps}), "
+        f"learning rate {train_cfg.learning_rate:g}, {train_cfg.num_epochs:g} epochs"
+        + (f", {len(train_tokens)} examples packed into {len(batcher)} rows of {data_cfg.max_seq_length} "
+           f"({real_token_fraction(batcher.unit_lengths(), micro):.1%} real tokens)" if packing else ""),
         kind="plan", trainable_parameters=trainable, total_parameters=total, total_steps=schedule.total_steps,
         steps_per_epoch=schedule.steps_per_epoch, batch_size=train_cfg.batch_size, per_device_batch_size=micro,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps, learning_rate=train_cfg.learning_rate,
-        num_epochs=train_cfg.num_epochs,
+        num_epochs=train_cfg.num_epochs, packing=packing, packed_rows=len(batcher) if packing else None,
+        packing_disabled_because=None if packing else (why_not or "training.packing is false"),
     )
 
     # 7. Restore the exact training state: weights, optimizer, scheduler, scaler, RNGs, step.
@@ -228,8 +254,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         step_started = time.perf_counter()
         plan = schedule.plan(step)
         while True:
-            batches = [collate([train_tokens[i] for i in ids], tokenizer.pad_token_id)
-                       for ids in micro_batches(plan.example_ids, micro)]
+            batches = [batcher.collate(units) for units in micro_batches(plan.example_ids, micro)]
             try:
                 result = optimizer_step(loss_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                         precision=precision, max_grad_norm=train_cfg.max_grad_norm,
@@ -257,7 +282,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 step=done, total_steps=schedule.total_steps, epoch=round(schedule.epoch_at(done), 4),
                 train_loss=result.loss, train_mean_token_accuracy=result.token_accuracy,
                 learning_rate=result.learning_rate, grad_norm=result.grad_norm, tokens_per_second=tokens_per_second,
-                tokens_seen=state["tokens_seen"], example_ids=plan.example_ids,
+                tokens_seen=state["tokens_seen"], real_token_fraction=result.tokens / result.padded_tokens,
+                example_ids=batcher.example_ids(plan.example_ids),
             )
         eta = (schedule.total_steps - done) * state["train_seconds"] / max(1, done - start_step)
         display.update(done, loss=result.loss, learning_rate=result.learning_rate,

@@ -36,9 +36,11 @@ def auto_batch_size(num_examples: int, world_size: int = 1) -> int:
     return math.ceil(batch / world_size) * world_size
 
 
-def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, micro_batch: int | None = None) -> JobSpec:
+def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int | None = None,
+                            micro_batch: int | None = None) -> JobSpec:
     """A copy of spec with learning_rate, num_epochs, batch_size and (given micro_batch) the micro-batch
-    and accumulation filled in. micro_batch is the per-device micro-batch the hardware allows."""
+    and accumulation filled in. micro_batch is the per-device micro-batch the hardware allows; num_rows
+    the packed rows when packing (batches then count rows)."""
     training = spec.training.model_copy()
     world = spec.resources.num_gpus * spec.resources.num_nodes
     if training.learning_rate == "auto":
@@ -50,7 +52,7 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, micro_batch: in
         if micro != "auto" and accum != "auto":
             training.batch_size = micro * accum * world
         else:
-            training.batch_size = auto_batch_size(num_examples, world)
+            training.batch_size = auto_batch_size(num_rows or num_examples, world)
     per_device = math.ceil(training.batch_size / world)
     if micro == "auto" and accum != "auto":
         micro = math.ceil(per_device / accum)

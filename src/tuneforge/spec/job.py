@@ -55,8 +55,10 @@ class ModelSpec(Section):
 
 
 class DatasetSpec(Section):
-    path: str = Field(..., description="Training data file (JSONL): chat, instruction or completion records.")
-    format: Literal["auto", "chat", "instruction", "completion"] = Field(
+    path: str = Field(
+        ..., description="Training data file: JSONL, JSON array, CSV or Parquet, optionally gzipped."
+    )
+    format: Literal["auto", "chat", "instruction", "completion", "text", "preference"] = Field(
         "auto", description="Record format; auto detects it from the fields of the first record."
     )
     max_seq_length: int = Field(2048, gt=0, description="Longest tokenized example, after the prompt template.")
@@ -122,7 +124,12 @@ class TrainingSpec(Section):
         "auto", description="Training precision; auto is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
     seed: int = Field(42, description="Seed for data order, splits, adapter initialization and dropout.")
-    packing: bool = Field(False, description="Pack several examples into one max_seq_length row.")
+    packing: bool | Auto = Field(
+        "auto",
+        description="Pack several examples into each max_seq_length row, each attending only to itself; auto packs "
+        "where isolation is verified for the model (Llama, Qwen2/3, Mistral families). With packing, batch sizes "
+        "count rows.",
+    )
     logging_steps: int = Field(1, gt=0, description="Write a metrics event every N optimizer steps.")
 
 

@@ -7,7 +7,7 @@ from tuneforge.data.templating import IGNORE_INDEX, PromptRenderer, resolve_temp
 
 def trained_text(tokenizer, item) -> str:
     """The decoded tokens that carry loss, in order."""
-    return tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode([int(t) for t, label in zip(item.input_ids, item.labels) if label != IGNORE_INDEX])
 
 
 def chat_example(messages, line=1):
@@ -24,7 +24,8 @@ def test_loss_covers_exactly_the_assistant_reply_and_its_end_of_turn(byte_tokeni
     assert trained_text(byte_tokenizer, item) == "Paris.<|im_end|>"
     # The end-of-turn token is trained although pad and EOS share its id.
     assert byte_tokenizer.pad_token_id == byte_tokenizer.eos_token_id
-    assert item.labels[item.input_ids.index(byte_tokenizer.eos_token_id, len(item.input_ids) - 3)] == byte_tokenizer.eos_token_id
+    eot = len(item.input_ids) - 2  # the template ends "<|im_end|>\n"
+    assert item.input_ids[eot] == byte_tokenizer.eos_token_id and item.labels[eot] == byte_tokenizer.eos_token_id
     # Nothing after the end-of-turn token (the template's newline) is trained.
     assert item.labels[-1] == IGNORE_INDEX
 
@@ -89,7 +90,7 @@ def test_collate_pads_without_loss(byte_tokenizer):
     assert batch["input_ids"].shape == (2, len(items[1].input_ids))
     assert batch["attention_mask"][0, short:].sum() == 0
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
-    assert torch.equal(batch["labels"][1], torch.tensor(items[1].labels))
+    assert torch.equal(batch["labels"][1], torch.tensor(items[1].labels, dtype=torch.long))
 
 
 def test_step_schedule_is_a_pure_function_of_the_step():
