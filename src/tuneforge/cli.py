@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("spec", type=Path, nargs="?", help="YAML job spec to validate")
     spec.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
     spec.set_defaults(handler=cmd_spec)
+
+    from tuneforge.control_plane_cli import add_control_plane_commands
+
+    add_control_plane_commands(commands)
     return parser
 
 
