@@ -38,6 +38,7 @@ class Settings:
     k8s_image: str = "tuneforge:latest"
     k8s_pvc: str = "tuneforge-home"
     k8s_service_account: str | None = None
+    k8s_inventory: str = ""  # the cluster's nodes for placement, e.g. "h100-80gb:8,h100-80gb:8"
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
