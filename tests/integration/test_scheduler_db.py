@@ -60,6 +60,8 @@ def test_migrations_upgrade_downgrade_upgrade_without_drift(database_url):
     upgrade(database.engine)
     with database.engine.connect() as connection:
         drift = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    if database.is_sqlite:  # SQLite does not reflect DESC in an index: alembic sees ix_jobs_queue as changed
+        drift = [d for d in drift if not (d[0] in ("add_index", "remove_index") and d[1].name == "ix_jobs_queue")]
     database.dispose()
     assert drift == []
 

@@ -4,11 +4,11 @@ scheduler plans with. Status, attempt and lease columns are written only by sche
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import JOB, new_id, now
-from tuneforge.db.tables import Job
+from tuneforge.db.tables import Job, Tenant
 from tuneforge.spec.api import QUEUED, RUNNING, VALIDATING_FILES
 from tuneforge.spec.job import JobSpec
 
@@ -91,18 +91,22 @@ def claimable(now_s: float):
     return and_(Job.status == QUEUED, or_(Job.lease_owner.is_(None), Job.lease_expires_at < now_s))
 
 
-def queued_candidates(session: Session, *, now_s: float, per_tenant: int = 8, limit: int = 512) -> list[Job]:
-    """The first few claimable jobs of every tenant (priority, then age), so no tenant's backlog hides another's."""
-    ranked = (
-        select(
-            Job.seq,
-            func.row_number().over(partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.seq)).label("rank"),
-        )
-        .where(claimable(now_s))
-        .subquery()
-    )
-    seqs = select(ranked.c.seq).where(ranked.c.rank <= per_tenant).order_by(ranked.c.seq).limit(limit)
-    return list(session.scalars(select(Job).where(Job.seq.in_(seqs)).order_by(Job.seq)))
+def queued_candidates(session: Session, *, now_s: float, per_tenant: int = 8) -> list[Job]:
+    """The first few claimable jobs of every tenant (priority, then age), so no tenant's backlog hides another's.
+
+    One small index range scan per tenant (ix_jobs_queue), joined with UNION ALL: the cost does not grow
+    with the length of the queue.
+    """
+    tenant_ids = list(session.scalars(select(Tenant.id)))
+    if not tenant_ids:
+        return []
+    per = [
+        select(Job.seq).where(Job.status == QUEUED, Job.tenant_id == tenant_id, claimable(now_s))
+        .order_by(Job.priority.desc(), Job.seq).limit(per_tenant).subquery().select()
+        for tenant_id in tenant_ids
+    ]
+    seqs = union_all(*per).subquery()
+    return list(session.scalars(select(Job).where(Job.seq.in_(select(seqs.c.seq))).order_by(Job.seq)))
 
 
 def lock_claimable(session: Session, *, job_id: str, now_s: float) -> Job | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, text, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
@@ -91,7 +91,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_seq", "tenant_id", "seq"),
-        Index("ix_jobs_status_tenant_priority", "status", "tenant_id", "priority", "seq"),
+        # The queue: each tenant's claimable jobs in the order they start (higher priority, then older).
+        Index("ix_jobs_queue", "status", "tenant_id", text("priority DESC"), "seq"),
     )
 
 

@@ -108,7 +108,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('tenant_id', 'idempotency_key', name='uq_jobs_tenant_idempotency_key')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.create_index('ix_jobs_status_tenant_priority', ['status', 'tenant_id', 'priority', 'seq'], unique=False)
+        batch_op.create_index('ix_jobs_queue', ['status', 'tenant_id', sa.text('priority DESC'), 'seq'], unique=False)
         batch_op.create_index('ix_jobs_tenant_seq', ['tenant_id', 'seq'], unique=False)
 
     op.create_table('job_checkpoints',
@@ -189,7 +189,7 @@ def downgrade() -> None:
     op.drop_table('job_checkpoints')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_tenant_seq')
-        batch_op.drop_index('ix_jobs_status_tenant_priority')
+        batch_op.drop_index('ix_jobs_queue')
 
     op.drop_table('jobs')
     with op.batch_alter_table('files', schema=None) as batch_op:
