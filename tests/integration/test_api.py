@@ -153,6 +153,13 @@ def test_cursor_pagination_and_job_actions_on_queued_jobs(server):
             break
         after = page["data"][-1]["id"]
     assert pages == [ids[::-1][0:2], ids[::-1][2:4], ids[::-1][4:5]]
+    second = a.upload(EXAMPLE_DATA / "val.jsonl")
+    files = a.http.get("/v1/files", params={"limit": 1}).json()
+    assert [f["id"] for f in files["data"]] == [second["id"]] and files["has_more"]
+    rest = a.http.get("/v1/files", params={"limit": 1, "after": second["id"]}).json()
+    assert [f["id"] for f in rest["data"]] == [training["id"]] and not rest["has_more"]
+    oldest_first = a.http.get("/v1/files", params={"order": "asc"}).json()["data"]
+    assert [f["id"] for f in oldest_first] == [training["id"], second["id"]]
     filtered = a.http.get("/v1/fine_tuning/jobs", params={"metadata[n]": "3"}).json()["data"]
     assert [job["id"] for job in filtered] == [ids[3]]
 

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import FILE, new_id, now
+from tuneforge.db.pagination import keyset_page
 from tuneforge.db.tables import File, Job
 
 
@@ -37,13 +38,8 @@ def list_files(
     query = select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
     if purpose:
         query = query.where(File.purpose == purpose)
-    if after:
-        anchor = session.scalar(select(File.seq).where(File.id == after, File.tenant_id == tenant_id))
-        if anchor is not None:
-            query = query.where(File.seq < anchor if order == "desc" else File.seq > anchor)
-    query = query.order_by(File.seq.desc() if order == "desc" else File.seq.asc()).limit(limit + 1)
-    rows = list(session.scalars(query))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, query, key=File.seq, id_column=File.id, after=after, limit=limit,
+                       scope=File.tenant_id == tenant_id, descending=order == "desc")
 
 
 def delete_file(session: Session, *, file: File) -> bool:

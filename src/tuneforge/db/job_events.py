@@ -11,6 +11,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import CHECKPOINT, EVENT, new_id, now
+from tuneforge.db.pagination import keyset_page
 from tuneforge.db.tables import Job, JobCheckpoint, JobEvent, JobMetric
 
 # Per-step lists (which examples a step saw) belong in the job directory, not in the metrics series.
@@ -74,13 +75,8 @@ def record_checkpoint(
 
 def list_events(session: Session, *, job_id: str, limit: int, after: str | None = None) -> tuple[list[JobEvent], bool]:
     """Newest first, as the OpenAI API lists them; `after` is the last id of the previous page."""
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
-    if after:
-        anchor = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
-        if anchor is not None:
-            query = query.where(JobEvent.seq < anchor)
-    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, select(JobEvent).where(JobEvent.job_id == job_id), key=JobEvent.seq,
+                       id_column=JobEvent.id, after=after, limit=limit, scope=JobEvent.job_id == job_id)
 
 
 def events_since(session: Session, *, job_id: str, after_seq: int, limit: int = 500) -> list[JobEvent]:
@@ -103,13 +99,8 @@ def list_metrics(session: Session, *, job_id: str, after_step: int | None = None
 def list_checkpoints(
     session: Session, *, job_id: str, limit: int, after: str | None = None
 ) -> tuple[list[JobCheckpoint], bool]:
-    query = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
-    if after:
-        anchor = session.scalar(select(JobCheckpoint.step).where(JobCheckpoint.id == after, JobCheckpoint.job_id == job_id))
-        if anchor is not None:
-            query = query.where(JobCheckpoint.step < anchor)
-    rows = list(session.scalars(query.order_by(JobCheckpoint.step.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, select(JobCheckpoint).where(JobCheckpoint.job_id == job_id), key=JobCheckpoint.step,
+                       id_column=JobCheckpoint.id, after=after, limit=limit, scope=JobCheckpoint.job_id == job_id)
 
 
 def last_error_event(session: Session, *, job_id: str) -> JobEvent | None:

@@ -8,6 +8,7 @@ from sqlalchemy import and_, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import JOB, new_id, now
+from tuneforge.db.pagination import keyset_page
 from tuneforge.db.tables import Job, Tenant
 from tuneforge.spec.api import QUEUED, RUNNING, VALIDATING_FILES
 from tuneforge.spec.job import JobSpec
@@ -51,16 +52,15 @@ def list_jobs(
 ) -> tuple[list[Job], bool]:
     """Newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
     query = select(Job).where(Job.tenant_id == tenant_id)
-    if after:
-        anchor = session.scalar(select(Job.seq).where(Job.id == after, Job.tenant_id == tenant_id))
-        if anchor is not None:
-            query = query.where(Job.seq < anchor)
     if metadata:
         # Metadata filters are rare and the JSON operators differ per database: filter the page in Python,
         # reading ahead in batches until the page is full.
+        if after:
+            anchor = session.scalar(select(Job.seq).where(Job.id == after, Job.tenant_id == tenant_id))
+            query = query.where(Job.seq < anchor) if anchor is not None else query
         return _filter_metadata(session, query, limit, metadata)
-    rows = list(session.scalars(query.order_by(Job.seq.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return keyset_page(session, query, key=Job.seq, id_column=Job.id, after=after, limit=limit,
+                       scope=Job.tenant_id == tenant_id)
 
 
 def _filter_metadata(session: Session, query, limit: int, metadata: dict[str, str]) -> tuple[list[Job], bool]:
