@@ -103,11 +103,6 @@ def list_checkpoints(
                        id_column=JobCheckpoint.id, after=after, limit=limit, scope=JobCheckpoint.job_id == job_id)
 
 
-def last_error_event(session: Session, *, job_id: str) -> JobEvent | None:
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.level == "error")
-    return session.scalar(query.order_by(JobEvent.seq.desc()).limit(1))
-
-
 def _level(level: str) -> str:
     # The recipe writes Python's "warning"; the OpenAI event shape says "warn".
     return {"warning": "warn", "debug": "info", "critical": "error"}.get(level, level if level in ("info", "warn", "error") else "info")

@@ -134,10 +134,6 @@ def expired_leases(session: Session, *, now_s: float, limit: int = 100) -> list[
     return list(session.scalars(query.order_by(Job.lease_expires_at).limit(limit)))
 
 
-def leased_by(session: Session, *, worker_id: str) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.lease_owner == worker_id)))
-
-
 def usage_by_status(session: Session, *, tenant_id: str) -> dict[str, tuple[int, float]]:
     """status -> (jobs, GPU-seconds used) for one tenant."""
     query = (

@@ -20,12 +20,6 @@ def register_worker(session: Session, *, worker_id: str, hostname: str, executor
     row.inventory, row.last_seen, row.stopped_at = inventory, time.time(), None
 
 
-def touch_worker(session: Session, *, worker_id: str) -> None:
-    row = session.get(Worker, worker_id)
-    if row is not None:
-        row.last_seen = time.time()
-
-
 def stop_worker(session: Session, *, worker_id: str) -> None:
     row = session.get(Worker, worker_id)
     if row is not None:
