@@ -70,3 +70,130 @@ def make_job_dir(tmp_path: Path, model_dir: Path, **sections) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     write_spec(job_dir, validate_job_spec(data))
     return job_dir
+
+
+# ---- control plane: databases and a real server process ----------------------------------------
+
+import os  # noqa: E402
+import secrets  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+POSTGRES_ADMIN_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_HOWTO = (
+    "PostgreSQL is not reachable at {url}; these tests need it. Start a local server with trust auth "
+    "(e.g. `pg_ctlcluster 15 main start`) or point TUNEFORGE_TEST_POSTGRES_URL at one. "
+    "Set TUNEFORGE_REQUIRE_POSTGRES=1 to make this a failure instead of a skip (CI does)."
+)
+
+
+def _postgres_admin_engine():
+    from sqlalchemy import create_engine
+
+    return create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+def _postgres_or_skip():
+    from sqlalchemy import text
+
+    engine = _postgres_admin_engine()
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means "not here"
+        engine.dispose()
+        message = POSTGRES_HOWTO.format(url=POSTGRES_ADMIN_URL) + f" ({type(exc).__name__})"
+        if os.environ.get("TUNEFORGE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return engine
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A fresh, empty database of each kind (a new PostgreSQL database per test, dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tuneforge.db'}"
+        return
+    from sqlalchemy import text
+
+    engine = _postgres_or_skip()
+    name = f"tuneforge_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+FAST_LEASES = {
+    "TUNEFORGE_LEASE_SECONDS": "6",
+    "TUNEFORGE_HEARTBEAT_SECONDS": "0.5",
+    "TUNEFORGE_POLL_SECONDS": "0.2",
+    "TUNEFORGE_STOP_GRACE_SECONDS": "30",
+}
+
+
+class ServerProcess:
+    """`tuneforge server` (and extra `tuneforge worker` processes) on a free loopback port."""
+
+    def __init__(self, home: Path, database_url: str, *, worker: bool = True):
+        self.home, self.port = home, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **FAST_LEASES, "TUNEFORGE_HOME": str(home), "TUNEFORGE_DATABASE_URL": database_url}
+        self.keys = {tenant: self.cli("keys", "create", "--tenant", tenant).strip() for tenant in ("tenant-a", "tenant-b")}
+        self.log = open(home / "server.log", "ab")
+        args = [sys.executable, "-m", "tuneforge.cli", "server", "--port", str(self.port), "--cpu-slots", "1"]
+        self.process = subprocess.Popen(args + ([] if worker else ["--no-worker"]), env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        self.workers: list[subprocess.Popen] = []
+        self._wait_healthy()
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], env=self.env, check=True,
+                              capture_output=True, text=True).stdout
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "worker", "--cpu-slots", "1"], env=self.env,
+                                  stdout=self.log, stderr=subprocess.STDOUT)
+        self.workers.append(worker)
+        return worker
+
+    def _wait_healthy(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tuneforge server exited with {self.process.returncode}: {self.log_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("tuneforge server did not become healthy: " + self.log_text()[-3000:])
+
+    def log_text(self) -> str:
+        return (self.home / "server.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.process]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*self.workers, self.process]:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.log.close()

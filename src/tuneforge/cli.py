@@ -168,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
     spec.set_defaults(handler=cmd_spec)
 
+    from tuneforge.control_plane_cli import add_control_plane_commands
     from tuneforge.planner.command import add_plan_command
 
     add_plan_command(commands)
+    add_control_plane_commands(commands)
     return parser
 
 

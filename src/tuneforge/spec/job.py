@@ -140,6 +140,9 @@ class ResourcesSpec(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="How several processes share the work: ddp, fsdp (sharded) or deepspeed (ZeRO)."
     )
+    priority: int = Field(
+        0, ge=-100, le=100, description="Scheduling priority among the same tenant's queued jobs; higher starts first."
+    )
 
 
 class EvaluationSpec(Section):

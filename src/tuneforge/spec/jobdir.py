@@ -20,6 +20,7 @@ from typing import Any
 from tuneforge.spec.job import JobSpec
 
 SPEC_FILE = "spec.json"
+EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"

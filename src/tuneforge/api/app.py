@@ -1,0 +1,35 @@
+"""The FastAPI application: OpenAI-compatible fine-tuning endpoints, tuneforge's own, and error shapes.
+
+`create_app()` reads the settings from the environment; it migrates nothing and starts nothing (the
+server command does that), so the app can be built in tests and in any ASGI server.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from tuneforge.api.auth import KeyCache
+from tuneforge.api.errors import install_error_handlers
+from tuneforge.api.routers import admin, files, jobs, models
+from tuneforge.db.session import Database
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.settings import Settings
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    app = FastAPI(title="tuneforge", version="0.1.0",
+                  description="Self-hosted fine-tuning with an OpenAI-compatible API.")
+    app.state.settings = settings
+    app.state.db = db or Database(settings.database_url, pool_size=10)
+    app.state.store = LocalArtifactStore(settings.artifacts_dir)
+    app.state.key_cache = KeyCache()
+    install_error_handlers(app)
+    for router in (files.router, jobs.router, models.router, admin.router):
+        app.include_router(router)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict:
+        return {"status": "ok"}
+
+    return app

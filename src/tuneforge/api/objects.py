@@ -1,0 +1,76 @@
+"""Response objects built from database rows: the only place rows become API shapes, so no ORM object
+and no server path ever leaves the API."""
+
+from __future__ import annotations
+
+from tuneforge.registry.models import fine_tuned_model_id
+from tuneforge.db.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric
+from tuneforge.spec.api import (
+    CheckpointMetrics,
+    DatasetReport,
+    FileObject,
+    FineTuningJob,
+    HyperparametersOut,
+    JobCheckpoint as CheckpointObject,
+    JobError,
+    JobEvent as EventObject,
+    JobExtension,
+    ListObject,
+    MetricPoint,
+    ModelObject,
+)
+from tuneforge.spec.job import JobSpec
+from tuneforge.spec.openai_jobs import hyperparameters_of, method_of
+
+
+def file_object(row: File) -> FileObject:
+    return FileObject(
+        id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename, purpose=row.purpose,
+        status=row.status, status_details=row.status_details,
+    )
+
+
+def dataset_report(row: File) -> DatasetReport:
+    return DatasetReport.model_validate({**row.report, "file_id": row.id})
+
+
+def job_object(row: Job) -> FineTuningJob:
+    spec = JobSpec.model_validate(row.spec)
+    return FineTuningJob(
+        id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.model,
+        fine_tuned_model=row.fine_tuned_model, organization_id=row.tenant_id, status=row.status,
+        validation_file=row.validation_file, training_file=row.training_file,
+        hyperparameters=HyperparametersOut(**hyperparameters_of(spec)), trained_tokens=row.trained_tokens,
+        error=JobError(**row.error) if row.error else None, seed=spec.training.seed, method=method_of(spec),
+        metadata=row.metadata_, user_provided_suffix=row.suffix,
+        tuneforge=JobExtension(spec=row.spec, attempt=row.attempt, priority=row.priority,
+                               gpu_seconds=round(row.gpu_seconds or 0.0, 3), started_at=row.started_at),
+    )
+
+
+def event_object(row: JobEvent) -> EventObject:
+    return EventObject(id=row.id, created_at=row.created_at, level=row.level, message=row.message,
+                       type=row.type if row.type in ("message", "metrics") else "message", data=row.data)
+
+
+def checkpoint_object(row: JobCheckpoint, job: Job) -> CheckpointObject:
+    metrics = {k: v for k, v in (row.metrics or {}).items() if k != "step" and (isinstance(v, (int, float)) or v is None)}
+    return CheckpointObject(
+        id=row.id, created_at=row.created_at, fine_tuning_job_id=job.id, step_number=row.step,
+        fine_tuned_model_checkpoint=f"{fine_tuned_model_id(job)}:ckpt-step-{row.step}",
+        metrics=CheckpointMetrics(step=row.step, **metrics),
+    )
+
+
+def metric_point(row: JobMetric) -> MetricPoint:
+    return MetricPoint(step=row.step, created_at=row.created_at, values=row.values)
+
+
+def model_object(row: FineTunedModel) -> ModelObject:
+    return ModelObject(id=row.id, created=row.created_at, owned_by=row.tenant_id)
+
+
+def page(items: list, has_more: bool) -> ListObject:
+    first = getattr(items[0], "id", None) if items else None
+    last = getattr(items[-1], "id", None) if items else None
+    return ListObject(data=items, has_more=has_more, first_id=first, last_id=last)

@@ -1,0 +1,1 @@
+"""Routers: parse, authorize, call db/ or scheduler/, return a spec.api shape. Nothing more."""

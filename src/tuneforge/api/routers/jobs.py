@@ -1,0 +1,221 @@
+"""/v1/fine_tuning/jobs: create (validated, capacity-checked, idempotent), list, retrieve, cancel, pause,
+resume, events, checkpoints; and tuneforge's own: a dry-run plan, the metrics series, a live event stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+
+from tuneforge.api.auth import Principal
+from tuneforge.api.dependencies import Caller, Db
+from tuneforge.api.errors import ApiError, not_found
+from tuneforge.api.objects import checkpoint_object, event_object, job_object, metric_point, page
+from tuneforge.db import files as file_rows
+from tuneforge.db import job_events as event_rows
+from tuneforge.db import jobs as job_rows
+from tuneforge.db.session import Database
+from tuneforge.scheduler import states
+from tuneforge.scheduler.admission import admit_job, capacity_problem, live_inventories, memory_plan
+from tuneforge.spec.api import (
+    TERMINAL_STATUSES,
+    FineTuningJob,
+    JobCreateRequest,
+    JobPlan,
+    ListObject,
+)
+from tuneforge.spec.job import JobSpec
+from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+STREAM_POLL_SECONDS = 0.5
+STREAM_KEEPALIVE_SECONDS = 15.0
+
+
+def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
+    try:
+        spec = job_spec_from_request(request)
+    except RequestError as exc:
+        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
+    for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
+        if file_id is None:
+            continue
+        row = file_rows.get_file(session, tenant_id=caller.tenant_id, file_id=file_id)
+        if row is None:
+            raise ApiError(400, f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
+        if row.purpose != "fine-tune":
+            raise ApiError(400, f"{param}: file {file_id} has purpose {row.purpose!r}, expected 'fine-tune'", param=param)
+    return spec
+
+
+def _request_hash(request: JobCreateRequest) -> str:
+    canonical = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(session, caller: Principal, key: str, digest: str) -> FineTuningJob | None:
+    existing = job_rows.find_by_idempotency_key(session, tenant_id=caller.tenant_id, key=key)
+    if existing is None:
+        return None
+    if existing.request_hash != digest:
+        raise ApiError(409, "this Idempotency-Key was already used with a different request body",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    return job_object(existing)
+
+
+@router.post("", response_model=FineTuningJob)
+def create_job(body: JobCreateRequest, caller: Caller, db: Db,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> FineTuningJob:
+    digest = _request_hash(body)
+    try:
+        with db.session() as session:
+            if idempotency_key and (replayed := _replay(session, caller, idempotency_key, digest)):
+                return replayed
+            spec = _spec_for(body, session, caller)
+            problem = capacity_problem(spec, live_inventories(session))
+            if problem:
+                raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_capacity")
+            job = job_rows.create_job(
+                session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
+                validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
+                idempotency_key=idempotency_key, request_hash=digest,
+            )
+            event_rows.add_event(session, job_id=job.id, message=f"Validating training file: {body.training_file}",
+                                 data={"kind": "status", "status": job.status})
+    except IntegrityError:
+        # Two retries with the same key raced; the other one created the job.
+        with db.session() as session:
+            replayed = _replay(session, caller, idempotency_key or "", digest)
+            if replayed is None:
+                raise
+            return replayed
+    with db.session() as session:
+        admit_job(session, job=job)
+    with db.session() as session:
+        return job_object(job_rows.get_job(session, tenant_id=caller.tenant_id, job_id=job.id))
+
+
+@router.post("/plan", response_model=JobPlan)
+def plan_job(body: JobCreateRequest, caller: Caller, db: Db) -> JobPlan:
+    """tuneforge: what a job request would ask for and whether the workers can hold it; creates nothing."""
+    with db.session() as session:
+        spec = _spec_for(body, session, caller)
+        inventories = live_inventories(session)
+    problem = capacity_problem(spec, inventories)
+    resources = spec.resources
+    return JobPlan(
+        spec=spec.model_dump(mode="json"), gpus=resources.num_gpus * resources.num_nodes, gpu_type=resources.gpu_type,
+        fits=problem is None, reason=problem, capacity=inventories, memory=memory_plan(spec),
+    )
+
+
+@router.get("", response_model=ListObject)
+def list_jobs(request: Request, caller: Caller, db: Db, after: str | None = None,
+              limit: int = Query(20, ge=1, le=100)) -> ListObject:
+    metadata = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
+                if key.startswith("metadata[") and key.endswith("]")}
+    with db.session() as session:
+        rows, more = job_rows.list_jobs(session, tenant_id=caller.tenant_id, limit=limit, after=after, metadata=metadata)
+        return page([job_object(r) for r in rows], more)
+
+
+def _job(session, caller: Principal, job_id: str):
+    row = job_rows.get_job(session, tenant_id=caller.tenant_id, job_id=job_id)
+    if row is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return row
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def get_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+    with db.session() as session:
+        return job_object(_job(session, caller, job_id))
+
+
+def _act(db: Database, caller: Principal, job_id: str, action, verb: str, allowed: str) -> FineTuningJob:
+    with db.session() as session:
+        job = _job(session, caller, job_id)
+        if not action(session, job_id=job_id):
+            raise ApiError(409, f"job {job_id} is {job.status}; only {allowed} jobs can be {verb}",
+                           param="fine_tuning_job_id", code="invalid_job_state")
+    with db.session() as session:
+        return job_object(_job(session, caller, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+    return _act(db, caller, job_id, states.cancel, "cancelled", "validating, queued, running or paused")
+
+
+@router.post("/{job_id}/pause", response_model=FineTuningJob)
+def pause_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+    return _act(db, caller, job_id, states.pause, "paused", "queued or running")
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob)
+def resume_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+    return _act(db, caller, job_id, states.resume, "resumed", "paused")
+
+
+@router.get("/{job_id}/events", response_model=ListObject)
+def list_events(job_id: str, caller: Caller, db: Db, after: str | None = None,
+                limit: int = Query(20, ge=1, le=1000)) -> ListObject:
+    with db.session() as session:
+        _job(session, caller, job_id)
+        rows, more = event_rows.list_events(session, job_id=job_id, limit=limit, after=after)
+        return page([event_object(r) for r in rows], more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListObject)
+def list_checkpoints(job_id: str, caller: Caller, db: Db, after: str | None = None,
+                     limit: int = Query(10, ge=1, le=100)) -> ListObject:
+    with db.session() as session:
+        job = _job(session, caller, job_id)
+        rows, more = event_rows.list_checkpoints(session, job_id=job_id, limit=limit, after=after)
+        return page([checkpoint_object(r, job) for r in rows], more)
+
+
+@router.get("/{job_id}/metrics", response_model=ListObject)
+def list_metrics(job_id: str, caller: Caller, db: Db, after_step: int | None = None) -> ListObject:
+    """tuneforge: the job's metrics series (train loss, learning rate, tokens/s, validation metrics) by step."""
+    with db.session() as session:
+        _job(session, caller, job_id)
+        return page([metric_point(r) for r in event_rows.list_metrics(session, job_id=job_id, after_step=after_step)], False)
+
+
+@router.get("/{job_id}/events/stream")
+def stream_events(job_id: str, caller: Caller, db: Db, after: str | None = None,
+                  last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+    """tuneforge: Server-Sent Events, oldest first, from `after` (or Last-Event-ID) until the job finishes."""
+    with db.session() as session:
+        _job(session, caller, job_id)
+        anchor = after or last_event_id
+        start = (event_rows.event_seq(session, job_id=job_id, event_id=anchor) or 0) if anchor else 0
+    return StreamingResponse(_sse(db, job_id, start), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(db: Database, job_id: str, seq: int) -> Iterator[str]:
+    last_sent = time.monotonic()
+    while True:
+        with db.session() as session:
+            rows = event_rows.events_since(session, job_id=job_id, after_seq=seq)
+            status = job_rows.get_job_any_tenant(session, job_id=job_id).status
+        for row in rows:
+            seq = row.seq
+            yield f"id: {row.id}\nevent: fine_tuning.job.event\ndata: {event_object(row).model_dump_json()}\n\n"
+            last_sent = time.monotonic()
+        if not rows and status in TERMINAL_STATUSES:
+            yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if not rows:
+            time.sleep(STREAM_POLL_SECONDS)

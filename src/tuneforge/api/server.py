@@ -1,0 +1,89 @@
+"""`tuneforge server`: the API, the scheduler and a local worker in one process tree.
+
+The API runs in this process (uvicorn); the scheduler (reaper) and the worker run as child processes
+that die with it. On first start against an empty database it creates an admin key for the tenant
+`default`, prints it once and keeps a copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless
+TUNEFORGE_ADMIN_KEY names the key to use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneforge.db import tenants as tenant_rows
+from tuneforge.db.migrate import upgrade
+from tuneforge.db.session import Database
+from tuneforge.home import tuneforge_home
+from tuneforge.scheduler.executors.process import spawn
+from tuneforge.settings import Settings
+
+log = logging.getLogger("tuneforge.server")
+ADMIN_TENANT = "default"
+CHILD_STOP_SECONDS = 180
+
+
+def bootstrap_admin_key(db: Database) -> str | None:
+    """Create the first admin key on an empty database; returns the secret when it made one."""
+    with db.session() as session:
+        if tenant_rows.count_api_keys(session):
+            return None
+        chosen = os.environ.get("TUNEFORGE_ADMIN_KEY") or None
+        _, secret = tenant_rows.create_api_key(session, tenant_id=ADMIN_TENANT, name="admin (bootstrap)", admin=True,
+                                               secret=chosen)
+    if chosen is None:
+        path = admin_key_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        print(f"tuneforge: created the admin key for tenant '{ADMIN_TENANT}' (shown once; a copy is in {path}):\n"
+              f"  {secret}", file=sys.stderr, flush=True)
+    return secret
+
+
+def child_commands(*, worker: bool, worker_args: list[str]) -> list[list[str]]:
+    base = [sys.executable, "-m", "tuneforge.cli"]
+    commands = [[*base, "scheduler"]]
+    if worker:
+        commands.append([*base, "worker", *worker_args])
+    return commands
+
+
+def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_level: str = "info") -> int:
+    import uvicorn
+
+    from tuneforge.api.app import create_app
+
+    settings = Settings.from_env()
+    db = Database(settings.database_url, pool_size=10)
+    upgrade(db.engine)
+    bootstrap_admin_key(db)
+    children = [spawn(command, env=dict(os.environ)) for command in child_commands(worker=worker, worker_args=worker_args)]
+    try:
+        app = create_app(settings, db=db)
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)).run()
+    finally:
+        _stop_children(children)
+        db.dispose()
+    return 0
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + CHILD_STOP_SECONDS
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def admin_key_path() -> Path:
+    return tuneforge_home() / "admin-key"

@@ -1,0 +1,198 @@
+"""The control plane's commands: server, worker, scheduler, keys, tenants, db, simulate.
+
+cli.py registers them with one call; each handler imports what it needs when it runs, so `tuneforge
+--help` stays fast and none of these processes imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _database():
+    from tuneforge.db.migrate import upgrade
+    from tuneforge.db.session import Database
+    from tuneforge.settings import Settings
+
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
+    upgrade(db.engine)
+    return settings, db
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in ("executor", "gpus", "gpu_type", "cpu_slots"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from tuneforge.api.server import serve
+
+    _setup_logging()
+    return serve(host=args.host, port=args.port, worker=not args.no_worker, worker_args=_worker_args(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tuneforge.scheduler.executors import build_executor
+    from tuneforge.scheduler.worker import Worker
+
+    _setup_logging()
+    settings, db = _database()
+    kind = args.executor or settings.executor
+    options: dict = {}
+    if kind == "local":
+        options = {"gpus": args.gpus, "gpu_type": args.gpu_type, "cpu_slots": args.cpu_slots}
+    elif kind == "ray":
+        options = {"address": settings.ray_address, "gpu_type": args.gpu_type}
+    else:
+        options = {"settings": settings}
+    worker = Worker(db, settings, build_executor(kind, **options), worker_id=args.id)
+    logging.getLogger("tuneforge.worker").info(
+        "worker %s (%s executor) serving %s", worker.worker_id, kind,
+        ", ".join(f"{n.gpus} x {n.gpu_type}" for n in worker.nodes),
+    )
+    worker.run()
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from tuneforge.scheduler.reaper import Reaper
+
+    _setup_logging()
+    settings, db = _database()
+    Reaper(db, settings).run()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from tuneforge.cli import UserError
+    from tuneforge.db import tenants as tenant_rows
+
+    _, db = _database()
+    with db.session() as session:
+        if args.action == "create":
+            if not args.tenant:
+                raise UserError("keys create needs --tenant NAME")
+            _check_tenant_name(args.tenant)
+            key, secret = tenant_rows.create_api_key(session, tenant_id=args.tenant, name=args.name or "", admin=args.admin)
+            print(secret)
+            print(f"created {key.id} for tenant {key.tenant_id}{' (admin)' if key.admin else ''}; "
+                  "the key is shown only this once", file=sys.stderr)
+        elif args.action == "list":
+            for key in tenant_rows.list_api_keys(session, tenant_id=args.tenant):
+                state = "revoked" if key.revoked_at else "active"
+                print(f"{key.id}\t{key.tenant_id}\t{state}\t{'admin' if key.admin else '-'}\t{key.name}")
+        else:
+            if not args.key_id or not tenant_rows.revoke_api_key(session, key_id=args.key_id):
+                raise UserError(f"no active key {args.key_id!r} (tuneforge keys list shows them)")
+            print(f"revoked {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def _check_tenant_name(name: str) -> None:
+    import re
+
+    from tuneforge.cli import UserError
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+        raise UserError(f"tenant {name!r}: expected lowercase letters, digits and dashes (at most 63), e.g. acme-research")
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from tuneforge.db import tenants as tenant_rows
+
+    _check_tenant_name(args.tenant)
+    _, db = _database()
+    with db.session() as session:
+        tenant = tenant_rows.set_tenant_limits(session, tenant_id=args.tenant, max_running_jobs=args.max_running_jobs,
+                                               max_gpus=args.max_gpus, weight=args.weight)
+        print(f"{tenant.id}: max_running_jobs={tenant.max_running_jobs} max_gpus={tenant.max_gpus} weight={tenant.weight}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from tuneforge.db.migrate import current_revision
+
+    _, db = _database()
+    print(f"database at revision {current_revision(db.engine)}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tuneforge.scheduler.simulation import Cluster, format_report, month_of_jobs, simulate
+
+    jobs = month_of_jobs(count=args.jobs, days=args.days, tenants=args.tenants, seed=args.seed)
+    cluster = Cluster.of(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_type=args.gpu_type)
+    result = simulate(jobs, cluster, reserve_after_s=args.reserve_after_hours * 3600)
+    print(format_report(result, cluster, price_per_gpu_hour=args.price))
+    return 0
+
+
+def add_control_plane_commands(commands) -> None:
+    server = commands.add_parser("server", help="run the API with a scheduler and a local worker",
+                                 description="Serve the OpenAI-compatible fine-tuning API on HOST:PORT, with the "
+                                 "scheduler and (unless --no-worker) a local worker as child processes.")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--no-worker", action="store_true", help="run no worker here (workers join with `tuneforge worker`)")
+    _worker_options(server)
+    server.set_defaults(handler=cmd_server)
+
+    worker = commands.add_parser("worker", help="run a worker against the shared database",
+                                 description="Claim queued jobs that fit this worker's GPUs and run them.")
+    worker.add_argument("--id", help="worker id (default: HOST-PID-RANDOM)")
+    _worker_options(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    scheduler = commands.add_parser("scheduler", help="run the reaper: re-queue jobs whose worker died")
+    scheduler.set_defaults(handler=cmd_scheduler)
+
+    keys = commands.add_parser("keys", help="create, list or revoke API keys",
+                               description="API keys are stored hashed and shown once, when created.")
+    keys.add_argument("action", choices=("create", "list", "revoke"))
+    keys.add_argument("key_id", nargs="?", help="the key to revoke")
+    keys.add_argument("--tenant", help="tenant (organization / project) the key belongs to")
+    keys.add_argument("--name", help="a note to tell keys apart")
+    keys.add_argument("--admin", action="store_true", help="the key may also create keys and set tenant limits")
+    keys.set_defaults(handler=cmd_keys)
+
+    tenants = commands.add_parser("tenants", help="set a tenant's limits and fair-share weight")
+    tenants.add_argument("tenant")
+    tenants.add_argument("--max-running-jobs", type=int)
+    tenants.add_argument("--max-gpus", type=int)
+    tenants.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
+    tenants.set_defaults(handler=cmd_tenants)
+
+    db = commands.add_parser("db", help="migrate the database (TUNEFORGE_DATABASE_URL) to the current schema")
+    db.add_argument("action", choices=("upgrade",))
+    db.set_defaults(handler=cmd_db)
+
+    simulate = commands.add_parser("simulate", help="replay a month of jobs through the real placement code",
+                                   description="Capacity simulation: queue waits, GPU utilization and cost.")
+    simulate.add_argument("--jobs", type=int, default=1000)
+    simulate.add_argument("--days", type=float, default=30.0)
+    simulate.add_argument("--gpus", type=int, default=250)
+    simulate.add_argument("--gpus-per-node", type=int, default=8)
+    simulate.add_argument("--gpu-type", default="h100-80gb")
+    simulate.add_argument("--tenants", type=int, default=5)
+    simulate.add_argument("--price", type=float, default=2.50, help="USD per GPU-hour")
+    simulate.add_argument("--reserve-after-hours", type=float, default=2.0)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.set_defaults(handler=cmd_simulate)
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray", "kubernetes"), help="default: TUNEFORGE_EXECUTOR or local")
+    parser.add_argument("--gpus", type=int, help="GPUs this worker offers (default: detected with nvidia-smi)")
+    parser.add_argument("--gpu-type", help="their type, e.g. a100-80gb (default: detected)")
+    parser.add_argument("--cpu-slots", type=int, help="jobs at once on a machine without a GPU (default: cores / 4, at least 1)")

@@ -1,0 +1,156 @@
+"""SQLAlchemy tables of the control plane: tenants and keys, files, jobs and what they report, models, workers.
+
+Times that users see are integer Unix seconds (as in the OpenAI API); lease deadlines are float seconds.
+Every user-visible row carries tenant_id, and every query that serves a user filters on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, text, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_gpus: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class File(Base):
+    __tablename__ = "files"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[str | None] = mapped_column(Text)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_files_tenant_seq", "tenant_id", "seq"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    status: Mapped[str] = mapped_column(String(24))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    model: Mapped[str] = mapped_column(String(255))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # JobSpec with file ids, never server paths
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    num_gpus: Mapped[int] = mapped_column(Integer)  # per node
+    num_nodes: Mapped[int] = mapped_column(Integer)
+    gpu_type: Mapped[str] = mapped_column(String(24))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # The lease: which worker may be running something in this job's directory, and until when.
+    lease_owner: Mapped[str | None] = mapped_column(String(80))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    attempt_started_at: Mapped[float | None] = mapped_column(Float)
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    events_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of events.jsonl already ingested
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_tenant_seq", "tenant_id", "seq"),
+        # The queue: each tenant's claimable jobs in the order they start (higher priority, then older).
+        Index("ix_jobs_queue", "status", "tenant_id", text("priority DESC"), "seq"),
+    )
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
+
+
+class JobMetric(Base):
+    __tablename__ = "job_metrics"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    __table_args__ = (Index("ix_job_metrics_job_step", "job_id", "step"),)
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "job_checkpoints"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(String(255))  # relative to the job directory; never shown to users
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_job_checkpoints_job_step"),)
+
+
+class FineTunedModel(Base):
+    __tablename__ = "models"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(255), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    base_model: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # adapter | model
+    location: Mapped[str] = mapped_column(String(512))  # relative to TUNEFORGE_HOME; never shown to users
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    executor: Mapped[str] = mapped_column(String(16))
+    inventory: Mapped[list[Any]] = mapped_column(JSON)  # [{"gpu_type": ..., "gpus": n}] per node
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    last_seen: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[int | None] = mapped_column(BigInteger)

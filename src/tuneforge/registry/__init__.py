@@ -1,0 +1,1 @@
+"""Artifact storage (a local content-addressed folder now; S3 later), dataset records, and fine-tuned models."""

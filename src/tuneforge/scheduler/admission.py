@@ -1,0 +1,100 @@
+"""Admission: what is checked between a job request and the queue.
+
+At creation (synchronously, before the job row exists): can any live worker ever hold the resources the
+job asks for? After creation (validating_files): are its files valid training data? A job whose files
+are not fails with the line-level report in its error; one whose files are goes to the queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from tuneforge.db import files as file_rows
+from tuneforge.db import workers as worker_rows
+from tuneforge.db.tables import File, Job
+from tuneforge.registry.datasets import MIN_TRAINING_EXAMPLES
+from tuneforge.scheduler import states
+from tuneforge.scheduler.placement import JobRequest, Node, could_ever_fit
+from tuneforge.spec.api import DatasetReport
+from tuneforge.spec.job import JobSpec
+
+WORKER_SEEN_WITHIN_S = 600.0
+
+
+def request_of(spec: JobSpec, *, job_id: str = "", tenant_id: str = "") -> JobRequest:
+    resources = spec.resources
+    return JobRequest(
+        job_id=job_id, tenant_id=tenant_id, gpus_per_node=resources.num_gpus, num_nodes=resources.num_nodes,
+        gpu_type=resources.gpu_type, priority=resources.priority,
+    )
+
+
+def live_inventories(session: Session) -> list[dict[str, Any]]:
+    """[{worker, executor, nodes: [{gpu_type, gpus}]}] for workers seen recently."""
+    return [
+        {"worker": w.id, "executor": w.executor, "nodes": list(w.inventory)}
+        for w in worker_rows.live_workers(session, seen_within_s=WORKER_SEEN_WITHIN_S)
+    ]
+
+
+def capacity_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | None:
+    """Why no live worker could ever run this job; None when one could, or when no worker is known yet
+    (a job may wait for a worker to join)."""
+    if not inventories:
+        return None
+    request = request_of(spec)
+    for inventory in inventories:
+        if could_ever_fit(request, [Node(n["gpu_type"], n["gpus"]) for n in inventory["nodes"]]):
+            return None
+    nodes = sorted({f"{n['gpus']} x {n['gpu_type']}" for inv in inventories for n in inv["nodes"]})
+    wanted = f"{request.num_nodes} node(s) with {request.gpus_per_node} GPU(s) of type {request.gpu_type}"
+    return f"no worker can ever run this job: it asks for {wanted}; the workers' nodes have {', '.join(nodes)}"
+
+
+def file_problem(spec: JobSpec, training: File | None, validation: File | None) -> dict[str, Any] | None:
+    """The job error ({code, message, param}) its files call for, or None when they are usable."""
+    if training is None or training.deleted_at is not None:
+        return {"code": "invalid_training_file", "param": "training_file", "message": "the training file was deleted"}
+    report = DatasetReport.model_validate(training.report)
+    if not report.valid:
+        return {"code": "invalid_training_file", "param": "training_file",
+                "message": f"training file {training.id} is not valid training data:\n{report.summary}"}
+    if report.examples < MIN_TRAINING_EXAMPLES:
+        return {"code": "invalid_training_file", "param": "training_file",
+                "message": f"training file {training.id} ({training.filename}) has {report.examples} examples; "
+                           f"at least {MIN_TRAINING_EXAMPLES} are needed"}
+    wanted = spec.dataset.format
+    if wanted != "auto" and wanted != report.format:
+        return {"code": "invalid_training_file", "param": "training_file",
+                "message": f"training file {training.id} ({training.filename}) holds {report.format} records, "
+                           f"but tuneforge.dataset.format is {wanted}"}
+    if spec.dataset.validation_path:
+        if validation is None or validation.deleted_at is not None:
+            return {"code": "invalid_validation_file", "param": "validation_file", "message": "the validation file was deleted"}
+        val_report = DatasetReport.model_validate(validation.report)
+        if not val_report.valid:
+            return {"code": "invalid_validation_file", "param": "validation_file",
+                    "message": f"validation file {validation.id} is not valid data:\n{val_report.summary}"}
+        if val_report.format != report.format:
+            return {"code": "invalid_validation_file", "param": "validation_file",
+                    "message": f"validation file {validation.id} ({validation.filename}) holds {val_report.format} "
+                               f"records but the training file holds {report.format} records"}
+    return None
+
+
+def admit_job(session: Session, *, job: Job) -> bool:
+    """validating_files -> queued or failed, from the reports stored with the files at upload."""
+    spec = JobSpec.model_validate(job.spec)
+    ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
+    found = file_rows.files_by_id(session, file_ids=ids)
+    training = found.get(spec.dataset.path)
+    validation = found.get(spec.dataset.validation_path) if spec.dataset.validation_path else None
+    return states.admit(session, job_id=job.id, error=file_problem(spec, training, validation))
+
+
+def memory_plan(spec: JobSpec) -> dict[str, Any] | None:
+    """The per-GPU memory plan of a job, from the training engine's planner once it offers a torch-free
+    entry point (issue 4); None until then, and creation checks only GPU counts and types."""
+    return None

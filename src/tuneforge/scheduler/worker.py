@@ -1,0 +1,288 @@
+"""The worker: claims jobs that fit its nodes, launches their recipes through an executor, and tends them.
+
+Each tick, for every job it runs: tail events.jsonl into the database (events, metrics, checkpoints),
+check the job's status (a cancel or pause from the API stops the recipe with SIGTERM, on which it
+writes a checkpoint), renew its lease, and when the recipe exits, record the outcome: succeeded (and
+register the model), failed (with the recipe's own error), or re-queued when it was preempted. Then
+it claims new jobs while it has free GPUs (or CPU slots). On SIGTERM it stops its recipes the same way
+and re-queues their jobs, so another worker resumes them from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.db import files as file_rows
+from tuneforge.db import jobs as job_rows
+from tuneforge.db import workers as worker_rows
+from tuneforge.db.identifiers import new_id
+from tuneforge.db.job_events import add_event, ingest
+from tuneforge.db.session import Database
+from tuneforge.home import tuneforge_home
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.models import fine_tuned_model_id, register_job_output
+from tuneforge.scheduler import states
+from tuneforge.scheduler.executors import Executor, LaunchError, Run
+from tuneforge.scheduler.launch import EXIT_OK, EXIT_PREEMPTED, RECIPE_LOG, materialize_spec, prepare_job_dir
+from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
+from tuneforge.scheduler.queue import claim_next
+from tuneforge.scheduler.tailer import read_new_events
+from tuneforge.settings import Settings
+from tuneforge.spec.api import CANCELLED, PAUSED, RUNNING
+from tuneforge.spec.job import JobSpec
+from tuneforge.spec.jobdir import EVENTS_FILE, read_summary
+
+log = logging.getLogger("tuneforge.worker")
+
+
+@dataclass
+class Attempt:
+    """One job attempt this worker holds the lease for."""
+
+    job_id: str
+    tenant_id: str
+    attempt: int
+    spec: JobSpec  # with local paths
+    job_dir: Path
+    nodes: tuple[tuple[int, int], ...]
+    gpus: int
+    started: float
+    last_renewal: float
+    events_offset: int = 0
+    run: Run | None = None
+    stop_reason: str | None = None  # cancelled | paused | lost | superseded | shutdown
+    stop_sent_at: float | None = None
+    last_error: str | None = None
+
+
+class Worker:
+    def __init__(self, db: Database, settings: Settings, executor: Executor, *, worker_id: str | None = None):
+        self.db, self.settings, self.executor = db, settings, executor
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:6]}"
+        self.store = LocalArtifactStore(settings.artifacts_dir)
+        self.nodes = executor.inventory()
+        self.attempts: dict[str, Attempt] = {}
+        self.draining = False
+        self._last_seen = 0.0
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        now_s = time.time()
+        if now_s - self._last_seen >= self.settings.heartbeat_seconds:
+            self._announce(now_s)
+        for attempt in list(self.attempts.values()):
+            self._tend(attempt, time.time())
+        if not self.draining:
+            self._claim(time.time())
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        stop_on_signals(stop)
+        run_until_stopped(self.run_once, interval=self.settings.poll_seconds, stop=stop)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop every recipe (they checkpoint on SIGTERM), wait for them, and re-queue their jobs."""
+        self.draining = True
+        for attempt in self.attempts.values():
+            self._stop(attempt, "shutdown")
+        while self.attempts:
+            for attempt in list(self.attempts.values()):
+                self._tend(attempt, time.time())
+            time.sleep(min(self.settings.poll_seconds, 0.5))
+        with self.db.session() as session:
+            worker_rows.stop_worker(session, worker_id=self.worker_id)
+
+    # ---- claiming and launching ------------------------------------------------------------------
+
+    def free(self) -> list[int]:
+        free = [node.gpus for node in self.nodes]
+        for attempt in self.attempts.values():
+            for index, gpus in attempt.nodes:
+                free[index] -= gpus
+        return free
+
+    def _announce(self, now_s: float) -> None:
+        with self.db.session() as session:
+            inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus} for n in self.nodes]
+            worker_rows.register_worker(
+                session, worker_id=self.worker_id, hostname=socket.gethostname(), executor=self.executor.kind, inventory=inventory
+            )
+        self._last_seen = now_s
+
+    def _claim(self, now_s: float) -> None:
+        while any(f > 0 for f in self.free()):
+            with self.db.session() as session:
+                claimed = claim_next(
+                    session, worker_id=self.worker_id, nodes=self.nodes, free=self.free(),
+                    lease_seconds=self.settings.lease_seconds, now_s=now_s, reserve_after=self.settings.reserve_after_seconds,
+                )
+                if claimed is None:
+                    return
+                spec = JobSpec.model_validate(claimed.spec)
+                ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
+                blobs = {fid: self.store.path_of(row.sha256) for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
+                offset = job_rows.get_job_any_tenant(session, job_id=claimed.job_id).events_offset
+            job_dir = self.settings.jobs_dir / claimed.job_id
+            attempt = Attempt(
+                job_id=claimed.job_id, tenant_id=claimed.tenant_id, attempt=claimed.attempt, spec=spec, job_dir=job_dir,
+                nodes=claimed.nodes, gpus=claimed.gpus, started=now_s, last_renewal=now_s, events_offset=offset,
+            )
+            self.attempts[claimed.job_id] = attempt
+            try:
+                missing = [fid for fid in ids if fid not in blobs or not blobs[fid].is_file()]
+                if missing:
+                    raise LaunchError(f"the data of {', '.join(missing)} is missing from the artifact store")
+                attempt.spec = materialize_spec(spec, blobs)
+                prepare_job_dir(job_dir, attempt.spec)
+            except (LaunchError, OSError) as exc:
+                self._launch_failed(attempt, str(exc))
+                continue
+            self._launch(attempt)
+
+    def _launch(self, attempt: Attempt) -> None:
+        try:
+            attempt.run = self.executor.launch(
+                job_id=attempt.job_id, attempt=attempt.attempt, job_dir=attempt.job_dir, spec=attempt.spec,
+                placement={"nodes": attempt.nodes},
+            )
+        except LaunchError as exc:
+            self._launch_failed(attempt, str(exc))
+            return
+        if attempt.run is not None:
+            attempt.started = time.time()
+            log.info("job %s attempt %d started", attempt.job_id, attempt.attempt)
+
+    def _launch_failed(self, attempt: Attempt, message: str) -> None:
+        with self.db.session() as session:
+            states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt,
+                        error={"code": "launch_failed", "param": None, "message": message})
+            states.release_lease(session, job_id=attempt.job_id, worker_id=self.worker_id)
+        self.attempts.pop(attempt.job_id, None)
+
+    # ---- tending a running job --------------------------------------------------------------------
+
+    def _tend(self, attempt: Attempt, now_s: float) -> None:
+        if attempt.run is None:
+            if attempt.stop_reason is None:
+                self._launch(attempt)  # the previous attempt may have let go of the directory by now
+            if attempt.run is None:
+                self._check(attempt, now_s)
+                if attempt.stop_reason is not None:
+                    self._finish(attempt, None)
+                return
+        self._ingest(attempt)
+        self._check(attempt, now_s)
+        code = attempt.run.poll()
+        if code is None:
+            if attempt.stop_sent_at and now_s - attempt.stop_sent_at > self.settings.stop_grace_seconds:
+                attempt.run.kill()
+            return
+        self._ingest(attempt)
+        self._finish(attempt, code)
+
+    def _ingest(self, attempt: Attempt) -> None:
+        events, offset = read_new_events(attempt.job_dir / EVENTS_FILE, attempt.events_offset)
+        if offset == attempt.events_offset:
+            return
+        for event in events:
+            if event.get("level") == "error":
+                data = event.get("data") or {}
+                attempt.last_error = str(data.get("error") or event.get("message") or "")
+        with self.db.session() as session:
+            stored = ingest(session, job_id=attempt.job_id, attempt=attempt.attempt, worker_id=self.worker_id,
+                            events=events, offset=offset)
+        if stored:
+            attempt.events_offset = offset
+        else:
+            self._stop(attempt, "lost")
+
+    def _check(self, attempt: Attempt, now_s: float) -> None:
+        """Renew the lease when due, and stop the recipe when the job was cancelled, paused or taken over."""
+        with self.db.session() as session:
+            if now_s - attempt.last_renewal >= self.settings.heartbeat_seconds:
+                if not states.renew_lease(session, job_id=attempt.job_id, worker_id=self.worker_id,
+                                          lease_until=now_s + self.settings.lease_seconds):
+                    self._stop(attempt, "lost")
+                    return
+                attempt.last_renewal = now_s
+            job = job_rows.get_job_any_tenant(session, job_id=attempt.job_id)
+        if job is None or job.lease_owner != self.worker_id:
+            self._stop(attempt, "lost")
+        elif job.attempt != attempt.attempt:
+            self._stop(attempt, "superseded")
+        elif job.status in (CANCELLED, PAUSED):
+            self._stop(attempt, job.status)
+        elif job.status != RUNNING:
+            self._stop(attempt, "superseded")
+
+    def _stop(self, attempt: Attempt, reason: str) -> None:
+        if attempt.stop_reason is None:
+            attempt.stop_reason = reason
+            log.info("stopping job %s attempt %d: %s", attempt.job_id, attempt.attempt, reason)
+        if attempt.run is not None and attempt.stop_sent_at is None:
+            attempt.run.terminate()
+            attempt.stop_sent_at = time.time()
+
+    # ---- outcome ------------------------------------------------------------------------------------
+
+    def _finish(self, attempt: Attempt, code: int | None) -> None:
+        summary = read_summary(attempt.job_dir) if code == EXIT_OK else None
+        used = (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
+        with self.db.session() as session:
+            states.release_lease(session, job_id=attempt.job_id, worker_id=self.worker_id, gpu_seconds=used)
+            reason = attempt.stop_reason
+            if summary is not None and reason in (None, PAUSED):
+                self._succeed(session, attempt, summary)
+            elif reason == "shutdown" or (reason is None and code == EXIT_PREEMPTED):
+                states.requeue(session, job_id=attempt.job_id, attempt=attempt.attempt,
+                               reason="worker shutting down" if reason else "the recipe was preempted",
+                               max_attempts=self.settings.max_attempts)
+            elif reason is None:
+                states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt, error=self._error(attempt, code))
+            elif reason == PAUSED and code not in (EXIT_OK, EXIT_PREEMPTED, None):
+                add_event(session, job_id=attempt.job_id, level="warn", data={"kind": "pause", "exit_code": code},
+                          message=f"the recipe exited with code {code} while pausing; resume continues from the last checkpoint")
+        if attempt.run is not None:
+            attempt.run.close()
+        self.attempts.pop(attempt.job_id, None)
+        log.info("job %s attempt %d finished: exit %s, %s", attempt.job_id, attempt.attempt, code, attempt.stop_reason or "done")
+
+    def _succeed(self, session, attempt: Attempt, summary: dict[str, Any]) -> None:
+        job = job_rows.get_job_any_tenant(session, job_id=attempt.job_id)
+        model_id = fine_tuned_model_id(job)
+        if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=model_id,
+                          trained_tokens=summary.get("trained_tokens")):
+            register_job_output(session, job=job, job_dir=attempt.job_dir, home=tuneforge_home(),
+                                output=str(summary.get("output", "adapter")))
+
+    def _error(self, attempt: Attempt, code: int | None) -> dict[str, Any]:
+        if attempt.last_error:
+            message = f"training failed: {attempt.last_error}"
+        elif code == EXIT_OK:
+            message = "the recipe exited without writing its summary"
+        else:
+            message = f"the training process exited with code {code} without reporting an error{self._log_tail(attempt)}"
+        return {"code": "training_failed", "param": None, "message": self._redact(message, attempt)}
+
+    def _log_tail(self, attempt: Attempt, lines: int = 5) -> str:
+        try:
+            text = (attempt.job_dir / RECIPE_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return (": " + " | ".join(text[-lines:])) if text else ""
+
+    def _redact(self, message: str, attempt: Attempt) -> str:
+        """Users see their job's error; they must not see this server's paths."""
+        for path, name in ((attempt.job_dir, "<job dir>"), (self.settings.artifacts_dir, "<artifact store>"),
+                           (tuneforge_home(), "$TUNEFORGE_HOME")):
+            message = message.replace(str(path), name)
+        return message

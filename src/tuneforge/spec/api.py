@@ -1,0 +1,278 @@
+"""Request and response shapes of the HTTP API, in the OpenAI fine-tuning API's own field names.
+
+Responses are what the official `openai` client parses; requests accept what it sends. tuneforge's own
+settings travel in one extension field, `tuneforge` (a partial JobSpec), see spec/openai_jobs.py.
+Nothing here knows about the database: routers build these from rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+VALIDATING_FILES, QUEUED, RUNNING, PAUSED = "validating_files", "queued", "running", "paused"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE_STATUSES = (VALIDATING_FILES, QUEUED, RUNNING, PAUSED)
+FilePurpose = Literal["fine-tune"]
+EventLevel = Literal["info", "warn", "error"]
+
+
+class Request(BaseModel):
+    """A request body: unknown fields are an error that names them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class ErrorDetail(Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(Response):
+    error: ErrorDetail
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+class FileObject(Response):
+    object: Literal["file"] = "file"
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: FilePurpose
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileDeleted(Response):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool = True
+
+
+class DataProblemObject(Response):
+    line: int
+    kind: str
+    field: str
+    expected: str
+    found: str
+
+
+class DatasetReport(Response):
+    """What tuneforge found in an uploaded file: its format, statistics, and every problem by line."""
+
+    object: Literal["tuneforge.dataset_report"] = "tuneforge.dataset_report"
+    file_id: str = ""
+    valid: bool
+    format: Literal["chat", "instruction", "completion"] | None = None
+    examples: int = 0
+    problems: list[DataProblemObject] = Field(default_factory=list)
+    problems_total: int = 0
+    stats: dict[str, Any] = Field(default_factory=dict)
+    summary: str = ""
+
+
+# ---- fine-tuning jobs ---------------------------------------------------------------------------
+
+
+class Hyperparameters(Request):
+    n_epochs: Literal["auto"] | int | None = Field(None, description="Passes over the training data.")
+    batch_size: Literal["auto"] | int | None = Field(None, description="Examples per optimizer step on each device.")
+    learning_rate_multiplier: Literal["auto"] | float | None = Field(
+        None, description="Scales tuneforge's default learning rate (2e-4)."
+    )
+
+
+class SupervisedMethod(Request):
+    hyperparameters: Hyperparameters | None = None
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | float | None = None
+
+
+class DpoMethod(Request):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class MethodObject(Request):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreateRequest(Request):
+    model: str = Field(..., description="Base model name (GET /v1/models lists them).")
+    training_file: str = Field(..., description="File id of the training data (purpose fine-tune).")
+    validation_file: str | None = None
+    method: MethodObject | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated OpenAI form of method.supervised.hyperparameters.")
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    tuneforge: dict[str, Any] | None = Field(
+        None,
+        description="tuneforge's extension: a partial JobSpec (model, dataset, adapter, training, resources, "
+        "evaluation, checkpoint, deploy) merged under what the OpenAI fields set.",
+    )
+
+
+class JobError(Response):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class HyperparametersOut(Response):
+    n_epochs: Literal["auto"] | int | float | None = None
+    batch_size: Literal["auto"] | int | None = None
+    learning_rate_multiplier: Literal["auto"] | float | None = None
+
+
+class JobExtension(Response):
+    """tuneforge's fields on a job: the resolved spec (file ids, never server paths) and scheduling facts."""
+
+    spec: dict[str, Any]
+    attempt: int
+    priority: int
+    gpu_seconds: float
+    started_at: int | None = None
+
+
+class FineTuningJob(Response):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    result_files: list[str] = Field(default_factory=list)
+    status: JobStatus
+    validation_file: str | None = None
+    training_file: str
+    hyperparameters: HyperparametersOut
+    trained_tokens: int | None = None
+    error: JobError | None = None
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
+    seed: int
+    estimated_finish: int | None = None
+    method: dict[str, Any]
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+    tuneforge: JobExtension
+
+
+class JobEvent(Response):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: EventLevel
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class CheckpointMetrics(Response):
+    model_config = ConfigDict(extra="allow")
+    step: float | None = None
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
+class JobCheckpoint(Response):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class MetricPoint(Response):
+    step: int
+    created_at: int
+    values: dict[str, float | int | None]
+
+
+class JobPlan(Response):
+    """What a job would ask for and whether the cluster can hold it, before anything is queued."""
+
+    object: Literal["tuneforge.job_plan"] = "tuneforge.job_plan"
+    spec: dict[str, Any]
+    gpus: int
+    gpu_type: str
+    fits: bool
+    reason: str | None = None
+    capacity: list[dict[str, Any]]
+    memory: dict[str, Any] | None = None
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+class ModelObject(Response):
+    object: Literal["model"] = "model"
+    id: str
+    created: int
+    owned_by: str
+
+
+class ModelDeleted(Response):
+    object: Literal["model"] = "model"
+    id: str
+    deleted: bool = True
+
+
+# ---- keys ---------------------------------------------------------------------------------------
+
+
+class KeyCreateRequest(Request):
+    tenant: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Tenant (organization / project) name.")
+    name: str = Field("", max_length=200)
+    admin: bool = False
+
+
+class KeyCreated(Response):
+    object: Literal["tuneforge.api_key"] = "tuneforge.api_key"
+    id: str
+    tenant: str
+    name: str
+    admin: bool
+    key: str = Field(..., description="The secret; shown once, stored only as a hash.")
+
+
+class TenantLimits(Request):
+    max_running_jobs: int | None = Field(None, ge=1)
+    max_gpus: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, gt=0)
+
+
+class ListObject(Response):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None

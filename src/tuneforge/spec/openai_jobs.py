@@ -1,0 +1,184 @@
+"""Map an OpenAI fine-tuning job request onto a JobSpec, with errors that name the request parameter.
+
+The OpenAI fields set what they mean (`model` the base model, `training_file` / `validation_file` the
+data, `method.supervised.hyperparameters`, `suffix`, `seed`); "auto" or absent keeps the JobSpec default.
+Everything else tuneforge can do travels in one extension field, `tuneforge`: a partial JobSpec, e.g.
+{"adapter": {"type": "qlora", "rank": 8}, "training": {"max_steps": 100}, "resources": {"num_gpus": 2}}.
+A setting given both ways is an error rather than a silent choice. The spec keeps file *ids* in
+dataset.path / validation_path; a worker swaps in local paths when it writes the job directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import ValidationError
+
+from tuneforge.spec.api import Hyperparameters, JobCreateRequest
+from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec, TrainingSpec
+from tuneforge.spec.loader import format_validation_error
+
+DEFAULT_LEARNING_RATE: float = TrainingSpec.model_fields["learning_rate"].default
+EXTENSION = "tuneforge"
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+# Extension keys that an OpenAI field owns: naming them in the extension would make two answers.
+_OWNED = {
+    ("method",): "method.type",
+    ("name",): "suffix",
+    ("model", "base_model"): "model",
+    ("dataset", "path"): "training_file",
+    ("dataset", "validation_path"): "validation_file",
+}
+# Where a JobSpec field came from, to name the request parameter in a validation error.
+_PARAM_OF_FIELD = {
+    ("name",): "suffix",
+    ("model", "base_model"): "model",
+    ("training", "seed"): "seed",
+}
+
+
+class RequestError(ValueError):
+    """A job request that cannot become a job; param names the offending request field."""
+
+    def __init__(self, message: str, *, param: str | None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
+    """The JobSpec a request asks for; raises RequestError naming the parameter at fault."""
+    _check_method(request)
+    _check_metadata(request.metadata)
+    if request.integrations:
+        raise RequestError("integrations are not supported by tuneforge; leave the list empty", param="integrations")
+    if request.model not in BUILTIN_BASE_MODELS:
+        raise RequestError(
+            f"model {request.model!r} is not available on this server; expected one of {', '.join(BUILTIN_BASE_MODELS)}",
+            param="model",
+            code="model_not_found",
+        )
+    data = copy.deepcopy(request.tuneforge or {})
+    if not isinstance(data, dict):
+        raise RequestError(f"{EXTENSION} must be an object (a partial job spec)", param=EXTENSION)
+    for path, owner in _OWNED.items():
+        if _has(data, path):
+            raise RequestError(
+                f"{EXTENSION}.{'.'.join(path)} is set by the request field {owner!r}; remove it from {EXTENSION}",
+                param=f"{EXTENSION}.{'.'.join(path)}",
+            )
+    _set(data, ("model", "base_model"), request.model)
+    _set(data, ("dataset", "path"), request.training_file)
+    if request.validation_file:
+        _set(data, ("dataset", "validation_path"), request.validation_file)
+    if request.suffix is not None:
+        data["name"] = request.suffix
+    if request.seed is not None:
+        _set_once(data, ("training", "seed"), request.seed, param="seed")
+    hyper, where = _hyperparameters(request)
+    if hyper is not None:
+        if _given(hyper.n_epochs):
+            _set_once(data, ("training", "num_epochs"), float(hyper.n_epochs), param=f"{where}.n_epochs")
+        if _given(hyper.batch_size):
+            _set_once(data, ("training", "per_device_batch_size"), hyper.batch_size, param=f"{where}.batch_size")
+        if _given(hyper.learning_rate_multiplier):
+            if hyper.learning_rate_multiplier <= 0:
+                raise RequestError("learning_rate_multiplier must be positive", param=f"{where}.learning_rate_multiplier")
+            _set_once(
+                data, ("training", "learning_rate"), DEFAULT_LEARNING_RATE * hyper.learning_rate_multiplier,
+                param=f"{where}.learning_rate_multiplier",
+            )
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        first = tuple(str(part) for part in exc.errors()[0]["loc"])
+        param = _PARAM_OF_FIELD.get(first) or f"{EXTENSION}.{'.'.join(first)}"
+        if first[:2] == ("training", "num_epochs") and hyper and _given(hyper.n_epochs):
+            param = f"{where}.n_epochs"
+        if first[:2] == ("training", "per_device_batch_size") and hyper and _given(hyper.batch_size):
+            param = f"{where}.batch_size"
+        message = format_validation_error(exc, source=EXTENSION).replace("invalid job spec\n  ", "invalid job request: ")
+        raise RequestError(message, param=param) from None
+
+
+def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:
+    """The OpenAI hyperparameters a spec amounts to (resolved numbers, as OpenAI reports them)."""
+    epochs = spec.training.num_epochs
+    return {
+        "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
+        "batch_size": spec.training.per_device_batch_size,
+        "learning_rate_multiplier": round(spec.training.learning_rate / DEFAULT_LEARNING_RATE, 6),
+    }
+
+
+def method_of(spec: JobSpec) -> dict[str, Any]:
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters_of(spec)}}
+
+
+def _check_method(request: JobCreateRequest) -> None:
+    method = request.method
+    if method is None or method.type == "supervised":
+        if method is not None and (method.dpo or method.reinforcement):
+            raise RequestError("method.type is supervised: give settings in method.supervised", param="method")
+        return
+    raise RequestError(
+        f"method.type {method.type!r} is not available yet: this server has no {method.type.upper()} recipe; "
+        "use method.type 'supervised'",
+        param="method.type",
+        code="unsupported_method",
+    )
+
+
+def _hyperparameters(request: JobCreateRequest) -> tuple[Hyperparameters | None, str]:
+    nested = request.method.supervised.hyperparameters if request.method and request.method.supervised else None
+    if nested is not None and request.hyperparameters is not None:
+        raise RequestError(
+            "hyperparameters are given twice: use method.supervised.hyperparameters only", param="hyperparameters"
+        )
+    if nested is not None:
+        return nested, "method.supervised.hyperparameters"
+    return request.hyperparameters, "hyperparameters"
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if not metadata:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise RequestError(f"metadata holds at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise RequestError(f"metadata key {key[:20]!r}...: at most {MAX_METADATA_KEY} characters", param="metadata")
+        if len(value) > MAX_METADATA_VALUE:
+            raise RequestError(f"metadata[{key!r}]: at most {MAX_METADATA_VALUE} characters", param="metadata")
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value != "auto"
+
+
+def _has(data: dict, path: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _set(data: dict, path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RequestError(f"{EXTENSION}.{part} must be an object", param=f"{EXTENSION}.{part}")
+        node = child
+    node[path[-1]] = value
+
+
+def _set_once(data: dict, path: tuple[str, ...], value: Any, *, param: str) -> None:
+    if _has(data, path):
+        raise RequestError(
+            f"{param} and {EXTENSION}.{'.'.join(path)} both set the same setting; give only one", param=param
+        )
+    _set(data, path, value)

@@ -1,0 +1,130 @@
+"""Kubernetes manifests, rendered without a cluster: a batch/v1 Job for one node and a Kubeflow PyTorchJob for
+several, checked against a JSON schema of the fields tuneforge sets and round-tripped through the official
+client's API models (a misspelled field would be dropped there and show as a difference)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.scheduler.executors.kubernetes_jobs import manifest_name, parse_inventory, render_manifest
+from tuneforge.settings import Settings
+from tuneforge.spec import validate_job_spec
+
+jsonschema = pytest.importorskip("jsonschema")
+kubernetes = pytest.importorskip("kubernetes")
+
+DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|k|M|G)?$"
+LABELS = {"type": "object", "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[A-Za-z0-9._-]{1,63}$"},
+          "additionalProperties": {"type": "string", "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"}}
+CONTAINER = {
+    "type": "object", "required": ["name", "image", "command", "args"], "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": DNS_1123, "maxLength": 63}, "image": {"type": "string", "minLength": 1},
+        "command": {"type": "array", "items": {"type": "string"}}, "args": {"type": "array", "items": {"type": "string"}},
+        "env": {"type": "array", "items": {"type": "object", "required": ["name", "value"], "additionalProperties": False,
+                                            "properties": {"name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+                                                           "value": {"type": "string"}}}},
+        "resources": {"type": "object", "additionalProperties": False, "properties": {
+            "limits": {"type": "object", "additionalProperties": {"type": "string", "pattern": QUANTITY}},
+            "requests": {"type": "object", "additionalProperties": {"type": "string", "pattern": QUANTITY}}}},
+        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"]}},
+    },
+}
+POD_TEMPLATE = {
+    "type": "object", "required": ["spec"], "properties": {
+        "metadata": {"type": "object", "properties": {"labels": LABELS}},
+        "spec": {"type": "object", "required": ["containers", "restartPolicy"], "properties": {
+            "restartPolicy": {"enum": ["Never", "OnFailure"]},
+            "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
+            "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+            "nodeSelector": LABELS,
+            "volumes": {"type": "array", "items": {"type": "object", "required": ["name", "persistentVolumeClaim"]}},
+        }},
+    },
+}
+METADATA = {"type": "object", "required": ["name", "namespace"], "properties": {
+    "name": {"type": "string", "pattern": DNS_1123, "maxLength": 63},
+    "namespace": {"type": "string", "pattern": DNS_1123}, "labels": LABELS}}
+JOB_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "batch/v1"}, "kind": {"const": "Job"}, "metadata": METADATA,
+        "spec": {"type": "object", "required": ["template"], "additionalProperties": False, "properties": {
+            "backoffLimit": {"type": "integer", "minimum": 0}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+            "template": POD_TEMPLATE}},
+    },
+}
+REPLICA = {"type": "object", "required": ["replicas", "template"], "additionalProperties": False, "properties": {
+    "replicas": {"type": "integer", "minimum": 1}, "restartPolicy": {"enum": ["Never", "OnFailure", "Always", "ExitCode"]},
+    "template": POD_TEMPLATE}}
+PYTORCHJOB_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"}, "kind": {"const": "PyTorchJob"}, "metadata": METADATA,
+        "spec": {"type": "object", "required": ["pytorchReplicaSpecs"], "additionalProperties": False, "properties": {
+            "nprocPerNode": {"type": "string", "pattern": r"^([0-9]+|auto|cpu|gpu)$"},
+            "runPolicy": {"type": "object", "additionalProperties": False, "properties": {
+                "backoffLimit": {"type": "integer", "minimum": 0}, "ttlSecondsAfterFinished": {"type": "integer"},
+                "cleanPodPolicy": {"enum": ["None", "Running", "All"]}}},
+            "pytorchReplicaSpecs": {"type": "object", "required": ["Master"], "additionalProperties": False,
+                                    "properties": {"Master": REPLICA, "Worker": REPLICA}}}},
+    },
+}
+SETTINGS = Settings.from_env(k8s_namespace="ml-train", k8s_image="registry.local/tuneforge:0.1", k8s_pvc="tf-home",
+                             k8s_service_account="tuneforge")
+
+
+def spec(**resources):
+    return validate_job_spec({"dataset": {"path": "/data/train.jsonl"}, "resources": resources})
+
+
+def round_trip(data: dict, model: str) -> dict:
+    api = kubernetes.client.ApiClient()
+    return api.sanitize_for_serialization(api._ApiClient__deserialize(data, model))
+
+
+def test_single_node_gpu_job_renders_a_valid_batch_job(tmp_path):
+    manifest = render_manifest(job_id="ftjob-ABC123", attempt=2, spec=spec(num_gpus=4, gpu_type="h100-80gb"),
+                               settings=SETTINGS, home=tmp_path)
+    jsonschema.validate(manifest, JOB_SCHEMA)
+    assert round_trip(manifest, "V1Job") == manifest
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun", "--nproc-per-node=4"]
+    assert container["args"][:2] == ["-m", "tuneforge.recipes.sft"] and str(tmp_path / "jobs" / "ftjob-ABC123") in container["args"]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    assert manifest["spec"]["template"]["spec"]["nodeSelector"] == {"tuneforge.dev/gpu-type": "h100-80gb"}
+    assert manifest["metadata"]["name"] == "tuneforge-abc123-a2" and manifest["spec"]["backoffLimit"] == 0
+
+
+def test_cpu_job_asks_for_cpus_and_runs_python_directly(tmp_path):
+    manifest = render_manifest(job_id="ftjob-1", attempt=1, spec=spec(gpu_type="cpu"), settings=SETTINGS, home=tmp_path)
+    jsonschema.validate(manifest, JOB_SCHEMA)
+    assert round_trip(manifest, "V1Job") == manifest
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python"] and container["resources"] == {"requests": {"cpu": "1"}}
+
+
+def test_multi_node_job_renders_a_valid_pytorchjob(tmp_path):
+    manifest = render_manifest(job_id="ftjob-big", attempt=1, spec=spec(num_gpus=8, num_nodes=3, gpu_type="a100-80gb"),
+                               settings=SETTINGS, home=tmp_path)
+    jsonschema.validate(manifest, PYTORCHJOB_SCHEMA)
+    replicas = manifest["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    for replica in replicas.values():
+        assert round_trip(replica["template"], "V1PodTemplateSpec") == replica["template"]
+        assert replica["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    assert manifest["spec"]["nprocPerNode"] == "8"
+
+
+def test_a_misspelled_field_would_be_caught():
+    broken = render_manifest(job_id="ftjob-1", attempt=1, spec=spec(), settings=SETTINGS)
+    broken["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, JOB_SCHEMA)
+    assert round_trip(broken, "V1Job") != broken
+
+
+def test_names_and_inventory():
+    assert manifest_name("ftjob-" + "F" * 40, 12).endswith("-a12") and len(manifest_name("ftjob-" + "f" * 60, 1)) <= 63
+    assert [(n.gpu_type, n.gpus) for n in parse_inventory("h100-80gb:8, a10g:1")] == [("h100-80gb", 8), ("a10g", 1)]
+    with pytest.raises(ValueError, match="GPU_TYPE:COUNT"):
+        parse_inventory("eight")

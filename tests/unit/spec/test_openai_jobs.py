@@ -1,0 +1,54 @@
+"""OpenAI job requests become JobSpecs: hyperparameters and "auto", the extension field, and errors that name
+the request parameter."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.spec.api import JobCreateRequest
+from tuneforge.spec.openai_jobs import DEFAULT_LEARNING_RATE, RequestError, hyperparameters_of, job_spec_from_request
+
+
+def spec_of(**fields):
+    return job_spec_from_request(JobCreateRequest(**{"model": "tiny-llama", "training_file": "file-1", **fields}))
+
+
+def error_of(**fields) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        spec_of(**fields)
+    return caught.value
+
+
+def test_openai_fields_map_onto_the_spec_and_auto_keeps_defaults():
+    spec = spec_of(validation_file="file-2", suffix="my-model", seed=9,
+                   method={"type": "supervised", "supervised": {"hyperparameters": {
+                       "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}}})
+    assert spec.model.base_model == "tiny-llama" and spec.dataset.path == "file-1"
+    assert spec.dataset.validation_path == "file-2" and spec.name == "my-model" and spec.training.seed == 9
+    assert spec.training.num_epochs == 2 and spec.training.per_device_batch_size == 4  # auto: the default
+    assert spec.training.learning_rate == pytest.approx(DEFAULT_LEARNING_RATE / 2)
+    assert hyperparameters_of(spec) == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+
+
+def test_the_extension_carries_the_rest_of_the_spec():
+    spec = spec_of(tuneforge={"adapter": {"type": "qlora", "rank": 8}, "resources": {"num_gpus": 2, "priority": 5},
+                              "training": {"packing": True}})
+    assert spec.adapter.type == "qlora" and spec.model.quantization == "nf4" and spec.adapter.rank == 8
+    assert spec.resources.num_gpus == 2 and spec.resources.priority == 5 and spec.training.packing
+
+
+def test_errors_name_the_request_parameter():
+    assert error_of(method={"type": "dpo"}).param == "method.type"
+    assert error_of(method={"type": "dpo"}).code == "unsupported_method"
+    assert error_of(model="llama-9000").param == "model"
+    assert error_of(tuneforge={"dataset": {"path": "/etc/passwd"}}).param == "tuneforge.dataset.path"
+    assert error_of(tuneforge={"model": {"base_model": "/models/x"}}).param == "tuneforge.model.base_model"
+    assert error_of(tuneforge={"method": "sft"}).param == "tuneforge.method"
+    assert error_of(tuneforge={"adapter": {"rank": 0}}).param == "tuneforge.adapter.rank"
+    assert error_of(suffix="bad suffix!").param == "suffix"
+    assert error_of(seed=1, tuneforge={"training": {"seed": 2}}).param == "seed"
+    both = error_of(hyperparameters={"n_epochs": 1}, method={"type": "supervised", "supervised": {"hyperparameters": {}}})
+    assert both.param == "hyperparameters"
+    assert error_of(metadata={f"k{i}": "v" for i in range(17)}).param == "metadata"
+    assert error_of(integrations=[{"type": "wandb"}]).param == "integrations"
+    assert "learning_rate" in str(error_of(tuneforge={"training": {"learnin_rate": 1}}))
