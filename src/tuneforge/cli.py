@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.set_defaults(handler=cmd_spec)
 
     from tuneforge.control_plane_cli import add_control_plane_commands
+    from tuneforge.data.command import add_data_commands
     from tuneforge.planner.command import add_plan_command
 
+    add_data_commands(commands)
     add_plan_command(commands)
     add_control_plane_commands(commands)
     return parser

@@ -88,7 +88,7 @@ def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision
 
 
 # Model families whose attention takes a custom 4D mask on sdpa/eager and position ids on flash-attention:
-# packed examples are verified isolated for these (tests/integration/test_packing.py on Llama).
+# packed examples are verified isolated for these (tests/integration/test_packing_isolation.py on Llama).
 PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

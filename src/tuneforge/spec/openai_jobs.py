@@ -16,10 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuneforge.spec.api import Hyperparameters, JobCreateRequest
-from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec, TrainingSpec
+from tuneforge.spec.hyperparameters import LEARNING_RATES
+from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
 from tuneforge.spec.loader import format_validation_error
-
-DEFAULT_LEARNING_RATE: float = TrainingSpec.model_fields["learning_rate"].default
 EXTENSION = "tuneforge"
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
@@ -77,38 +76,44 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
     if request.seed is not None:
         _set_once(data, ("training", "seed"), request.seed, param="seed")
     hyper, where = _hyperparameters(request)
+    multiplier = None
     if hyper is not None:
         if _given(hyper.n_epochs):
             _set_once(data, ("training", "num_epochs"), float(hyper.n_epochs), param=f"{where}.n_epochs")
         if _given(hyper.batch_size):
-            _set_once(data, ("training", "per_device_batch_size"), hyper.batch_size, param=f"{where}.batch_size")
+            # OpenAI's batch_size is the effective batch: examples per optimizer step.
+            _set_once(data, ("training", "batch_size"), hyper.batch_size, param=f"{where}.batch_size")
         if _given(hyper.learning_rate_multiplier):
             if hyper.learning_rate_multiplier <= 0:
                 raise RequestError("learning_rate_multiplier must be positive", param=f"{where}.learning_rate_multiplier")
-            _set_once(
-                data, ("training", "learning_rate"), DEFAULT_LEARNING_RATE * hyper.learning_rate_multiplier,
-                param=f"{where}.learning_rate_multiplier",
-            )
+            multiplier = hyper.learning_rate_multiplier
+            # The rate it multiplies depends on the adapter type, known once the spec is validated.
+            _set_once(data, ("training", "learning_rate"), "auto", param=f"{where}.learning_rate_multiplier")
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
+        if multiplier is not None:
+            spec.training.learning_rate = LEARNING_RATES[spec.adapter.type] * multiplier
+        return spec
     except ValidationError as exc:
         first = tuple(str(part) for part in exc.errors()[0]["loc"])
         param = _PARAM_OF_FIELD.get(first) or f"{EXTENSION}.{'.'.join(first)}"
         if first[:2] == ("training", "num_epochs") and hyper and _given(hyper.n_epochs):
             param = f"{where}.n_epochs"
-        if first[:2] == ("training", "per_device_batch_size") and hyper and _given(hyper.batch_size):
+        if first[:2] == ("training", "batch_size") and hyper and _given(hyper.batch_size):
             param = f"{where}.batch_size"
         message = format_validation_error(exc, source=EXTENSION).replace("invalid job spec\n  ", "invalid job request: ")
         raise RequestError(message, param=param) from None
 
 
 def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:
-    """The OpenAI hyperparameters a spec amounts to (resolved numbers, as OpenAI reports them)."""
-    epochs = spec.training.num_epochs
+    """The OpenAI hyperparameters a spec amounts to: "auto" until the recipe resolves them (in the job
+    directory's spec.json), then the numbers, as OpenAI reports them."""
+    training = spec.training
+    epochs, rate = training.num_epochs, training.learning_rate
     return {
-        "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
-        "batch_size": spec.training.per_device_batch_size,
-        "learning_rate_multiplier": round(spec.training.learning_rate / DEFAULT_LEARNING_RATE, 6),
+        "n_epochs": epochs if epochs == "auto" else (int(epochs) if float(epochs).is_integer() else epochs),
+        "batch_size": training.batch_size,
+        "learning_rate_multiplier": rate if rate == "auto" else round(rate / LEARNING_RATES[spec.adapter.type], 6),
     }
 
 

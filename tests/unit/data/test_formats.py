@@ -69,3 +69,35 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     again, val_again = split_examples(examples, 0.9, seed=3)
     assert [e.line for e in val] == [e.line for e in val_again] and len(val) == 4
     assert {e.line for e in train}.isdisjoint({e.line for e in val}) and len(train) + len(val) == 40
+
+
+def normalized(record, fmt):
+    from tuneforge.data.formats import validate_and_normalize
+
+    return validate_and_normalize(record, fmt, file="f", line=1)
+
+
+def test_sharegpt_becomes_chat():
+    record = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                                {"from": "gpt", "value": "hello"}]}
+    assert detect_format(record) == "chat"
+    result, problems = normalized(record, "chat")
+    assert problems == [] and [m["role"] for m in result["messages"]] == ["system", "user", "assistant"]
+    _, problems = normalized({"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}, "chat")
+    assert [(p.kind, p.field) for p in problems] == [("unknown_role", "conversations[0].role")]
+
+
+def test_text_and_preference_formats():
+    assert detect_format({"text": "once upon a time"}) == "text"
+    assert normalized({"text": ""}, "text")[1][0].kind == "empty_content"
+    plain = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    assert detect_format(plain) == "preference" and normalized(plain, "preference") == (plain, [])
+    same = {"prompt": "2+2?", "chosen": "4", "rejected": "4"}
+    assert normalized(same, "preference")[1][0].kind == "identical_pair"
+    openai = {"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+              "preferred_output": [{"role": "assistant", "content": "4"}],
+              "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+    result, problems = normalized(openai, "preference")
+    assert problems == [] and result["prompt"] == [{"role": "user", "content": "2+2?"}]
+    broken = dict(openai, preferred_output=[{"role": "user", "content": "4"}])
+    assert [(p.kind, p.field) for p in normalized(broken, "preference")[1]] == [("unknown_role", "preferred_output[0].role")]

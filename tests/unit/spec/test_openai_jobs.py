@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.spec.api import JobCreateRequest
-from tuneforge.spec.openai_jobs import DEFAULT_LEARNING_RATE, RequestError, hyperparameters_of, job_spec_from_request
+from tuneforge.spec.hyperparameters import LEARNING_RATES
+from tuneforge.spec.openai_jobs import RequestError, hyperparameters_of, job_spec_from_request
 
 
 def spec_of(**fields):
@@ -25,9 +26,13 @@ def test_openai_fields_map_onto_the_spec_and_auto_keeps_defaults():
                        "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}}})
     assert spec.model.base_model == "tiny-llama" and spec.dataset.path == "file-1"
     assert spec.dataset.validation_path == "file-2" and spec.name == "my-model" and spec.training.seed == 9
-    assert spec.training.num_epochs == 2 and spec.training.per_device_batch_size == 4  # auto: the default
-    assert spec.training.learning_rate == pytest.approx(DEFAULT_LEARNING_RATE / 2)
-    assert hyperparameters_of(spec) == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    assert spec.training.num_epochs == 2 and spec.training.batch_size == "auto"  # resolved by the recipe
+    assert spec.training.learning_rate == pytest.approx(LEARNING_RATES["lora"] / 2)
+    assert hyperparameters_of(spec) == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
+    full = spec_of(tuneforge={"adapter": {"type": "full"}}, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"batch_size": 16, "learning_rate_multiplier": 2}}})
+    assert full.training.learning_rate == pytest.approx(2 * LEARNING_RATES["full"])  # the multiplier of the method's rate
+    assert full.training.batch_size == 16  # OpenAI's batch_size is the effective batch
 
 
 def test_the_extension_carries_the_rest_of_the_spec():

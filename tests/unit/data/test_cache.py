@@ -1,0 +1,71 @@
+"""The tokenization cache: built once, shared by concurrent jobs, never half-written, nothing for bad data."""
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from conftest import chat, write_jsonl
+from tuneforge.data.cache import cache_root, load_tokenized
+from tuneforge.data.problems import DataError
+from tuneforge.data.templating import PromptRenderer
+
+
+def entries(root):
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+
+
+def test_second_load_is_a_hit_with_identical_tokens(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"answer {i}") for i in range(20)])
+    renderer = PromptRenderer(byte_tokenizer, "chat")
+    first = load_tokenized(path, "chat", renderer)
+    second = load_tokenized(path, "chat", renderer)
+    assert not first.cache_hit and second.cache_hit and len(entries(cache_root())) == 1
+    fresh = renderer.tokenize_many(__import__("tuneforge.data.loading", fromlist=["x"]).load_examples(path)[0])
+    for i in range(20):
+        assert np.array_equal(second[i].input_ids, fresh[i].input_ids)
+        assert np.array_equal(second[i].labels, fresh[i].labels) and second[i].line == i + 1
+
+
+def test_the_key_follows_content_template_and_tokenizer(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(12)])
+    load_tokenized(path, "chat", PromptRenderer(byte_tokenizer, "chat"))
+    write_jsonl(path, [chat(f"q{i}", f"changed {i}") for i in range(12)])
+    assert not load_tokenized(path, "chat", PromptRenderer(byte_tokenizer, "chat")).cache_hit
+    tokenizer = byte_tokenizer.__class__(tokenizer_object=byte_tokenizer.backend_tokenizer,
+                                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                         eos_token="<|im_end|>", pad_token="<|im_end|>")
+    assert not load_tokenized(path, "chat", PromptRenderer(tokenizer, "chat")).cache_hit
+    assert len(entries(cache_root())) == 3
+
+
+def test_invalid_data_writes_nothing(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [chat("q", "a"), "{broken"])
+    with pytest.raises(DataError):
+        load_tokenized(path, "chat", PromptRenderer(byte_tokenizer, "chat"))
+    assert entries(cache_root()) == [] and not any(cache_root().glob(".*staging*"))
+
+
+def _build(path, home, barrier, results):
+    os.environ["TUNEFORGE_HOME"] = home
+    from tuneforge.engine.tiny_model import build_byte_tokenizer
+
+    barrier.wait()
+    dataset = load_tokenized(path, "chat", PromptRenderer(build_byte_tokenizer(), "chat"))
+    results.put((dataset.cache_hit, int(dataset.lengths.sum())))
+
+
+def test_concurrent_jobs_build_the_entry_once(tmp_path, tuneforge_home):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}" * 50, f"a{i}" * 50) for i in range(400)])
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(3), context.Queue()
+    workers = [context.Process(target=_build, args=(path, str(tuneforge_home), barrier, results)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    outcomes = [results.get(timeout=5) for _ in workers]
+    assert sorted(hit for hit, _ in outcomes) == [False, True, True]  # one built it, two waited and read it
+    assert len({total for _, total in outcomes}) == 1 and len(entries(cache_root())) == 1
