@@ -21,6 +21,8 @@ import numpy as np
 
 from tuneforge.data.formats import Format
 from tuneforge.data.loading import file_sha256, load_examples
+from tuneforge.data.parallel import pack_arrays, tokenize_file, worker_count
+from tuneforge.data.problems import DataError
 from tuneforge.data.templating import PromptRenderer, TokenizedExample
 from tuneforge.home import tuneforge_home
 
@@ -65,27 +67,30 @@ class TokenizedDataset:
         return np.diff(self.offsets)
 
 
-def _write(directory: Path, items: list[TokenizedExample], meta: dict) -> None:
-    lengths = np.fromiter((len(item.input_ids) for item in items), dtype=np.int64, count=len(items))
-    offsets = np.zeros(len(items) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    arrays = {
-        "input_ids": np.concatenate([item.input_ids for item in items]) if items else np.zeros(0, np.int32),
-        "labels": np.concatenate([item.labels for item in items]) if items else np.zeros(0, np.int32),
-        "offsets": offsets,
-        "lines": np.fromiter((item.line for item in items), dtype=np.int64, count=len(items)),
-    }
+def _write(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     for name, array in arrays.items():
         with open(directory / f"{name}.npy", "wb") as handle:
             np.save(handle, array)
             handle.flush()
             os.fsync(handle.fileno())
-    (directory / "meta.json").write_text(json.dumps({**meta, "examples": len(items)}, indent=2))
+    (directory / "meta.json").write_text(json.dumps({**meta, "examples": len(arrays["lines"])}, indent=2))
 
 
 def _read(directory: Path, fmt: Format) -> TokenizedDataset:
     arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "offsets", "lines")}
     return TokenizedDataset(format=fmt, cache_hit=True, **arrays)
+
+
+def _tokenize(path: Path, fmt: Format, renderer: PromptRenderer) -> dict[str, np.ndarray]:
+    """Validate and tokenize the whole file, on every core for a large JSONL file; DataError if invalid."""
+    workers = worker_count(path)
+    if workers > 1:
+        arrays, problems = tokenize_file(path, fmt, renderer, workers)
+        if problems:
+            raise DataError(problems, headline=f"{path}: {len(problems)} problem(s); nothing was trained")
+        return arrays
+    examples, _ = load_examples(path, fmt)
+    return pack_arrays(list(renderer.tokenize_stream(examples, BATCH)))
 
 
 def load_tokenized(path: str | Path, fmt: Format, renderer: PromptRenderer, *, root: Path | None = None) -> TokenizedDataset:
@@ -110,14 +115,12 @@ def load_tokenized(path: str | Path, fmt: Format, renderer: PromptRenderer, *, r
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second job waits here, then finds the entry built
         if (final / "meta.json").is_file():
             return _read(final, fmt)
-        examples, _ = load_examples(path, fmt)
-        items = [item for start in range(0, len(examples), BATCH)
-                 for item in renderer.tokenize_many(examples[start : start + BATCH])]
+        arrays = _tokenize(path, fmt, renderer)
         staging = root / f".{key}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _write(staging, items, {**meta, "source": str(path)})
+            _write(staging, arrays, {**meta, "source": str(path)})
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

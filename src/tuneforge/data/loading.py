@@ -18,10 +18,11 @@ from tuneforge.data.reader import UnusableInput, check_readable, iter_records
 MIN_TRAINING_EXAMPLES = 10  # as the OpenAI fine-tuning API requires
 
 
-def iter_examples(path: str | Path, fmt: Format | str = "auto") -> tuple[Format, Iterator[Example | DataProblem]]:
+def iter_examples(path: str | Path, fmt: Format | str = "auto", *, byte_range: tuple[int, int, int] | None = None
+                  ) -> tuple[Format, Iterator[Example | DataProblem]]:
     """(the format, a stream of examples and problems). The format is detected from the first record."""
     path = check_readable(path)
-    records = iter_records(path)
+    records = iter_records(path, byte_range=byte_range)
     pending: list = []
     chosen: Format | None = None if fmt == "auto" else fmt  # type: ignore[assignment]
     if chosen is None:

@@ -59,7 +59,8 @@ def _parse_record(text: str, name: str, line: int) -> dict | DataProblem:
         return DataProblem(name, line, "not_json", "", "a JSON object", f"invalid JSON ({detail})")
     if not isinstance(value, dict):
         return DataProblem(name, line, "wrong_type", "", "a JSON object per record", json_type(value))
-    if _too_deep(value, MAX_JSON_DEPTH):
+    # Nesting cannot be deeper than the number of brackets: count them (fast) before walking the record.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(value, MAX_JSON_DEPTH):
         return DataProblem(name, line, "too_deep", "", f"JSON nested at most {MAX_JSON_DEPTH} deep", "deeper nesting")
     return value
 
@@ -109,13 +110,20 @@ def check_readable(path: str | Path) -> Path:
     return path
 
 
-def _iter_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, bytes | DataProblem]]:
-    """Raw lines with numbers; an over-long line is skipped without being read into memory."""
+def _iter_lines(path: Path, max_line_bytes: int, byte_range: tuple[int, int, int] | None = None
+                ) -> Iterator[tuple[int, bytes | DataProblem]]:
+    """Raw lines with numbers; an over-long line is skipped without being read into memory.
+
+    byte_range (start, end, number of the line at start - 1) reads only the lines starting in [start, end)."""
     name = str(path)
     line_no = 0
     handle = _open_binary(path)
+    end = None
+    if byte_range is not None:
+        start, end, line_no = byte_range
+        handle.seek(start)
     try:
-        while True:
+        while end is None or handle.tell() < end:
             try:
                 raw = handle.readline(max_line_bytes + 1)
             except (EOFError, zlib.error, OSError) as exc:
@@ -145,9 +153,9 @@ def _decode(raw: bytes, name: str, line: int) -> str | DataProblem:
         return DataProblem(name, line, "not_utf8", "", "UTF-8 text", f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
 
 
-def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[Record]:
+def _iter_jsonl(path: Path, max_line_bytes: int, byte_range: tuple[int, int, int] | None = None) -> Iterator[Record]:
     name = str(path)
-    for line_no, raw in _iter_lines(path, max_line_bytes):
+    for line_no, raw in _iter_lines(path, max_line_bytes, byte_range):
         if isinstance(raw, DataProblem):
             yield line_no, raw
             continue
@@ -293,9 +301,43 @@ def _iter_parquet(path: Path) -> Iterator[Record]:
                                    f"{type(exc).__name__}: {exc}")
 
 
-def iter_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Record]:
-    """Yield (line or row number, record or problem) for every record of a data file."""
+def splittable(path: str | Path) -> bool:
+    """Can the file be read in byte ranges (uncompressed JSONL), e.g. by several processes at once?"""
+    return file_type(path) == "jsonl" and not _compressed(Path(path))
+
+
+def line_aligned_ranges(path: str | Path, parts: int) -> list[tuple[int, int, int]]:
+    """Split an uncompressed JSONL file into up to `parts` (start, end, lines before start) byte ranges
+    that begin at line starts."""
+    size = Path(path).stat().st_size
+    bounds = [0]
+    with open(path, "rb") as handle:
+        for k in range(1, parts):
+            handle.seek(max(bounds[-1], size * k // parts))
+            handle.readline()
+            if handle.tell() < size and handle.tell() > bounds[-1]:
+                bounds.append(handle.tell())
+        bounds.append(size)
+        ranges, lines = [], 0
+        for start, end in zip(bounds, bounds[1:]):
+            ranges.append((start, end, lines))
+            handle.seek(start)
+            remaining = end - start
+            while remaining:
+                block = handle.read(min(remaining, 1 << 22))
+                lines += block.count(b"\n")
+                remaining -= len(block)
+    return ranges
+
+
+def iter_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
+                 byte_range: tuple[int, int, int] | None = None) -> Iterator[Record]:
+    """Yield (line or row number, record or problem) for every record of a data file.
+
+    byte_range (from line_aligned_ranges) reads one part of an uncompressed JSONL file."""
     path = check_readable(path)
+    if byte_range is not None:
+        return _iter_jsonl(path, max_line_bytes, byte_range)
     kind = file_type(path)
     if kind == "parquet":
         return _iter_parquet(path)

@@ -8,7 +8,10 @@ token in the loss, so the model learns to stop even when pad and EOS share an id
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +21,8 @@ from tuneforge.data.problems import DataError, DataProblem
 
 IGNORE_INDEX = -100
 Template = Literal["chat", "alpaca", "plain"]
+# Unicode private-use characters that wrap trained replies in a marked render; never in real text.
+MARK_START, MARK_END = "\ue000", "\ue001"
 
 # ChatML, for base models whose tokenizer ships no chat template.
 CHATML_TEMPLATE = (
@@ -124,10 +129,8 @@ class PromptRenderer:
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "") + "\n\n"
         return prompt, record["output"]
 
-    def _end_of_turn(self, rendered: str, start: int, content: str) -> int:
+    def _end_of_turn(self, rendered: str, content_end: int) -> int:
         """End of the trained span: through the first special token after the content (the EOT)."""
-        found = rendered.find(content, start)
-        content_end = found + len(content) if found >= 0 else start
         tail = rendered[content_end:]
         hits = [(tail.find(tok), tok) for tok in self._special_tokens if tail.find(tok) >= 0]
         if hits:
@@ -143,6 +146,42 @@ class PromptRenderer:
             return prompt + completion + eos, [(len(prompt), len(prompt) + len(completion) + len(eos))]
         messages = example.as_messages()
         text = self._apply(messages, generation_prompt=False)
+        spans = self._marked_spans(messages, text)
+        return (text, spans) if spans is not None else (text, self._prefix_spans(messages, text))
+
+    def _marked_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+        """Spans from one render with the trained replies wrapped in private-use markers.
+
+        None when the markers do not survive the template unchanged (it rewrites content), in which
+        case the slower prefix renders decide."""
+        trained = {i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0}
+        if any(MARK_START in m["content"] or MARK_END in m["content"] for m in messages):
+            return None
+        marked = self._apply([dict(m, content=f"{MARK_START}{m['content']}{MARK_END}") if i in trained else m
+                              for i, m in enumerate(messages)], generation_prompt=False)
+        pieces, spans, position = [], [], 0
+        rest = marked
+        while True:
+            start = rest.find(MARK_START)
+            if start < 0:
+                pieces.append(rest)
+                break
+            end = rest.find(MARK_END, start)
+            if end < 0:
+                return None
+            pieces.append(rest[:start])
+            position += start
+            content = rest[start + 1 : end]
+            pieces.append(content)
+            spans.append((position, position + len(content)))
+            position += len(content)
+            rest = rest[end + 1 :]
+        if "".join(pieces) != text or len(spans) != len(trained) or MARK_END in rest:
+            return None
+        return [(start, self._end_of_turn(text, end)) for start, end in spans]
+
+    def _prefix_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Spans from renders of each prefix of the conversation: slower, works for any stable template."""
         spans = []
         last = len(messages) - 1
         for index, message in enumerate(messages):
@@ -155,8 +194,10 @@ class PromptRenderer:
                     "the chat template renders a conversation differently depending on what follows "
                     "(e.g. it rewrites earlier turns), so assistant loss masks cannot be computed"
                 )
-            spans.append((len(prefix), self._end_of_turn(through, len(prefix), message["content"])))
-        return text, spans
+            found = through.find(message["content"], len(prefix))
+            content_end = found + len(message["content"]) if found >= 0 else len(prefix)
+            spans.append((len(prefix), self._end_of_turn(through, content_end)))
+        return spans
 
     def generation_prompt(self, example: Example) -> tuple[str, str]:
         """(prompt to generate from, reference answer): everything before the last assistant turn."""
@@ -173,23 +214,64 @@ class PromptRenderer:
     def tokenize_many(self, examples: list[Example]) -> list[TokenizedExample]:
         """Tokenize a batch in one call to the (parallel, Rust) tokenizer; labels from character spans."""
         rendered = [self.render(example) for example in examples]
+        return self._labelled(rendered, self._encode(rendered), examples)
+
+    def tokenize_stream(self, examples: Iterable[Example], batch_size: int = 512) -> Iterator[TokenizedExample]:
+        """tokenize_many over a stream, rendering the next batch while the tokenizer encodes this one.
+
+        The Rust tokenizer releases the GIL, so template rendering (Python) and encoding overlap."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            previous = None  # (rendered, examples, encoding future) of the batch being encoded
+            for batch in _batches(examples, batch_size):
+                rendered = [self.render(example) for example in batch]
+                if previous is not None:
+                    yield from self._labelled(previous[0], previous[2].result(), previous[1])
+                previous = (rendered, batch, pool.submit(self._encode, rendered))
+            if previous is not None:
+                yield from self._labelled(previous[0], previous[2].result(), previous[1])
+
+    def _encode(self, rendered: list[tuple[str, list]]):
         # Chat templates write their own BOS; plain text gets the tokenizer's usual special tokens.
-        encoding = self.tokenizer(
-            [text for text, _ in rendered], add_special_tokens=self.template != "chat",
-            return_offsets_mapping=True, return_attention_mask=False,
-        )
+        # The Rust tokenizer directly: transformers' per-encoding conversion costs as much as encoding.
+        return self.tokenizer.backend_tokenizer.encode_batch(
+            [text for text, _ in rendered], add_special_tokens=self.template != "chat")
+
+    def _labelled(self, rendered, encodings, examples) -> list[TokenizedExample]:
+        """Labels: the tokens that start inside a trained character span (a token straddling the span's
+        start belongs to the prompt)."""
         out = []
-        for (_, spans), ids, offsets, example in zip(rendered, encoding["input_ids"], encoding["offset_mapping"], examples):
-            input_ids = np.asarray(ids, dtype=np.int32)
-            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            starts, ends = offsets[:, 0], offsets[:, 1]
-            trained = np.zeros(len(input_ids), dtype=bool)
+        for (_, spans), encoding, example in zip(rendered, encodings, examples):
+            input_ids = np.array(encoding.ids, dtype=np.int32)
+            labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int32)
             for start, end in spans:
-                trained |= (starts >= start) & (starts < end)
-            trained &= ends > starts
-            labels = np.where(trained, input_ids, IGNORE_INDEX).astype(np.int32)
+                token_range = _token_range(encoding, start, end)
+                if token_range is None:  # a span not covered token by token: read every offset
+                    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+                    inside = (offsets[:, 0] >= start) & (offsets[:, 0] < end) & (offsets[:, 1] > offsets[:, 0])
+                    labels[inside] = input_ids[inside]
+                else:
+                    first, last = token_range
+                    labels[first : last + 1] = input_ids[first : last + 1]
             out.append(TokenizedExample(input_ids, labels, example.line))
         return out
+
+
+def _token_range(encoding, start: int, end: int) -> tuple[int, int] | None:
+    """(first, last) token starting in [start, end), from two lookups instead of every token's offsets."""
+    if end <= start:
+        return None
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+    if first is None or last is None:
+        return None
+    if encoding.token_to_chars(first)[0] < start:
+        first += 1
+    return (first, last) if first <= last else None
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 def _compiled_template(template: str):

@@ -166,13 +166,14 @@ def validate_file(
 
     hashes, lines = array("q"), array("q")
     lengths, trainable = array("l"), 0
-    turns = 0
+    turns = assistant_messages = with_system = characters = 0
+    turns_min, turns_max = None, 0
     bad_lines: set[int] = set()
     pending: list[Example] = []
 
     def tokenize_pending() -> None:
         nonlocal trainable
-        for item in renderer.tokenize_many(pending):
+        for item in renderer.tokenize_stream(pending):
             lengths.append(len(item.input_ids))
             trainable += item.num_label_tokens
             if len(item.input_ids) > max_seq_length:
@@ -189,7 +190,13 @@ def validate_file(
         report.examples += 1
         hashes.append(_record_hash(item))
         lines.append(item.line)
-        turns += len(item.record["messages"]) if item.format == "chat" else 2 if item.format != "text" else 1
+        messages = item.as_messages() if item.format != "text" else [{"role": "text", "content": item.record["text"]}]
+        turns += len(messages)
+        turns_min = len(messages) if turns_min is None else min(turns_min, len(messages))
+        turns_max = max(turns_max, len(messages))
+        assistant_messages += sum(1 for m in messages if m["role"] == "assistant")
+        with_system += messages[0]["role"] == "system"
+        characters += sum(len(m["content"]) for m in messages)
         if renderer is not None:
             pending.append(item)
             if len(pending) >= TOKENIZE_BATCH:
@@ -202,7 +209,15 @@ def validate_file(
     if report.examples < min_examples:
         report.add(DataProblem(str(path), 0, "too_few_examples", "", f"at least {min_examples} examples",
                                str(report.examples)))
-    report.stats = {"examples": report.examples, "turns": turns}
+    report.stats = {
+        "examples": report.examples,
+        "turns": turns,
+        "turns_per_example": {"min": turns_min or 0, "mean": round(turns / max(report.examples, 1), 2),
+                              "max": turns_max},
+        "assistant_messages": assistant_messages,
+        "with_system_prompt": with_system,
+        "characters": characters,
+    }
     if renderer is None:
         report.stats["note"] = "token statistics need a tokenizer: pass --model"
     elif len(lengths):

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), so start-up time counts the interpreter and imports."""
+    try:
+        with open("/proc/self/stat") as handle:
+            started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ProgressDisplay:

@@ -41,7 +41,7 @@ from tuneforge.engine.model_loading import load_base_model, load_tokenizer, pack
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.precision import PrecisionError, resolve_device, resolve_precision
 from tuneforge.engine.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
-from tuneforge.engine.progress import ProgressDisplay
+from tuneforge.engine.progress import ProgressDisplay, process_age
 from tuneforge.engine.quiet import quiet_libraries
 from tuneforge.engine.train_step import optimizer_step
 from tuneforge.engine.weights import publish_final
@@ -97,6 +97,13 @@ def run(job_dir: Path, *, progress: bool = True) -> dict:
 def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, watcher: PreemptionWatcher,
          started: float) -> dict:
     train_cfg, data_cfg = spec.training, spec.dataset
+    # Start-up phases, reported with the first step: what a user waits for before training starts.
+    startup = {"imports_s": process_age(), "clock": time.perf_counter()}
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        startup[name] = round(now - startup["clock"], 3)
+        startup["clock"] = now
 
     def note(message: str, **data) -> None:
         """A milestone: into the event log and onto the terminal."""
@@ -145,6 +152,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         cache_hit=train_set.cache_hit, **train_stats.to_dict(),
     )
 
+    phase("data_s")
+
     # 3. The checkpoint to resume from, if this job directory has one that verifies.
     checkpoints = job_dir / CHECKPOINTS_DIR
     for leftover in remove_staging(checkpoints):
@@ -159,12 +168,15 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     # 4. The base model, and how it scores before training (measured once, kept across resumes).
     full = spec.adapter.type == "full"
     model = load_base_model(model_dir, spec.model, precision, full_finetune=full)
+    phase("model_load_s")
     eval_batch = 8
     base_metrics = saved_state.get("base_metrics", {})
     if spec.evaluation.eval_before_training and val_tokens and not resumed_from:
         base_metrics = _scalars(evaluate(model, CausalLMLoss(model), tokenizer, renderer, val_examples, val_tokens,
                                          spec.evaluation, batch_size=eval_batch, precision=precision), keep_samples=True)
         note(f"base model: {_fmt(base_metrics)}", kind="eval", model="base", step=0, metrics=_scalars(base_metrics))
+
+    phase("base_eval_s")
 
     # 5. What is trained; "auto" hyperparameters resolved from the data, the method and the memory.
     model = make_trainable(model, spec.adapter, quantized=spec.model.quantization != "none",
@@ -245,6 +257,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step, path=f"{CHECKPOINTS_DIR}/{path.name}",
                     bytes=checkpoint_bytes(path), metrics=metrics, is_best=is_best)
 
+    phase("setup_s")
+
     # 8. Train.
     display.start(schedule.total_steps, start_step)
     last_eval: dict = {}
@@ -276,6 +290,12 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         state["tokens_seen"] += result.tokens
         state["trained_tokens"] += result.label_tokens
         state["train_seconds"] = time.monotonic() - train_started
+        if done == start_step + 1:
+            phase("first_step_s")
+            startup.pop("clock")
+            parts = [v for k, v in startup.items() if v is not None]
+            events.emit(f"first optimizer step {sum(parts):.1f}s after the process started", kind="startup",
+                        to_first_step_s=round(sum(parts), 3), **startup)
         if done % train_cfg.logging_steps == 0 or done == schedule.total_steps:
             events.metrics(
                 f"step {done}/{schedule.total_steps}: train_loss={result.loss:.4f}",

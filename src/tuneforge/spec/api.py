@@ -79,7 +79,7 @@ class DatasetReport(Response):
     object: Literal["tuneforge.dataset_report"] = "tuneforge.dataset_report"
     file_id: str = ""
     valid: bool
-    format: Literal["chat", "instruction", "completion"] | None = None
+    format: Literal["chat", "instruction", "completion", "text", "preference"] | None = None
     examples: int = 0
     problems: list[DataProblemObject] = Field(default_factory=list)
     problems_total: int = 0
@@ -92,9 +92,11 @@ class DatasetReport(Response):
 
 class Hyperparameters(Request):
     n_epochs: Literal["auto"] | int | None = Field(None, description="Passes over the training data.")
-    batch_size: Literal["auto"] | int | None = Field(None, description="Examples per optimizer step on each device.")
+    batch_size: Literal["auto"] | int | None = Field(
+        None, description="Examples per optimizer step over all devices (the effective batch)."
+    )
     learning_rate_multiplier: Literal["auto"] | float | None = Field(
-        None, description="Scales tuneforge's default learning rate (2e-4)."
+        None, description="Scales the method's default learning rate (2e-4 for LoRA / QLoRA, 2e-5 for full)."
     )
 
 

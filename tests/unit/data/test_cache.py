@@ -69,3 +69,27 @@ def test_concurrent_jobs_build_the_entry_once(tmp_path, tuneforge_home):
     outcomes = [results.get(timeout=5) for _ in workers]
     assert sorted(hit for hit, _ in outcomes) == [False, True, True]  # one built it, two waited and read it
     assert len({total for _, total in outcomes}) == 1 and len(entries(cache_root())) == 1
+
+
+def test_parallel_tokenization_equals_one_process_and_names_lines(tmp_path, byte_tokenizer, monkeypatch):
+    from tuneforge.data import parallel
+    from tuneforge.data.reader import line_aligned_ranges
+
+    records = [chat(f"question {i}" * (i % 7 + 1), f"answer {i}") for i in range(300)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    ranges = line_aligned_ranges(path, 3)
+    assert len(ranges) == 3 and ranges[0][:1] == (0,) and ranges[-1][1] == path.stat().st_size
+    assert [lines for _, _, lines in ranges] == sorted(lines for _, _, lines in ranges) and ranges[1][2] > 0
+    renderer = PromptRenderer(byte_tokenizer, "chat")
+    single = load_tokenized(path, "chat", renderer, root=tmp_path / "one")
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
+    assert parallel.worker_count(path) == __import__("os").cpu_count() or 1
+    arrays, problems = parallel.tokenize_file(path, "chat", renderer, 3)
+    assert problems == []
+    assert np.array_equal(arrays["input_ids"], single.input_ids) and np.array_equal(arrays["labels"], single.labels)
+    assert np.array_equal(arrays["offsets"], single.offsets) and list(arrays["lines"]) == list(range(1, 301))
+
+    records[250] = '{"messages": broken'
+    write_jsonl(path, records)
+    arrays, problems = parallel.tokenize_file(path, "chat", renderer, 3)
+    assert arrays is None and [(p.line, p.kind) for p in problems] == [(251, "not_json")]

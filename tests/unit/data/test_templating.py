@@ -103,3 +103,39 @@ def test_step_schedule_is_a_pure_function_of_the_step():
     assert fresh.plan(3) == schedule.plan(3)
     assert schedule.plan(2).example_ids != schedule.plan(0).example_ids  # epochs reshuffle
     assert StepSchedule(10, examples_per_step=6, seed=5, max_steps=7).total_steps == 7
+
+
+def test_marked_render_agrees_with_prefix_renders(byte_tokenizer):
+    renderer = PromptRenderer(byte_tokenizer, "chat")
+    conversations = [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": " b "},
+         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 0},
+         {"role": "user", "content": "e"}, {"role": "assistant", "content": "f\n"}],
+    ]
+    for messages in conversations:
+        text = renderer._apply(messages, generation_prompt=False)
+        assert renderer._marked_spans(messages, text) == renderer._prefix_spans(messages, text)
+
+
+def test_a_template_that_rewrites_content_falls_back_to_prefix_renders(byte_tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    stripping = PreTrainedTokenizerFast(
+        tokenizer_object=byte_tokenizer.backend_tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>",
+        chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    renderer = PromptRenderer(stripping, "chat")
+    example = chat_example([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  padded answer  "}])
+    text = renderer._apply(example.as_messages(), generation_prompt=False)
+    assert renderer._marked_spans(example.as_messages(), text) is None
+    assert trained_text(stripping, renderer.tokenize(example)) == "padded answer<|im_end|>"
+
+
+def test_batched_backend_tokenization_equals_the_tokenizer_call(byte_tokenizer):
+    renderer = PromptRenderer(byte_tokenizer, "chat")
+    examples = [chat_example([{"role": "user", "content": f"q{i} é"}, {"role": "assistant", "content": "ü" * i}])
+                for i in range(5)]
+    for example, item in zip(examples, renderer.tokenize_many(examples)):
+        text, _ = renderer.render(example)
+        assert list(item.input_ids) == byte_tokenizer(text, add_special_tokens=False).input_ids
