@@ -46,6 +46,16 @@ def _preflight(spec) -> None:
             f"model.base_model {spec.model.base_model!r}: expected a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "
             "or a local Hugging Face model directory with a config.json"
         )
+    from tuneforge.planner import PlannerError, plan_job
+
+    try:
+        plan = plan_job(spec)
+    except PlannerError:
+        return  # an architecture the planner cannot describe: the job's own memory handling decides
+    if not plan.fits:
+        advice = "".join(f"\n  - {r}" for r in plan.recommendations[:4])
+        raise UserError(f"the job does not fit resources.gpu_type {spec.resources.gpu_type}: {plan.reason}"
+                        + (f"\noptions:{advice}" if advice else ""))
 
 
 def _new_job_dir(spec) -> Path:

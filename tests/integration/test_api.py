@@ -195,3 +195,14 @@ def test_jobs_that_no_worker_can_hold_are_refused_at_creation(server):
     fits = a.create({**body, "tuneforge": {"resources": {"num_gpus": 8, "gpu_type": "a100-80gb"}, **QUEUED_FOREVER}})
     assert fits.status_code == 200 and fits.json()["status"] == "queued"
     assert a.http.get("/v1/fine_tuning/jobs").json()["data"][0]["id"] == fits.json()["id"]
+    assert plan["memory"]["fits"] is True and plan["memory"]["memory_bytes"]["total"] > 0
+
+    # The GPUs are there, but the memory planner says the job cannot fit them: refused before it is queued.
+    huge = {"resources": {"num_gpus": 1, "gpu_type": "a100-80gb"}, "adapter": {"type": "full"},
+            "dataset": {"max_seq_length": 1 << 17}, "training": {"gradient_checkpointing": False}}
+    error = assert_error(a.create({"model": "smollm2-135m-instruct", "training_file": training["id"], "tuneforge": huge}),
+                         400, code="insufficient_memory")
+    assert "Does not fit" in error["message"] and "Options: turn on gradient checkpointing" in error["message"]
+    plan = a.http.post("/v1/fine_tuning/jobs/plan", json={"model": "smollm2-135m-instruct",
+                                                            "training_file": training["id"], "tuneforge": huge}).json()
+    assert plan["fits"] is False and plan["memory"]["fits"] is False

@@ -110,3 +110,20 @@ def test_spec_reference_lists_every_field(capsys):
     assert main(["spec"]) == 0
     out = capsys.readouterr().out
     assert "training.learning_rate = 'auto'" in out and "adapter.rank = 16" in out
+
+
+def test_a_job_that_cannot_fit_its_gpu_is_refused_before_it_starts(tmp_path, tuneforge_home, capsys):
+    """The memory planner reads the model's config.json (no weights needed) and refuses what cannot fit."""
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}))
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(12)])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"model:\n  base_model: {model}\ndataset:\n  path: {data}\nadapter:\n  type: full\n"
+                    "resources:\n  gpu_type: a100-80gb\n")
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit resources.gpu_type a100-80gb" in err and "options:" in err
+    assert_nothing_started(tuneforge_home)

@@ -235,6 +235,7 @@ def validate_file(
 
 
 def _report_duplicates(report: ValidationReport, name: str, hashes: np.ndarray, lines: np.ndarray) -> None:
+    """Count repeated records; describe only the first few (memory stays flat with a million repeats)."""
     if len(hashes) < 2:
         return
     order = np.argsort(hashes, kind="stable")
@@ -242,9 +243,11 @@ def _report_duplicates(report: ValidationReport, name: str, hashes: np.ndarray, 
     repeat = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]) + 1
     if not len(repeat):
         return
-    # For each repeated record, the first line it appeared on.
-    group_start = np.searchsorted(sorted_hashes, sorted_hashes[repeat], side="left")
-    found = sorted(zip(lines[order[repeat]].tolist(), lines[order[group_start]].tolist()))
-    for line, first in found:
+    repeat_lines = lines[order[repeat]]
+    shown = np.argsort(repeat_lines, kind="stable")[: report.samples_per_kind]
+    # For each shown repeat, the first line the record appeared on.
+    group_start = np.searchsorted(sorted_hashes, sorted_hashes[repeat[shown]], side="left")
+    for line, first in zip(repeat_lines[shown].tolist(), lines[order[group_start]].tolist()):
         report.add(DataProblem(name, line, "duplicate", "", "each example once", f"the same example as line {first}"),
                    warning=True)
+    report.counts["duplicate"] += len(repeat) - len(shown)

@@ -95,6 +95,18 @@ def admit_job(session: Session, *, job: Job) -> bool:
 
 
 def memory_plan(spec: JobSpec) -> dict[str, Any] | None:
-    """The per-GPU memory plan of a job, from the training engine's planner once it offers a torch-free
-    entry point (issue 4); None until then, and creation checks only GPU counts and types."""
-    return None
+    """The per-GPU memory plan of a job from the planner (torch-free); None for a model it cannot describe."""
+    from tuneforge.planner import PlannerError, plan_job
+
+    try:
+        return plan_job(spec).to_dict()
+    except PlannerError:
+        return None
+
+
+def memory_problem(plan: dict[str, Any] | None) -> str | None:
+    """Why the job cannot fit the GPUs it asks for, with what would make it fit; None when it fits."""
+    if plan is None or plan["fits"]:
+        return None
+    advice = "; ".join(plan.get("recommendations", [])[:3])
+    return plan["reason"] + (f" Options: {advice}." if advice else "")

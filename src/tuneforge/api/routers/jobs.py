@@ -22,7 +22,7 @@ from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db.session import Database
 from tuneforge.scheduler import states
-from tuneforge.scheduler.admission import admit_job, capacity_problem, live_inventories, memory_plan
+from tuneforge.scheduler.admission import admit_job, capacity_problem, live_inventories, memory_plan, memory_problem
 from tuneforge.spec.api import (
     TERMINAL_STATUSES,
     FineTuningJob,
@@ -81,6 +81,9 @@ def create_job(body: JobCreateRequest, caller: Caller, db: Db,
             problem = capacity_problem(spec, live_inventories(session))
             if problem:
                 raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_capacity")
+            problem = memory_problem(memory_plan(spec))
+            if problem:
+                raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_memory")
             job = job_rows.create_job(
                 session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
                 validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
@@ -107,11 +110,12 @@ def plan_job(body: JobCreateRequest, caller: Caller, db: Db) -> JobPlan:
     with db.session() as session:
         spec = _spec_for(body, session, caller)
         inventories = live_inventories(session)
-    problem = capacity_problem(spec, inventories)
+    memory = memory_plan(spec)
+    problem = capacity_problem(spec, inventories) or memory_problem(memory)
     resources = spec.resources
     return JobPlan(
         spec=spec.model_dump(mode="json"), gpus=resources.num_gpus * resources.num_nodes, gpu_type=resources.gpu_type,
-        fits=problem is None, reason=problem, capacity=inventories, memory=memory_plan(spec),
+        fits=problem is None, reason=problem, capacity=inventories, memory=memory,
     )
 
 
