@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -32,14 +33,18 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
-def generate(directory: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
-    """The same examples twice: chat records for tuneforge, prompt/completion messages for TRL."""
+def generate(directory: Path, count: int, max_words: int, seed: int = 0) -> tuple[Path, Path]:
+    """The same examples twice: chat records for tuneforge, prompt/completion messages for TRL.
+
+    A quarter of the replies are near the length limit, so that both trainers meet batches padded to
+    the limit in the first steps whatever their shuffles: peak memory is then compared on equal shapes."""
     rng = random.Random(seed)
     chat, pairs = directory / "chat.jsonl", directory / "prompt_completion.jsonl"
     with open(chat, "w") as chat_file, open(pairs, "w") as pair_file:
         for _ in range(count):
-            user = {"role": "user", "content": sentence(rng, min(120, int(rng.lognormvariate(2.8, 0.7)) + 3))}
-            reply = {"role": "assistant", "content": sentence(rng, min(300, int(rng.lognormvariate(3.8, 0.9)) + 3))}
+            user = {"role": "user", "content": sentence(rng, min(40, int(rng.lognormvariate(2.5, 0.7)) + 3))}
+            words = max_words if rng.random() < 0.25 else min(max_words, int(rng.lognormvariate(3.2, 0.9)) + 3)
+            reply = {"role": "assistant", "content": sentence(rng, words)}
             chat_file.write(json.dumps({"messages": [user, reply]}) + "\n")
             pair_file.write(json.dumps({"prompt": [user], "completion": [reply]}) + "\n")
     return chat, pairs
@@ -62,7 +67,11 @@ def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool,
     code = ("import resource, sys; sys.argv = ['sft', '--job-dir', sys.argv[1], '--no-progress'];"
             "from tuneforge.recipes.sft import main; rc = main();"
             "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(job_dir)], capture_output=True, text=True, check=True)
+    from tuneforge.launch.commands import recipe_environment
+
+    # Launched as tuneforge launches recipes (tuneforge train, the scheduler's executors): same environment.
+    out = subprocess.run([sys.executable, "-c", code, str(job_dir)], capture_output=True, text=True, check=True,
+                         env={**os.environ, **recipe_environment()})
     rss = float(out.stdout.split("RSS")[-1])
     summary = json.loads((job_dir / "summary.json").read_text())
     events = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
@@ -92,7 +101,7 @@ def trl_child(data: str, model_dir: str, steps: int, packing: bool, max_len: int
     output = tempfile.mkdtemp(prefix="trl-out-")
     config = SFTConfig(
         output_dir=output, max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        learning_rate=2e-4, warmup_ratio=0.03, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
+        learning_rate=2e-4, warmup_steps=0.03, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
         report_to=[], max_length=max_len, packing=packing, completion_only_loss=True, seed=42,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
     )
@@ -125,17 +134,18 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--examples", type=int, default=400)
-    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     from tuneforge.engine.base_models import resolve_base_model
 
     model_dir = resolve_base_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="tf-bench-trl-"))
-    chat, pairs = generate(work, args.examples)
+    # About 1.1 tokens per generated word, plus the template: the longest examples end just under the limit.
+    chat, pairs = generate(work, args.examples, max_words=int(args.max_seq_length * 0.75))
     print(f"{args.model}, LoRA r16 all-linear, {args.steps} steps, batch {args.batch}, max length {args.max_seq_length}, "
           f"{args.rounds} alternating rounds (best of each), CPU fp32")
     for packing in (False, True):

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
+from tuneforge.spec.jobdir import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
 
 class UserError(Exception):
@@ -113,10 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run_recipe(job_dir: Path, spec, *, progress: bool) -> int:
     """Run the recipe in a child process, restarting it from its checkpoint if it dies."""
-    from tuneforge.launch.supervisor import recipe_command, supervise
+    from tuneforge.launch.commands import recipe_command
+    from tuneforge.launch.supervisor import supervise
     from tuneforge.spec.jobdir import read_summary
 
-    outcome = supervise(job_dir, recipe_command(job_dir, method=spec.method, progress=progress),
+    outcome = supervise(job_dir, recipe_command(spec, job_dir, progress=progress),
                         max_restarts=spec.checkpoint.max_restarts)
     if outcome.status == "succeeded":
         _print_summary(read_summary(job_dir), job_dir)

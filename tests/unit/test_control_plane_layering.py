@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "tuneforge"
 # puts dataset records in the registry.
 ALLOWED = {
     "api": {"api", "spec", "db", "registry", "scheduler", "settings", "home"},
-    "scheduler": {"scheduler", "spec", "db", "registry", "settings", "home"},
+    "scheduler": {"scheduler", "spec", "db", "registry", "settings", "home", "launch"},
     "registry": {"registry", "spec", "db", "data"},
     "db": {"db", "spec"},
     "spec": {"spec"},

@@ -1,7 +1,7 @@
 """Graceful stop requests: SIGTERM / SIGINT and spot-instance notices.
 
 The first request lets the current optimizer step finish, then the recipe checkpoints and exits with
-EXIT_PREEMPTED; a second signal exits at once (the checkpoints on disk are atomic, so nothing is torn).
+EXIT_PREEMPTED (spec/jobdir.py); a second signal exits at once (the checkpoints on disk are atomic, so nothing is torn).
 Spot notices are host configuration, never part of a job spec (a spec must not run commands):
   TUNEFORGE_SPOT_NOTICE_FILE      preempt when this file appears
   TUNEFORGE_SPOT_NOTICE_COMMAND   preempt when this shell command exits 0 (polled in a thread)
@@ -15,8 +15,6 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
 
 class Preempted(Exception):

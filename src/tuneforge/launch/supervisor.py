@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.engine.events import EventReporter, read_events
-
-EXIT_OK, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 2, 75
+from tuneforge.launch.commands import recipe_environment
+from tuneforge.spec.jobdir import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
 
 
 @dataclass
@@ -54,11 +54,6 @@ def _last_error(job_dir: Path, since: int) -> str | None:
     return errors[-1]["data"].get("error") if errors else None
 
 
-def recipe_command(job_dir: Path, *, method: str = "sft", progress: bool = True) -> list[str]:
-    command = [sys.executable, "-m", f"tuneforge.recipes.{method}", "--job-dir", str(job_dir)]
-    return command if progress else [*command, "--no-progress"]
-
-
 def supervise(job_dir: Path, command: list[str], *, max_restarts: int, env: dict[str, str] | None = None) -> Outcome:
     """Run command until it succeeds, is preempted, has bad input, or runs out of restarts."""
     events = EventReporter(job_dir)
@@ -76,7 +71,7 @@ def supervise(job_dir: Path, command: list[str], *, max_restarts: int, env: dict
     try:
         while True:
             events_before = sum(1 for _ in read_events(job_dir))
-            child = subprocess.Popen(command, env={**os.environ, **(env or {})})
+            child = subprocess.Popen(command, env={**os.environ, **recipe_environment(env)})
             code = child.wait()
             if code == EXIT_OK:
                 return Outcome("succeeded", code, attempts=attempts)

@@ -40,7 +40,7 @@ from tuneforge.engine.micro_batch import optimizer_state_bytes, plan_cpu, probe_
 from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packing_support
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.precision import PrecisionError, resolve_device, resolve_precision
-from tuneforge.engine.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
+from tuneforge.engine.preemption import Preempted, PreemptionWatcher
 from tuneforge.engine.progress import ProgressDisplay, process_age
 from tuneforge.engine.quiet import quiet_libraries
 from tuneforge.engine.train_step import optimizer_step
@@ -50,6 +50,9 @@ from tuneforge.spec.hyperparameters import resolve_hyperparameters
 from tuneforge.spec.jobdir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
     MODEL_DIR,
     SUMMARY_FILE,
     read_spec,
@@ -58,7 +61,6 @@ from tuneforge.spec.jobdir import (
 )
 from tuneforge.spec.loader import SpecError
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 INPUT_ERRORS = (DataError, TemplateError, ModelNotFound, PrecisionError, SpecError)
 
 

@@ -30,7 +30,8 @@ from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.models import fine_tuned_model_id, register_job_output
 from tuneforge.scheduler import states
 from tuneforge.scheduler.executors import Executor, LaunchError, Run
-from tuneforge.scheduler.launch import EXIT_OK, EXIT_PREEMPTED, RECIPE_LOG, materialize_spec, prepare_job_dir
+from tuneforge.scheduler.launch import RECIPE_LOG, materialize_spec, prepare_job_dir
+from tuneforge.spec.jobdir import EXIT_OK, EXIT_PREEMPTED
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
 from tuneforge.scheduler.queue import claim_next
 from tuneforge.scheduler.tailer import read_new_events

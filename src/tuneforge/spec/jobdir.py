@@ -8,6 +8,8 @@ DIR/adapter/            final PEFT adapter (LoRA / QLoRA), or DIR/model/ for ful
 DIR/summary.json        written last, only when the job succeeded
 
 Only stdlib here: the API and scheduler read job directories without importing torch.
+
+The recipe process is `python -m RECIPES[spec.method] --job-dir DIR`; its exit code says what happened.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.spec.job import JobSpec
+
+RECIPES = {"sft": "tuneforge.recipes.sft"}  # a closed table: a spec names a method, never a module
+EXIT_OK = 0
+EXIT_FAILED = 1  # crashed or failed: worth restarting from the last checkpoint
+EXIT_BAD_INPUT = 2  # the spec, the data or the hardware cannot work: restarting cannot help
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run again to resume
 
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"

@@ -15,7 +15,8 @@ from typing import Any
 
 from tuneforge.home import tuneforge_home
 from tuneforge.scheduler.executors import LaunchError
-from tuneforge.scheduler.launch import EXIT_PREEMPTED, recipe_args
+from tuneforge.launch.commands import recipe_args
+from tuneforge.spec.jobdir import EXIT_PREEMPTED
 from tuneforge.scheduler.placement import Node
 from tuneforge.settings import Settings
 from tuneforge.spec.job import JobSpec

@@ -18,7 +18,8 @@ from typing import Any
 
 from tuneforge.scheduler.executors import LaunchError
 from tuneforge.scheduler.executors.process import signal_group, spawn
-from tuneforge.scheduler.launch import RECIPE_LOG, recipe_command
+from tuneforge.launch.commands import recipe_command, recipe_environment
+from tuneforge.scheduler.launch import RECIPE_LOG
 from tuneforge.scheduler.placement import CPU, Node
 from tuneforge.spec.job import JobSpec
 
@@ -102,13 +103,14 @@ class LocalExecutor:
             return None  # the previous attempt's recipe is still exiting
         try:
             devices = self._take(spec.resources.num_gpus)
-            env = dict(os.environ, PYTHONUNBUFFERED="1", TUNEFORGE_JOB_ID=job_id, TUNEFORGE_ATTEMPT=str(attempt))
+            env = {**os.environ, **recipe_environment({"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id,
+                                                        "TUNEFORGE_ATTEMPT": str(attempt)})}
             if self.gpus > 0:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
             else:
                 env["CUDA_VISIBLE_DEVICES"] = ""
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.slots)))
-            command = recipe_command(spec, job_dir, nproc_per_node=spec.resources.num_gpus)
+            command = recipe_command(spec, job_dir, job_id=job_dir.name)
             try:
                 process = spawn(command, env=env, log_path=job_dir / RECIPE_LOG, pass_fds=(lock_fd,))
             except OSError as exc:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.scheduler.executors import LaunchError
-from tuneforge.scheduler.launch import RECIPE_LOG, recipe_command
+from tuneforge.launch.commands import recipe_command, recipe_environment
+from tuneforge.scheduler.launch import RECIPE_LOG
 from tuneforge.scheduler.placement import CPU, Node
 from tuneforge.spec.job import JobSpec
 
@@ -111,12 +112,12 @@ class RayExecutor:
             num_gpus=gpus if on_gpu else 0, num_cpus=self.cpus_per_job,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_ids[node_index], soft=False),
         )
-        env = {"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id, "TUNEFORGE_ATTEMPT": str(attempt)}
+        env = recipe_environment({"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id, "TUNEFORGE_ATTEMPT": str(attempt)})
         if not on_gpu:
             env["CUDA_VISIBLE_DEVICES"] = ""
         if "TUNEFORGE_HOME" in os.environ:
             env["TUNEFORGE_HOME"] = os.environ["TUNEFORGE_HOME"]
-        command = recipe_command(spec, job_dir, python=sys.executable, nproc_per_node=spec.resources.num_gpus)
+        command = recipe_command(spec, job_dir, python=sys.executable, job_id=job_dir.name)
         actor = actor_class.remote(command, env, str(job_dir / RECIPE_LOG))
         try:
             ray.get(actor.start.remote(), timeout=120)

@@ -1,0 +1,152 @@
+"""Several training processes: the process group, who does what, and how the model is shared.
+
+One process per GPU (or per CPU slot, with the gloo backend, so the whole path runs without a GPU),
+launched by torchrun. Rank 0 writes events and final artifacts; every rank trains. DDP replicates the
+model and averages gradients; FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state
+per decoder layer. Collectives have a timeout, and each step starts with a tiny all-reduce that carries
+stop requests, so a dead or stopping peer is noticed at the next step instead of hanging the job.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, on CPU for gloo, on the GPU for NCCL)."""
+        if not self.enabled:
+            return values
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on some rank (a stop request, a failed save)."""
+        return bool(self.sum([1.0 if flag else 0.0])[0]) if self.enabled else flag
+
+    def broadcast(self, value):
+        """Rank 0's value, on every rank (e.g. which checkpoint to resume from)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        if not self.enabled:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def shard(self, items: list, *, pad: bool = True) -> tuple[list, int]:
+        """This rank's contiguous share of items, and how many the largest share has (so every rank runs
+        the same number of collectives)."""
+        per_rank = -(-len(items) // self.world_size) if items else 0
+        return items[self.rank * per_rank : (self.rank + 1) * per_rank], per_rank
+
+
+def init_distributed(timeout_s: float) -> Distributed:
+    """Join the process group torchrun describes in the environment; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offload: bool, precision,
+         parallel: Distributed, num_nodes: int = 1) -> torch.nn.Module:
+    """The module the training step calls: DDP around the loss module, or FSDP2 on each decoder layer
+    and on the loss module itself (the root, which holds embeddings, final norm and LM head)."""
+    if not parallel.enabled:
+        return loss_module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [parallel.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(loss_module, device_ids=device_ids)
+    if strategy != "fsdp":
+        raise ValueError(f"resources.strategy {strategy} is not run by tuneforge's own loop")
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": sharding != "shard_grad_op"}
+    if precision.mixed:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if sharding == "hybrid_shard":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        per_node = parallel.world_size // num_nodes
+        kwargs["mesh"] = init_device_mesh(device_type, (num_nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    for layer in loss_module.base_model().get_decoder().layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(loss_module, **kwargs)
+    return loss_module
+
+
+@contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    if enabled or (not hasattr(module, "no_sync") and not hasattr(module, "set_requires_gradient_sync")):
+        yield
+        return
+    if hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+        return
+    module.set_requires_gradient_sync(False)  # FSDP2
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def local_parameter_count(module: torch.nn.Module) -> int:
+    """Parameters this rank stores: its shard under FSDP, everything under DDP."""
+    total = 0
+    for parameter in module.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        total += local.numel()
+    return total
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "no_sync") and hasattr(module, "module") else module
+
