@@ -50,7 +50,8 @@ def generate(directory: Path, count: int, max_words: int, seed: int = 0) -> tupl
     return chat, pairs
 
 
-def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool, max_len: int, batch: int) -> dict:
+def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool, max_len: int, batch: int,
+                  precision: str, checkpointing: bool) -> dict:
     from tuneforge.spec import validate_job_spec
     from tuneforge.spec.jobdir import write_spec
 
@@ -60,7 +61,8 @@ def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool,
         "dataset": {"path": str(data), "max_seq_length": max_len, "train_split": 1.0},
         "adapter": {"type": "lora", "rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "training": {"max_steps": steps, "batch_size": batch, "per_device_batch_size": batch, "learning_rate": 2e-4,
-                     "warmup_ratio": 0.03, "lr_scheduler": "cosine", "packing": packing, "seed": 42},
+                     "warmup_ratio": 0.03, "lr_scheduler": "cosine", "packing": packing, "seed": 42,
+                     "precision": precision, "gradient_checkpointing": checkpointing},
         "evaluation": {"metrics": [], "eval_before_training": False},
         "checkpoint": {"every_minutes": None},
     }))
@@ -81,7 +83,8 @@ def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool,
             "startup": {k: startup[k] for k in ("imports_s", "data_s", "model_load_s", "setup_s", "first_step_s")}}
 
 
-def trl_child(data: str, model_dir: str, steps: int, packing: bool, max_len: int, batch: int) -> None:
+def trl_child(data: str, model_dir: str, steps: int, packing: bool, max_len: int, batch: int, precision: str,
+              checkpointing: bool) -> None:
     """The baseline: what a user writes with TRL's SFTTrainer and PEFT."""
     from tuneforge.engine.progress import process_age
     from datasets import load_dataset
@@ -104,6 +107,8 @@ def trl_child(data: str, model_dir: str, steps: int, packing: bool, max_len: int
         learning_rate=2e-4, warmup_steps=0.03, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no",
         report_to=[], max_length=max_len, packing=packing, completion_only_loss=True, seed=42,
         dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
+        # TRL's own defaults are bf16 and gradient checkpointing: set both to what tuneforge runs with.
+        bf16=precision == "bf16", gradient_checkpointing=checkpointing,
     )
     trainer = SFTTrainer(
         model=model_dir, args=config, train_dataset=load_dataset("json", data_files=data, split="train"),
@@ -119,9 +124,11 @@ def trl_child(data: str, model_dir: str, steps: int, packing: bool, max_len: int
                                 "to_first_step_s": FirstStep.at, "imports_s": imported}))
 
 
-def run_trl(data: Path, model_dir: Path, steps: int, packing: bool, max_len: int, batch: int) -> dict:
+def run_trl(data: Path, model_dir: Path, steps: int, packing: bool, max_len: int, batch: int, precision: str,
+            checkpointing: bool) -> dict:
     out = subprocess.run([sys.executable, __file__, "--trl-child", str(data), str(model_dir), str(steps),
-                          str(int(packing)), str(max_len), str(batch)], capture_output=True, text=True)
+                          str(int(packing)), str(max_len), str(batch), precision, str(int(checkpointing))],
+                         capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.split("RESULT", 1)[1])
@@ -129,8 +136,9 @@ def run_trl(data: Path, model_dir: Path, steps: int, packing: bool, max_len: int
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--trl-child":
-        data, model_dir, steps, packing, max_len, batch = sys.argv[2:8]
-        trl_child(data, model_dir, int(steps), bool(int(packing)), int(max_len), int(batch))
+        data, model_dir, steps, packing, max_len, batch, precision, checkpointing = sys.argv[2:10]
+        trl_child(data, model_dir, int(steps), bool(int(packing)), int(max_len), int(batch), precision,
+                  bool(int(checkpointing)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -139,6 +147,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for both trainers")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for both trainers")
+    parser.add_argument("--packing-only", action="store_true")
+    parser.add_argument("--no-packing-only", action="store_true")
     args = parser.parse_args()
     from tuneforge.engine.base_models import resolve_base_model
 
@@ -147,12 +159,15 @@ def main() -> None:
     # About 1.1 tokens per generated word, plus the template: the longest examples end just under the limit.
     chat, pairs = generate(work, args.examples, max_words=int(args.max_seq_length * 0.75))
     print(f"{args.model}, LoRA r16 all-linear, {args.steps} steps, batch {args.batch}, max length {args.max_seq_length}, "
-          f"{args.rounds} alternating rounds (best of each), CPU fp32")
-    for packing in (False, True):
+          f"{args.rounds} alternating rounds (best of each), CPU {args.precision}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'} (both)")
+    modes = [False] if args.no_packing_only else [True] if args.packing_only else [False, True]
+    for packing in modes:
         ours, theirs = [], []
+        settings = (args.steps, packing, args.max_seq_length, args.batch, args.precision, args.gradient_checkpointing)
         for _ in range(args.rounds):
-            ours.append(run_tuneforge(work, chat, args.model, args.steps, packing, args.max_seq_length, args.batch))
-            theirs.append(run_trl(pairs, model_dir, args.steps, packing, args.max_seq_length, args.batch))
+            ours.append(run_tuneforge(work, chat, args.model, *settings))
+            theirs.append(run_trl(pairs, model_dir, *settings))
         best_ours = max(ours, key=lambda r: r["tokens"] / r["seconds"])
         best_theirs = max(theirs, key=lambda r: r["tokens"] / r["seconds"])
         speed_ours = best_ours["tokens"] / best_ours["seconds"]
