@@ -11,11 +11,13 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "tuneforge"
 
-# registry validates uploaded datasets with data.loading (stdlib only): the data flow of DESIGN.md
-# puts dataset records in the registry.
+# registry validates uploaded datasets with data.validation (stdlib only): the data flow of DESIGN.md
+# puts dataset records in the registry. The scheduler asks the planner (torch-free arithmetic over
+# spec and a config.json) whether a job can ever fit, and builds recipe commands with launch.
 ALLOWED = {
     "api": {"api", "spec", "db", "registry", "scheduler", "settings", "home"},
-    "scheduler": {"scheduler", "spec", "db", "registry", "settings", "home", "launch"},
+    "scheduler": {"scheduler", "spec", "db", "registry", "settings", "home", "launch", "planner"},
+    "planner": {"planner", "spec"},
     "registry": {"registry", "spec", "db", "data"},
     "db": {"db", "spec"},
     "spec": {"spec"},
