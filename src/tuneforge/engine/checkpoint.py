@@ -57,8 +57,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def commit_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically: staging dir, fsync, manifest last, rename into place."""
+def commit_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], meta: dict[str, Any] | None = None,
+                      parallel=None) -> Path:
+    """Write a checkpoint atomically: staging dir, fsync, manifest last, rename into place.
+
+    Under several processes every rank writes its part into the same staging directory (the job
+    directory is on storage all nodes share); rank 0 seals it only when every rank says it succeeded.
+    """
+    if parallel is not None and parallel.enabled:
+        return _commit_together(root, step, write_files, meta, parallel)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     staging = root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
@@ -66,26 +73,68 @@ def commit_checkpoint(root: Path, step: int, write_files: Callable[[Path], None]
     staging.mkdir()
     try:
         write_files(staging)
-        files = {}
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            _fsync_file(path)
-            files[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"version": 1, "step": step, "created_at": time.time(), "files": files, **(meta or {})}
-        manifest_path = staging / MANIFEST
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        _fsync_file(manifest_path)
-        _fsync_dir(staging)
-        if final.exists():  # a step re-saved after a resume: replace the old copy
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
+        _seal(staging, final, step, meta)
     except BaseException as exc:
-        # Measure before cleaning up: the staging files are what filled the disk.
-        free = shutil.disk_usage(root).free
+        explained = _cleaned_up(exc, root, staging, final)
+        if explained is exc:  # KeyboardInterrupt and friends pass through unchanged
+            raise
+        raise explained from exc
+    return final
+
+
+def _seal(staging: Path, final: Path, step: int, meta: dict[str, Any] | None) -> None:
+    """fsync every file, write the manifest last, rename the directory into place."""
+    files = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        files[str(path.relative_to(staging))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"version": 1, "step": step, "created_at": time.time(), "files": files, **(meta or {})}
+    manifest_path = staging / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    _fsync_file(manifest_path)
+    _fsync_dir(staging)
+    if final.exists():  # a step re-saved after a resume: replace the old copy
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+
+
+def _cleaned_up(exc: BaseException, root: Path, staging: Path, final: Path) -> BaseException:
+    # Measure before cleaning up: the staging files are what filled the disk.
+    free = shutil.disk_usage(root).free
+    shutil.rmtree(staging, ignore_errors=True)
+    return _explain_write_failure(exc, final, free) if isinstance(exc, Exception) else exc
+
+
+def _commit_together(root: Path, step: int, write_files, meta, parallel) -> Path:
+    final = root / checkpoint_name(step)
+    # One staging name for every rank: rank 0's pid, so a leftover of an earlier attempt never collides.
+    staging = root / f"{STAGING_PREFIX}{checkpoint_name(step)}-{parallel.broadcast(os.getpid())}"
+    if parallel.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, Exception):
-            raise _explain_write_failure(exc, final, free) from exc
-        raise
+        staging.mkdir()
+    parallel.barrier()
+    failure: BaseException | None = None
+    try:
+        write_files(staging)  # collective: DCP saves shards from every rank
+    except Exception as exc:
+        failure = exc
+    if parallel.any(failure is not None):
+        if parallel.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if failure is not None:
+            raise _explain_write_failure(failure, final, shutil.disk_usage(root).free) from failure
+        raise CheckpointWriteError(errno.EIO, f"could not write checkpoint {final.name}: another rank failed; "
+                                              "the previous checkpoints are intact")
+    sealed: BaseException | None = None
+    if parallel.is_main:
+        try:
+            _seal(staging, final, step, meta)
+        except Exception as exc:
+            sealed = _cleaned_up(exc, root, staging, final)
+    if parallel.any(sealed is not None):
+        raise sealed or CheckpointWriteError(errno.EIO, f"rank 0 could not seal checkpoint {final.name}")
     return final
 
 
@@ -197,36 +246,82 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
+
+
 def save_training_checkpoint(
-    root: Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any]
+    root: Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any], parallel=None,
+    sharded: bool = False,
 ) -> Path:
-    """A complete, verified checkpoint of a training run after `step` optimizer steps."""
+    """A complete, verified checkpoint of a training run after `step` optimizer steps.
+
+    sharded (FSDP): weights and optimizer state go through torch.distributed.checkpoint, one file per
+    rank, and can be loaded back by any number of ranks. Otherwise rank 0 writes them whole. Every rank
+    writes its own RNG state (dropout differs per rank).
+    """
     from tuneforge.engine import faults
     from tuneforge.engine.weights import save_trainable
 
+    rank = parallel.rank if parallel is not None else 0
+
     def write(directory: Path) -> None:
-        save_trainable(model, directory)
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(directory / SHARDED_DIR))
+        elif rank == 0:
+            save_trainable(model, directory)
         faults.inside_checkpoint(step)
-        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), directory / "scaler.pt")
-        torch.save(capture_rng_state(), directory / "rng.pt")
-        (directory / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        if rank == 0:
+            if not sharded:
+                torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), directory / "scaler.pt")
+            (directory / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        torch.save(capture_rng_state(), directory / rng_file(rank))
 
-    return commit_checkpoint(root, step, write, meta={"metrics": trainer_state.get("metrics", {})})
+    return commit_checkpoint(root, step, write, meta={"metrics": trainer_state.get("metrics", {})}, parallel=parallel)
 
 
-def restore_training_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+SHARDED_DIR = "sharded"
+
+
+def _sharded_state(model, optimizer) -> dict[str, Any]:
+    """Trainable weights and optimizer state as DTensor shards (frozen base weights are not saved)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def restore_training_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, parallel=None) -> dict[str, Any]:
     """Load a verified checkpoint into live objects; returns its trainer state."""
     from tuneforge.engine.weights import load_trainable
 
-    load_trainable(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if (path / SHARDED_DIR).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = _sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+        # strict=False because frozen weights are not in the checkpoint; missing trainable ones are an error.
+        result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                                options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        missing = [k for k in getattr(result, "missing_keys", []) if k in state["model"]]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trainable weights: {missing[:5]}")
+    else:
+        load_trainable(model, path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    restore_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rank = parallel.rank if parallel is not None else 0
+    rng = path / rng_file(rank)
+    # A resume on more ranks than saved: the new ranks start their RNG from rank 0's state.
+    restore_rng_state(torch.load(rng if rng.exists() else path / rng_file(0), weights_only=True))
     return read_trainer_state(path)
 
 
@@ -257,16 +352,19 @@ class CheckpointKeeper:
         by_time = bool(self.every_minutes) and time.monotonic() - self._last_time >= self.every_minutes * 60
         return by_steps or by_time
 
-    def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any]) -> tuple[Path, bool]:
+    def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any], parallel=None,
+             sharded: bool = False) -> tuple[Path, bool]:
         """Commit a checkpoint, prune old ones; returns (path, whether it is the best so far)."""
         valid_loss = trainer_state.get("metrics", {}).get("valid_loss")
         is_best = valid_loss is not None and (self.best is None or valid_loss < self.best["valid_loss"])
         if is_best:
             self.best = {"step": step, "valid_loss": valid_loss}
         path = save_training_checkpoint(self.root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, trainer_state={**trainer_state, "best": self.best})
+                                        scaler=scaler, trainer_state={**trainer_state, "best": self.best},
+                                        parallel=parallel, sharded=sharded)
         best_path = self.root / checkpoint_name(self.best["step"]) if self.best else None
-        prune_checkpoints(self.root, self.keep_last, protect={self.resumed_from, best_path})
+        if parallel is None or parallel.is_main:
+            prune_checkpoints(self.root, self.keep_last, protect={self.resumed_from, best_path})
         self.last_saved_step = step
         self._last_time = time.monotonic()
         return path, is_best

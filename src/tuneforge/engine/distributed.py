@@ -36,6 +36,16 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (imports the model, fills the tokenization cache), the others
+        after it, so they find the work done instead of repeating it side by side."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64, on CPU for gloo, on the GPU for NCCL)."""
         if not self.enabled:
@@ -115,10 +125,26 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         per_node = parallel.world_size // num_nodes
         kwargs["mesh"] = init_device_mesh(device_type, (num_nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    # Quantized base weights (QLoRA's 4-bit, int8) are frozen and carry their quantization state beside
+    # the tensor, which sharding would lose: they stay whole on every rank (at 0.5 byte per parameter,
+    # 35 GB for a 70B base) while the adapter, its gradients and optimizer state are sharded.
+    quantized = {p for p in loss_module.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
+    if quantized:
+        kwargs["ignored_params"] = quantized
     for layer in loss_module.base_model().get_decoder().layers:
         fully_shard(layer, **kwargs)
     fully_shard(loss_module, **kwargs)
     return loss_module
+
+
+def full_state_dict(root: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The whole state of a sharded root module, gathered to CPU on rank 0 (others get {}), with the
+    keys of the model inside it (CausalLMLoss's `model.` prefix removed). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(root, options=options)
+    return {key.removeprefix("model."): value for key, value in state.items()}
 
 
 @contextmanager
@@ -150,3 +176,41 @@ def local_parameter_count(module: torch.nn.Module) -> int:
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if hasattr(module, "no_sync") and hasattr(module, "module") else module
 
+
+
+@contextmanager
+def gathered(module: torch.nn.Module):
+    """Inside: an FSDP-sharded module's root weights (embeddings, final norm, LM head) are whole, so
+    code that does not go through its forward (generate) can run; decoder layers gather themselves."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def rank_memory(module: torch.nn.Module, optimizer) -> dict[str, int]:
+    """What this rank holds: its parameters (its shard under FSDP), their gradients, the optimizer
+    state, and the peak memory of the process (GPU allocations, or the resident set on a CPU)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = [local(p) for p in module.parameters()]
+    optimizer_bytes = sum(local(v).numel() * local(v).element_size() for state in optimizer.state.values()
+                          for v in state.values() if torch.is_tensor(v))
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "optimizer_state_bytes": optimizer_bytes,
+        "peak_memory_bytes": peak,
+    }

@@ -5,6 +5,7 @@ TUNEFORGE_FAULT_INJECTION is a comma-separated list of:
   kill_at_step=N         SIGKILL this process when step N has finished, before any checkpoint of step N
   kill_in_checkpoint=N   SIGKILL this process while checkpoint N is half written (before its manifest)
   oom_above_micro_batch=N  raise torch.OutOfMemoryError for any micro-batch of more than N examples
+  rank=N                 only the process of that distributed rank (RANK) gets the faults above
 Unset, every hook is a no-op costing one dict lookup.
 """
 
@@ -22,7 +23,13 @@ def _parse(text: str) -> dict[str, int]:
     return faults
 
 
-FAULTS = _parse(os.environ.get("TUNEFORGE_FAULT_INJECTION", ""))
+def _for_this_rank(faults: dict[str, int]) -> dict[str, int]:
+    if "rank" in faults and faults["rank"] != int(os.environ.get("RANK", "0")):
+        return {}
+    return faults
+
+
+FAULTS = _for_this_rank(_parse(os.environ.get("TUNEFORGE_FAULT_INJECTION", "")))
 
 
 class InjectedCrash(RuntimeError):

@@ -15,6 +15,7 @@ import torch
 
 
 CPU_MEMORY_FRACTION = 0.7  # leave room for the page cache, the data and the rest of the machine
+GPU_MEMORY_FRACTION = 0.9  # the planner is within ~10% of measured on GPUs (docs/planner.md)
 
 
 def optimizer_state_bytes(parameters: list[torch.nn.Parameter], optimizer_name: str) -> int:
@@ -47,16 +48,24 @@ def probe_cuda(loss_module, worst_batch, target: int, *, precision, reserve_byte
             torch.cuda.empty_cache()
 
 
-def plan_cpu(spec, model_dir, target: int) -> int:
-    """Largest micro-batch <= target that the planner expects to fit in this machine's available RAM."""
+def plan_micro_batch(spec, model_dir, target: int, *, device_type: str = "cpu") -> int:
+    """Largest micro-batch <= target that the planner expects to fit in one rank's memory.
+
+    On a CPU that is this machine's available RAM shared by the node's processes; on GPUs (used when
+    several processes train: an out-of-memory on one rank cannot be retried without the others) the
+    device's memory."""
     from tuneforge.planner import PlannerError, load_model_arch, plan, setup_from_job
 
+    gpu_type = "cpu" if device_type == "cpu" else spec.resources.gpu_type
     try:
         arch = load_model_arch(str(model_dir))
-        base = setup_from_job(spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": "cpu"})}))
+        base = setup_from_job(spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": gpu_type})}))
     except PlannerError:
         return target  # an architecture the planner does not know: trust the target, back off on failure
-    budget = _available_ram() * CPU_MEMORY_FRACTION
+    if device_type == "cpu":
+        budget = _available_ram() * CPU_MEMORY_FRACTION / spec.resources.num_gpus
+    else:
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * GPU_MEMORY_FRACTION
     micro = target
     while micro > 1:
         estimate = plan(arch, base.but(micro_batch=micro, grad_accum=1)).memory.total

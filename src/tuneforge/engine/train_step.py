@@ -1,7 +1,8 @@
 """One optimizer step over a list of micro-batches: forward, backward, clip, step, schedule.
 
-The loss of every micro-batch is divided by the label tokens of the whole step, so accumulating
-micro-batches gives exactly the gradient of one large batch (no per-micro-batch mean bias).
+The loss of every micro-batch is divided by the label tokens of the whole step (over every rank), so
+accumulating micro-batches, or splitting the step across processes, gives exactly the gradient of one
+large batch (no per-micro-batch or per-rank mean bias).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import torch
 
 from tuneforge.data.templating import IGNORE_INDEX
 from tuneforge.engine import faults
+from tuneforge.engine.distributed import Distributed, gradient_sync
 
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # mean loss per label token
+    loss: float  # mean loss per label token (every rank)
     token_accuracy: float
-    tokens: int  # real (non-padding) input tokens
-    padded_tokens: int  # positions computed, padding included
+    tokens: int  # real (non-padding) input tokens, every rank
+    padded_tokens: int  # positions computed, padding included, every rank
     label_tokens: int
     grad_norm: float | None
     learning_rate: float  # the rate this step used
@@ -28,23 +30,40 @@ class StepResult:
 def optimizer_step(
     loss_module, batches: list[dict[str, torch.Tensor]], *, optimizer, scheduler, scaler, precision,
     max_grad_norm: float | None, parameters: list[torch.nn.Parameter],
+    parallel: Distributed | None = None, micro_batches: int | None = None, stand_in: dict | None = None,
 ) -> StepResult:
-    label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    loss_total, correct_total, tokens, padded = 0.0, 0, 0, 0
-    for batch in batches:
+    """batches are this rank's share of the step. Under several processes every rank must run the same
+    number of forward/backward passes (FSDP gathers weights in each): `micro_batches` is that number, and
+    a rank with fewer real batches runs `stand_in` with weight 0."""
+    parallel = parallel or Distributed()
+    count = max(micro_batches or len(batches), len(batches))
+    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), 0, 0]
+    local[1] = sum(int(b["tokens"]) for b in batches)
+    local[2] = sum(b["input_ids"].numel() for b in batches)
+    label_tokens, tokens, padded = (int(v) for v in parallel.sum([float(v) for v in local]))
+    # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the sum.
+    scale = parallel.world_size / max(label_tokens, 1)
+    loss_total, correct_total = 0.0, 0
+    for index in range(count):
+        real = index < len(batches)
+        batch = batches[index] if real else (stand_in or batches[0])
         faults.before_micro_batch(batch["input_ids"].shape[0])
-        tokens += int(batch["tokens"])
-        padded += batch["input_ids"].numel()
         inputs = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "tokens" and v is not None}
-        with precision.autocast():
-            loss_sum, _, correct = loss_module(**inputs)
-        loss = loss_sum / max(label_tokens, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += float(loss_sum.detach())
-        correct_total += int(correct)
+        with gradient_sync(loss_module, enabled=index == count - 1):
+            with precision.autocast():
+                loss_sum, _, correct = loss_module(**inputs)
+            loss = loss_sum * (scale if real else 0.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if real:
+            loss_total += float(loss_sum.detach())
+            correct_total += int(correct)
+    loss_total, correct_total = parallel.sum([loss_total, float(correct_total)])
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)) if max_grad_norm else None
+    grad_norm = None
+    if max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if scaler:
         scaler.step(optimizer)
         scaler.update()

@@ -40,13 +40,21 @@ def load_trainable(model, directory: Path) -> None:
         load_model(model, str(directory / FULL_WEIGHTS), strict=True, device=str(next(model.parameters()).device))
 
 
-def publish_final(model, tokenizer, target: Path) -> Path:
-    """Write the final adapter (PEFT format) or model (HF format) with its tokenizer, atomically."""
+def publish_final(model, tokenizer, target: Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the final adapter (PEFT format) or model (HF format) with its tokenizer, atomically.
+
+    state_dict: the weights to write instead of the model's own (a sharded model's, gathered)."""
     staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with torch.no_grad():
-            model.save_pretrained(staging)
+            if state_dict is None:
+                model.save_pretrained(staging)
+            else:
+                if getattr(model.config, "tie_word_embeddings", False) and not is_peft(model):
+                    # One tensor under two names; the config re-ties them on load.
+                    state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+                model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)

@@ -12,8 +12,11 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
-             add_special_tokens: bool = False, device=None) -> list[str]:
-    """Greedy completions, stopping at EOS; prompts are left-padded so a batch ends aligned."""
+             add_special_tokens: bool = False, device=None, synced: bool = False) -> list[str]:
+    """Greedy completions, stopping at EOS; prompts are left-padded so a batch ends aligned.
+
+    synced: other ranks generate at the same time from a sharded model, so every rank keeps running
+    forward passes until all are done (transformers' synced_gpus)."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -31,6 +34,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                 use_cache=True,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -1,4 +1,9 @@
-"""Validation loss, perplexity and next-token accuracy over the tokens that carry loss."""
+"""Validation loss, perplexity and next-token accuracy over the tokens that carry loss.
+
+Under several processes each rank scores its share of the examples and the sums are added up; every
+rank runs the same number of forward passes (FSDP gathers weights in each), a short share padding with
+passes whose result is dropped.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,35 @@ import torch
 
 from tuneforge.data.batching import collate
 from tuneforge.data.templating import TokenizedExample
+from tuneforge.engine.distributed import Distributed
 
 
 @torch.no_grad()
-def evaluate_loss(loss_module, examples: list[TokenizedExample], *, batch_size: int, pad_id: int, precision) -> dict:
+def evaluate_loss(loss_module, examples: list[TokenizedExample], *, batch_size: int, pad_id: int, precision,
+                  parallel: Distributed | None = None) -> dict:
     """Token-weighted mean loss (same masking as training), its exp, and argmax accuracy."""
+    parallel = parallel or Distributed()
     was_training = loss_module.training
     loss_module.eval()
-    total_loss, total_tokens, total_correct = 0.0, 0, 0
-    # Longest first, so batches hold examples of similar length and little padding.
+    # Longest first, so batches hold examples of similar length and little padding; ranks take turns
+    # so each gets a similar mix of lengths.
     ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    mine = ordered[parallel.rank :: parallel.world_size]
+    passes = -(-len(ordered[0 :: parallel.world_size]) // batch_size) if ordered else 0
+    totals = [0.0, 0.0, 0.0]  # loss, tokens, correct
     device = precision.device
-    for start in range(0, len(ordered), batch_size):
-        batch = collate(ordered[start : start + batch_size], pad_id)
+    for index in range(passes):
+        chunk = mine[index * batch_size : (index + 1) * batch_size]
+        batch = collate(chunk or ordered[:1], pad_id)
         batch = {k: v.to(device) for k, v in batch.items() if k != "tokens"}
         with precision.autocast():
             loss_sum, tokens, correct = loss_module(**batch)
-        total_loss += float(loss_sum)
-        total_tokens += int(tokens)
-        total_correct += int(correct)
+        if chunk:
+            totals[0] += float(loss_sum)
+            totals[1] += int(tokens)
+            totals[2] += int(correct)
     loss_module.train(was_training)
+    total_loss, total_tokens, total_correct = parallel.sum(totals)
     if total_tokens == 0:
         return {}
     loss = total_loss / total_tokens
@@ -35,5 +49,5 @@ def evaluate_loss(loss_module, examples: list[TokenizedExample], *, batch_size: 
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "token_accuracy": total_correct / total_tokens,
-        "tokens": total_tokens,
+        "tokens": int(total_tokens),
     }

@@ -5,14 +5,21 @@ the machine is going away); 2 had bad input (retrying cannot help). Anything els
 from the out-of-memory killer, a lost node) is restarted up to max_restarts times; the recipe resumes
 from the newest verified checkpoint by itself; max_restarts bounds the attempts, so a crash that repeats
 at the same step is not retried forever. Stdlib only (no torch): the scheduler can use it too.
+
+Under torchrun the child is torchrun itself: when one rank dies it stops the others and exits 1,
+naming the first failure ("Root Cause ... rank: 1 ... exitcode: -9"). The supervisor keeps the tail
+of the child's stderr (while passing it through) to report which rank died and how, and reads the
+job's events to tell a preemption (every rank checkpointed and exited 75) from a failure.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,30 +61,93 @@ def _last_error(job_dir: Path, since: int) -> str | None:
     return errors[-1]["data"].get("error") if errors else None
 
 
+def _bad_input(job_dir: Path, since: int) -> bool:
+    """The attempt failed on its input (the recipe marked its error not retryable): torchrun turns a
+    rank's exit code 2 into 1, the event keeps the difference."""
+    errors = [e for i, e in enumerate(read_events(job_dir)) if i >= since and e["level"] == "error"]
+    return bool(errors) and errors[-1]["data"].get("retryable") is False
+
+
+def _was_preempted(job_dir: Path, since: int) -> bool:
+    """The attempt's last status event says preempted: every rank checkpointed and stopped on request."""
+    statuses = [e["data"].get("status") for i, e in enumerate(read_events(job_dir))
+                if i >= since and e["data"].get("kind") == "status"]
+    return bool(statuses) and statuses[-1] == "preempted"
+
+
+ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def failed_rank(stderr_tail: str) -> str | None:
+    """'rank 1 (local rank 1) killed by SIGKILL ...' from torchrun's failure report, if there is one."""
+    match = ROOT_CAUSE.search(stderr_tail)
+    if not match:
+        return None
+    rank, local_rank, code = match.groups()
+    return f"rank {rank} (local rank {local_rank}) {describe_exit(int(code))}"
+
+
+def _run_teeing(command: list[str], env: dict[str, str], on_start) -> tuple[int, str]:
+    """Run command, passing its stderr through as it comes (progress bars redraw with \\r, not
+    newlines) while keeping the last 64 KiB; returns (exit code, that tail)."""
+    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    on_start(child)
+    tail = bytearray()
+    out = getattr(sys.stderr, "buffer", None)
+
+    def pump():
+        while chunk := os.read(child.stderr.fileno(), 65536):
+            tail.extend(chunk)
+            del tail[: max(0, len(tail) - 65536)]
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    code = child.wait()
+    reader.join(timeout=10)
+    return code, tail.decode(errors="replace")
+
+
 def supervise(job_dir: Path, command: list[str], *, max_restarts: int, env: dict[str, str] | None = None) -> Outcome:
     """Run command until it succeeds, is preempted, has bad input, or runs out of restarts."""
     events = EventReporter(job_dir)
     attempts: list[Attempt] = []
     interrupts = 0
 
+    child = None
+
     def forward(signum, _frame):
         # The child handles the first signal gracefully (checkpoint, exit 75); a second one stops it at once.
         nonlocal interrupts
         interrupts += 1
-        if child.poll() is None and signum == signal.SIGTERM:
+        if child is not None and child.poll() is None and signum == signal.SIGTERM:
             child.send_signal(signum)  # a SIGINT from the terminal already reached the whole process group
+
+    def started(process):
+        nonlocal child
+        child = process
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             events_before = sum(1 for _ in read_events(job_dir))
-            child = subprocess.Popen(command, env={**os.environ, **recipe_environment(env)})
-            code = child.wait()
+            code, stderr_tail = _run_teeing(command, {**os.environ, **recipe_environment(env)}, started)
             if code == EXIT_OK:
                 return Outcome("succeeded", code, attempts=attempts)
-            if code == EXIT_PREEMPTED:
-                return Outcome("preempted", code, "stopped on request after a checkpoint", attempts)
-            reason = _last_error(job_dir, events_before) or describe_exit(code)
+            if code == EXIT_PREEMPTED or _was_preempted(job_dir, events_before):
+                return Outcome("preempted", EXIT_PREEMPTED, "stopped on request after a checkpoint", attempts)
+            if _bad_input(job_dir, events_before):
+                code = EXIT_BAD_INPUT
+            rank = failed_rank(stderr_tail)
+            reason = _last_error(job_dir, events_before) or rank or describe_exit(code)
+            if rank and rank not in reason:
+                reason = f"{rank}: {reason}"
+            if rank:  # rank 0 may not have lived to say so: the log must name the rank that failed
+                events.emit(f"{rank}", level="error", kind="rank_failed", error=reason)
             attempt = Attempt(code, _last_step(job_dir), reason)
             attempts.append(attempt)
             if code == EXIT_BAD_INPUT or interrupts:

@@ -202,7 +202,9 @@ def setup_from_job(spec) -> TrainingSetup:
         # engine/precision.py: fp32 on CPU, bf16 where the GPU has it, fp16 on older GPUs.
         precision = "fp32" if gpu == "cpu" else ("fp16" if gpu == "t4" else "bf16")
     targets = spec.adapter.target_modules
-    strategy = {"ddp": "ddp", "fsdp": "fsdp_full_shard", "deepspeed": "zero3"}[spec.resources.strategy]
+    resources = spec.resources
+    strategy = {"ddp": "ddp", "fsdp": f"fsdp_{resources.fsdp_sharding}",
+                "deepspeed": f"zero{resources.deepspeed_stage}"}[resources.strategy]
     try:
         return TrainingSetup(
             method=spec.adapter.type,
@@ -210,6 +212,7 @@ def setup_from_job(spec) -> TrainingSetup:
             num_gpus=spec.resources.num_gpus,
             num_nodes=spec.resources.num_nodes,
             strategy=strategy,
+            cpu_offload=resources.cpu_offload and resources.strategy != "ddp",
             optimizer=spec.training.optimizer,
             precision=precision,
             seq_len=spec.dataset.max_seq_length,

@@ -6,6 +6,11 @@ Reads DIR/spec.json; writes DIR/events.jsonl, DIR/checkpoints/, the final adapte
 DIR/summary.json. Never touches the database: whoever launched it reads the job directory.
 Exit codes: 0 succeeded, 1 failed, 2 bad input (not worth retrying), 75 preempted after a checkpoint.
 The steps below follow the algorithm: load, build, evaluate the base, train, save, evaluate.
+
+Under torchrun (resources.num_gpus x num_nodes > 1) every rank runs this same code on its share of each
+step (resources.strategy ddp or fsdp); rank 0 alone writes events, the summary and the final output,
+and every decision that must be the same everywhere (resume point, checkpoint now, stop) is agreed by a
+collective.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tuneforge.data.templating import PromptRenderer, TemplateError, fit_to_leng
 from tuneforge.engine import faults
 from tuneforge.engine.adapters import make_trainable, parameter_counts
 from tuneforge.engine.base_models import ModelNotFound, needs_import, resolve_base_model
+from tuneforge.engine.distributed import Distributed, full_state_dict, init_distributed, rank_memory, shutdown, wrap
 from tuneforge.engine.checkpoint import (
     CheckpointKeeper,
     checkpoint_bytes,
@@ -36,7 +42,7 @@ from tuneforge.engine.checkpoint import (
 )
 from tuneforge.engine.events import EventReporter
 from tuneforge.engine.loss import CausalLMLoss
-from tuneforge.engine.micro_batch import optimizer_state_bytes, plan_cpu, probe_cuda
+from tuneforge.engine.micro_batch import optimizer_state_bytes, plan_micro_batch, probe_cuda
 from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packing_support
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.precision import PrecisionError, resolve_device, resolve_precision
@@ -79,11 +85,12 @@ def run(job_dir: Path, *, progress: bool = True) -> dict:
     started = time.time()
     quiet_libraries()
     spec = read_spec(job_dir)
-    events = EventReporter(job_dir)
-    display = ProgressDisplay(enabled=progress)
+    parallel = init_distributed(spec.resources.collective_timeout_s)
+    events = EventReporter(job_dir, enabled=parallel.is_main)
+    display = ProgressDisplay(enabled=progress and parallel.is_main)
     watcher = PreemptionWatcher.from_environment().install()
     try:
-        return _run(job_dir, spec, events, display, watcher, started)
+        return _run(job_dir, spec, events, display, watcher, started, parallel)
     except Preempted:
         raise
     except BaseException as exc:
@@ -94,10 +101,11 @@ def run(job_dir: Path, *, progress: bool = True) -> dict:
     finally:
         display.close()
         watcher.uninstall()
+        shutdown()
 
 
 def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, watcher: PreemptionWatcher,
-         started: float) -> dict:
+         started: float, parallel: Distributed) -> dict:
     train_cfg, data_cfg = spec.training, spec.dataset
     # Start-up phases, reported with the first step: what a user waits for before training starts.
     startup = {"imports_s": process_age(), "clock": time.perf_counter()}
@@ -113,22 +121,30 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         display.message(message)
 
     # 1. Hardware, precision, seeds.
-    device = resolve_device()
+    device = resolve_device(parallel.local_rank)
     precision = resolve_precision(train_cfg.precision, device)
+    strategy = spec.resources.strategy if parallel.enabled else "single"
+    if strategy == "deepspeed":
+        raise SpecError("resources.strategy deepspeed runs through DeepSpeed's engine, which tuneforge does not "
+                        "drive yet; use fsdp (ZeRO-3 equivalent) or ddp")
+    sharded = strategy == "fsdp"
+    # Same seed on every rank: identical adapter initialization (FSDP shards each rank's own copy).
     seed_everything(train_cfg.seed)
-    note(f"job started on {device.type} in {precision.name}", kind="status", status="running", device=str(device),
-         precision=precision.name)
+    where = f"{parallel.world_size} processes ({strategy})" if parallel.enabled else device.type
+    note(f"job started on {where} in {precision.name}", kind="status", status="running", device=str(device),
+         precision=precision.name, world_size=parallel.world_size, strategy=strategy)
 
     # 2. Tokenizer and data: validated and tokenized once (cached by content hash), split, fitted.
-    if needs_import(spec.model.base_model):
-        note(f"importing {spec.model.base_model} into the model cache (first use only)", kind="model_import")
-    model_dir = resolve_base_model(spec.model.base_model)
-    tokenizer = load_tokenizer(model_dir)
-    data_format, _ = iter_examples(data_cfg.path, data_cfg.format)
-    renderer = PromptRenderer(tokenizer, resolve_template(data_cfg.prompt_template, data_format, tokenizer))
-    train_set = load_tokenized(data_cfg.path, data_format, renderer)
-    if data_cfg.validation_path:
-        val_set = load_tokenized(data_cfg.validation_path, data_format, renderer)
+    with parallel.main_first():
+        if needs_import(spec.model.base_model):
+            note(f"importing {spec.model.base_model} into the model cache (first use only)", kind="model_import")
+        model_dir = resolve_base_model(spec.model.base_model)
+        tokenizer = load_tokenizer(model_dir)
+        data_format, _ = iter_examples(data_cfg.path, data_cfg.format)
+        renderer = PromptRenderer(tokenizer, resolve_template(data_cfg.prompt_template, data_format, tokenizer))
+        train_set = load_tokenized(data_cfg.path, data_format, renderer)
+        val_set = load_tokenized(data_cfg.validation_path, data_format, renderer) if data_cfg.validation_path else None
+    if val_set is not None:
         train_ids, val_ids = list(range(len(train_set))), list(range(len(val_set)))
     else:
         val_set = train_set
@@ -158,13 +174,16 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
 
     # 3. The checkpoint to resume from, if this job directory has one that verifies.
     checkpoints = job_dir / CHECKPOINTS_DIR
-    for leftover in remove_staging(checkpoints):
-        note(f"removed unfinished checkpoint {leftover.name}", kind="checkpoint_discarded", path=leftover.name)
-    resumed_from = latest_valid_checkpoint(
-        checkpoints,
-        on_invalid=lambda path, why: note(f"skipping checkpoint {path.name}: {why}", level="warning",
-                                          kind="checkpoint_invalid", path=path.name, reason=why),
-    )
+    resumed_from = None
+    if parallel.is_main:  # one rank decides, so every rank resumes from the same checkpoint
+        for leftover in remove_staging(checkpoints):
+            note(f"removed unfinished checkpoint {leftover.name}", kind="checkpoint_discarded", path=leftover.name)
+        resumed_from = latest_valid_checkpoint(
+            checkpoints,
+            on_invalid=lambda path, why: note(f"skipping checkpoint {path.name}: {why}", level="warning",
+                                              kind="checkpoint_invalid", path=path.name, reason=why),
+        )
+    resumed_from = parallel.broadcast(resumed_from)
     saved_state = read_trainer_state(resumed_from) if resumed_from else {}
 
     # 4. The base model, and how it scores before training (measured once, kept across resumes).
@@ -175,7 +194,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     base_metrics = saved_state.get("base_metrics", {})
     if spec.evaluation.eval_before_training and val_tokens and not resumed_from:
         base_metrics = _scalars(evaluate(model, CausalLMLoss(model), tokenizer, renderer, val_examples, val_tokens,
-                                         spec.evaluation, batch_size=eval_batch, precision=precision), keep_samples=True)
+                                         spec.evaluation, batch_size=eval_batch, precision=precision,
+                                         parallel=parallel), keep_samples=True)
         note(f"base model: {_fmt(base_metrics)}", kind="eval", model="base", step=0, metrics=_scalars(base_metrics))
 
     phase("base_eval_s")
@@ -185,7 +205,6 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                            gradient_checkpointing=train_cfg.gradient_checkpointing)
     model.train()
     trainable, total = parameter_counts(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
     loss_module = CausalLMLoss(model)
     attention = model.config._attn_implementation
     supported, why_not = packing_support(model.config, attention, data_cfg.max_seq_length)
@@ -196,21 +215,29 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                       attention=attention)
     spec = resolve_hyperparameters(spec, len(train_tokens), num_rows=len(batcher) if packing else None)
     if spec.training.per_device_batch_size == "auto":
-        target = spec.training.batch_size  # one process here: the whole step on this device
-        if device.type == "cuda":
+        target = -(-spec.training.batch_size // parallel.world_size)  # this device's share of a step
+        if device.type == "cuda" and not parallel.enabled:
             lengths = batcher.unit_lengths()
             longest = sorted(range(len(batcher)), key=lambda u: -lengths[u])[:target]
+            trainable_params = [p for p in model.parameters() if p.requires_grad]
             micro = probe_cuda(loss_module, lambda n: batcher.collate(longest[:n]), target, precision=precision,
-                               reserve_bytes=optimizer_state_bytes(parameters, train_cfg.optimizer))
+                               reserve_bytes=optimizer_state_bytes(trainable_params, train_cfg.optimizer))
         else:
-            micro = plan_cpu(spec, model_dir, target)
+            # Several ranks cannot probe (an out-of-memory on one strands the others in a collective):
+            # the planner's per-rank estimate decides, the smallest answer of any rank wins.
+            micro = min(parallel.gather(plan_micro_batch(spec, model_dir, target, device_type=device.type)))
         spec = resolve_hyperparameters(spec, len(train_tokens), num_rows=len(batcher) if packing else None,
                                        micro_batch=micro)
     spec.training.packing = packing
     train_cfg = spec.training
     write_spec(job_dir, spec)  # the resolved spec: what this job really runs with
 
-    # 6. The optimizer and the step schedule (over examples, or over packed rows).
+    # 6. Shard or replicate across ranks (before the optimizer: FSDP replaces the parameters), the
+    # optimizer and the step schedule (over examples, or over packed rows).
+    train_module = wrap(loss_module, strategy=strategy, sharding=spec.resources.fsdp_sharding,
+                        cpu_offload=spec.resources.cpu_offload, precision=precision, parallel=parallel,
+                        num_nodes=spec.resources.num_nodes)
+    parameters = [p for p in model.parameters() if p.requires_grad]
     schedule = StepSchedule(len(batcher), examples_per_step=train_cfg.batch_size, seed=train_cfg.seed,
                             num_epochs=train_cfg.num_epochs, max_steps=train_cfg.max_steps)
     optimizer = build_optimizer(model, train_cfg)
@@ -243,7 +270,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 f"cannot resume from {resumed_from}: the data or batch settings changed since it was saved "
                 f"({saved_state.get('data_position')} then, {data_position} now)"
             )
-        restore_training_checkpoint(resumed_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        restore_training_checkpoint(resumed_from, model=train_module if sharded else model, optimizer=optimizer,
+                                    scheduler=scheduler, scaler=scaler, parallel=parallel)
         start_step = saved_state["step"]
         state.update({k: saved_state[k] for k in state if k in saved_state})
         note(f"resumed from {resumed_from.name} at step {start_step}", kind="resumed", step=start_step,
@@ -253,11 +281,13 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                               resumed_from=resumed_from, best=saved_state.get("best"))
 
     def checkpoint(step: int, metrics: dict) -> None:
-        path, is_best = keeper.save(step, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        path, is_best = keeper.save(step, model=train_module if sharded else model, optimizer=optimizer,
+                                    scheduler=scheduler, scaler=scaler, parallel=parallel, sharded=sharded,
                                     trainer_state={**state, "epoch": schedule.epoch_at(step), "data_position": data_position,
                                                    "metrics": metrics, "base_metrics": base_metrics})
-        events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step, path=f"{CHECKPOINTS_DIR}/{path.name}",
-                    bytes=checkpoint_bytes(path), metrics=metrics, is_best=is_best)
+        if parallel.is_main:
+            events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step, path=f"{CHECKPOINTS_DIR}/{path.name}",
+                        bytes=checkpoint_bytes(path), metrics=metrics, is_best=is_best)
 
     phase("setup_s")
 
@@ -266,22 +296,26 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     last_eval: dict = {}
     losses: list[float] = []
     train_started = time.monotonic() - state["train_seconds"]
+    # A rank whose share of a step is short runs this with weight 0 (same collectives on every rank).
+    stand_in = batcher.collate((0,)) if parallel.enabled else None
     for step in range(start_step, schedule.total_steps):
         step_started = time.perf_counter()
         plan = schedule.plan(step)
+        mine, per_rank = parallel.shard(list(plan.example_ids))
         while True:
-            batches = [batcher.collate(units) for units in micro_batches(plan.example_ids, micro)]
+            batches = [batcher.collate(units) for units in micro_batches(tuple(mine), micro)]
             try:
-                result = optimizer_step(loss_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                result = optimizer_step(train_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                         precision=precision, max_grad_norm=train_cfg.max_grad_norm,
-                                        parameters=parameters)
+                                        parameters=parameters, parallel=parallel,
+                                        micro_batches=-(-per_rank // micro), stand_in=stand_in)
                 break
             except torch.OutOfMemoryError:
                 # Nothing was stepped yet: drop the partial gradients and redo the step in smaller pieces.
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                if micro == 1:
+                if micro == 1 or parallel.enabled:  # the other ranks are already in the next collective
                     raise
                 micro //= 2
                 note(f"out of memory at step {step + 1}; continuing with micro-batches of {micro}",
@@ -315,15 +349,17 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
             break
 
         if spec.evaluation.eval_every_steps and done % spec.evaluation.eval_every_steps == 0 and val_tokens:
-            last_eval = evaluate(model, loss_module, tokenizer, renderer, val_examples, val_tokens, spec.evaluation,
-                                 batch_size=eval_batch, precision=precision)
+            last_eval = evaluate(model, _eval_module(train_module), tokenizer, renderer, val_examples, val_tokens,
+                                 spec.evaluation, batch_size=eval_batch, precision=precision, parallel=parallel)
             events.metrics(f"step {done}: {_fmt(last_eval)}", step=done, total_steps=schedule.total_steps,
                            **{f"valid_{k}": v for k, v in _scalars(last_eval).items()})
             display.message(f"step {done}: {_fmt(last_eval)}")
         metrics = {"train_loss": result.loss, **{f"valid_{k}": v for k, v in _scalars(last_eval).items()}}
-        if keeper.due(done) or watcher.requested:
+        # Time-based checkpoints and stop requests can differ between ranks: any rank's wins for all.
+        due, stop = (bool(v) for v in parallel.sum([float(keeper.due(done)), float(watcher.requested)]))
+        if due or stop:
             checkpoint(done, metrics)
-        if watcher.requested:
+        if stop:
             note(f"preempted ({watcher.reason}) after step {done}; checkpoint saved, the job resumes from it",
                  level="warning", kind="status", status="preempted", step=done, reason=watcher.reason)
             raise Preempted(done, watcher.reason)
@@ -332,14 +368,20 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     final_step = schedule.total_steps
     checkpoint(final_step, {"train_loss": losses[-1] if losses else None})
     output = job_dir / (MODEL_DIR if full else ADAPTER_DIR)
-    publish_final(model, tokenizer, output)
-    note(f"saved the {'model' if full else 'adapter'} to {output.name}/", kind="artifact", path=output.name)
+    # A sharded model is gathered into one state dict on rank 0 (collective) and written as one file.
+    consolidated = full_state_dict(train_module, trainable_only=not full) if sharded else None
+    if parallel.is_main:
+        publish_final(model, tokenizer, output, state_dict=consolidated)
+        note(f"saved the {'model' if full else 'adapter'} to {output.name}/", kind="artifact", path=output.name)
+    del consolidated
+    parallel.barrier()
 
     # 10. Evaluate the fine-tuned model, and write the summary last: its presence means success.
     final_metrics = {}
     if val_tokens:
-        final_metrics = _scalars(evaluate(model, loss_module, tokenizer, renderer, val_examples, val_tokens,
-                                          spec.evaluation, batch_size=eval_batch, precision=precision), keep_samples=True)
+        final_metrics = _scalars(evaluate(model, _eval_module(train_module), tokenizer, renderer, val_examples,
+                                          val_tokens, spec.evaluation, batch_size=eval_batch, precision=precision,
+                                          parallel=parallel), keep_samples=True)
         note(f"fine-tuned model: {_fmt(final_metrics)}", kind="eval", model="fine-tuned", step=final_step,
              metrics=_scalars(final_metrics))
     tail = losses[-10:]
@@ -362,10 +404,22 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         "output": output.name,
         "train_seconds": round(state["train_seconds"], 2),
         "wall_time_s": round(time.time() - started, 2),
+        "world_size": parallel.world_size,
+        "strategy": strategy,
+        # What each rank held: FSDP's shards, DDP's replicas (checked against the memory planner).
+        "ranks": parallel.gather({"rank": parallel.rank, **rank_memory(train_module, optimizer)}),
     }
+    if not parallel.is_main:
+        return summary
     write_json_atomic(job_dir / SUMMARY_FILE, summary)
     events.emit("job succeeded", kind="status", status="succeeded", summary=_scalars(summary))
     return summary
+
+
+def _eval_module(train_module):
+    """What evaluation calls: FSDP's root itself (its forward gathers the shards), DDP's inner module
+    (no gradient synchronization to set up for a forward without backward)."""
+    return train_module.module if hasattr(train_module, "no_sync") else train_module
 
 
 def _scalars(metrics: dict, *, keep_samples: bool = False) -> dict:

@@ -61,6 +61,7 @@ class Attempt:
     stop_reason: str | None = None  # cancelled | paused | lost | superseded | shutdown
     stop_sent_at: float | None = None
     last_error: str | None = None
+    last_status: str | None = None  # the recipe's own last word: running, preempted, failed, succeeded
 
 
 class Worker:
@@ -195,9 +196,11 @@ class Worker:
         if offset == attempt.events_offset:
             return
         for event in events:
+            data = event.get("data") or {}
             if event.get("level") == "error":
-                data = event.get("data") or {}
                 attempt.last_error = str(data.get("error") or event.get("message") or "")
+            if data.get("kind") == "status":
+                attempt.last_status = data.get("status")
         with self.db.session() as session:
             stored = ingest(session, job_id=attempt.job_id, attempt=attempt.attempt, worker_id=self.worker_id,
                             events=events, offset=offset)
@@ -236,6 +239,8 @@ class Worker:
     # ---- outcome ------------------------------------------------------------------------------------
 
     def _finish(self, attempt: Attempt, code: int | None) -> None:
+        if code not in (EXIT_OK, EXIT_PREEMPTED, None) and attempt.last_status == "preempted":
+            code = EXIT_PREEMPTED  # torchrun exits 1 even when every rank stopped with 75 after a checkpoint
         summary = read_summary(attempt.job_dir) if code == EXIT_OK else None
         used = (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
         with self.db.session() as session:

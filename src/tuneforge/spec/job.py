@@ -140,6 +140,23 @@ class ResourcesSpec(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="How several processes share the work: ddp, fsdp (sharded) or deepspeed (ZeRO)."
     )
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard",
+        description="FSDP: full_shard shards parameters, gradients and optimizer state; shard_grad_op keeps "
+        "parameters gathered between forward and backward; hybrid_shard shards within a node, replicates across.",
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP, DeepSpeed)."
+    )
+    deepspeed_stage: Literal[2, 3] = Field(
+        3, description="DeepSpeed ZeRO stage: 2 shards gradients and optimizer state, 3 also the parameters."
+    )
+    deepspeed_config: str | None = Field(
+        None, description="Path to your own DeepSpeed JSON; replaces the config generated from this spec."
+    )
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a collective may wait for the other ranks before the job fails."
+    )
     priority: int = Field(
         0, ge=-100, le=100, description="Scheduling priority among the same tenant's queued jobs; higher starts first."
     )
