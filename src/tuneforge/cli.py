@@ -108,17 +108,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     write_spec(job_dir, spec)
     print(f"job directory: {job_dir}", file=sys.stderr)
-    return _run_recipe(job_dir, spec, progress=not args.no_progress)
+    nodes = spec.resources.num_nodes
+    if nodes > 1 and args.node_rank is None:
+        _print_node_commands(job_dir, spec, args.rdzv_endpoint)
+        return EXIT_OK
+    if args.node_rank is not None and not 0 <= args.node_rank < nodes:
+        raise UserError(f"--node-rank {args.node_rank}: expected 0 to {nodes - 1} (resources.num_nodes is {nodes})")
+    if nodes > 1 and not args.rdzv_endpoint:
+        raise UserError("--node-rank needs --rdzv-endpoint HOST:PORT (node 0's address, the same on every node)")
+    return _run_recipe(job_dir, spec, progress=not args.no_progress, node_rank=args.node_rank or 0,
+                       rdzv_endpoint=args.rdzv_endpoint)
 
 
-def _run_recipe(job_dir: Path, spec, *, progress: bool) -> int:
-    """Run the recipe in a child process, restarting it from its checkpoint if it dies."""
+def _print_node_commands(job_dir: Path, spec, endpoint: str | None) -> None:
+    """What to run on each node: the job directory must be on storage every node mounts at the same path."""
+    import socket
+
+    from tuneforge.launch.commands import DEFAULT_RDZV_PORT
+
+    endpoint = endpoint or f"{socket.getfqdn()}:{DEFAULT_RDZV_PORT}"
+    r = spec.resources
+    print(f"a job on {r.num_nodes} nodes x {r.num_gpus} processes: run on each node (job directory on shared storage):")
+    for node in range(r.num_nodes):
+        print(f"  node {node}: tuneforge train --resume {job_dir} --node-rank {node} --rdzv-endpoint {endpoint}")
+
+
+def _run_recipe(job_dir: Path, spec, *, progress: bool, node_rank: int = 0, rdzv_endpoint: str | None = None) -> int:
+    """Run the recipe in a child process (torchrun for several), restarting it from its checkpoint if it dies."""
     from tuneforge.launch.commands import recipe_command
     from tuneforge.launch.supervisor import supervise
     from tuneforge.spec.jobdir import read_summary
 
-    outcome = supervise(job_dir, recipe_command(spec, job_dir, progress=progress),
-                        max_restarts=spec.checkpoint.max_restarts)
+    command = recipe_command(spec, job_dir, progress=progress, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                             job_id=job_dir.name)
+    outcome = supervise(job_dir, command, max_restarts=spec.checkpoint.max_restarts)
+    if outcome.status == "succeeded" and node_rank != 0:
+        print(f"node {node_rank}: done; node 0 wrote the results to {job_dir}", file=sys.stderr)
+        return EXIT_OK
     if outcome.status == "succeeded":
         _print_summary(read_summary(job_dir), job_dir)
         return EXIT_OK
@@ -172,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--job-dir", type=Path, help="job directory (default: $TUNEFORGE_HOME/jobs/NAME-TIME)")
     train.add_argument("--resume", type=Path, metavar="JOB_DIR", help="continue a stopped or crashed job from its newest verified checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    train.add_argument("--node-rank", type=int, metavar="N",
+                       help="multi-node jobs: this machine's node (0 .. resources.num_nodes-1); without it, print each node's command")
+    train.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="multi-node jobs: node 0's rendezvous address")
     train.set_defaults(handler=cmd_train)
 
     spec = commands.add_parser("spec", help="print the job spec reference, or validate a spec file and print it resolved")

@@ -117,7 +117,7 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
     kwargs = {"reshard_after_forward": sharding != "shard_grad_op"}
     if precision.mixed:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32)
-    if cpu_offload:
+    if cpu_offload and torch.cuda.is_available():  # on a CPU the shards already live in host memory
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if sharding == "hybrid_shard":
         from torch.distributed.device_mesh import init_device_mesh

@@ -237,6 +237,9 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     train_module = wrap(loss_module, strategy=strategy, sharding=spec.resources.fsdp_sharding,
                         cpu_offload=spec.resources.cpu_offload, precision=precision, parallel=parallel,
                         num_nodes=spec.resources.num_nodes)
+    if sharded and spec.resources.cpu_offload and device.type == "cpu":
+        note("resources.cpu_offload has no effect when training on CPUs: the shards already live in host memory",
+             level="warning", kind="cpu_offload_ignored")
     parameters = [p for p in model.parameters() if p.requires_grad]
     schedule = StepSchedule(len(batcher), examples_per_step=train_cfg.batch_size, seed=train_cfg.seed,
                             num_epochs=train_cfg.num_epochs, max_steps=train_cfg.max_steps)
