@@ -46,6 +46,10 @@ def _preflight(spec) -> None:
             f"model.base_model {spec.model.base_model!r}: expected a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "
             "or a local Hugging Face model directory with a config.json"
         )
+    from tuneforge.launch.deepspeed import deepspeed_problem
+
+    if problem := deepspeed_problem(spec):
+        raise UserError(problem)
     from tuneforge.planner import PlannerError, plan_job
 
     try:

@@ -206,3 +206,14 @@ def test_jobs_that_no_worker_can_hold_are_refused_at_creation(server):
     plan = a.http.post("/v1/fine_tuning/jobs/plan", json={"model": "smollm2-135m-instruct",
                                                             "training_file": training["id"], "tuneforge": huge}).json()
     assert plan["fits"] is False and plan["memory"]["fits"] is False
+
+
+def test_a_deepspeed_job_with_an_unusable_config_is_refused_at_creation(server, tmp_path):
+    a = Api(server, "tenant-a")
+    training = a.upload(EXAMPLE_DATA / "train.jsonl")
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": {"stage": 3},\n "train_batch_size": }')
+    body = {"model": "tiny-llama", "training_file": training["id"],
+            "tuneforge": {"resources": {"num_gpus": 2, "strategy": "deepspeed", "deepspeed_config": str(broken)}}}
+    error = assert_error(a.create(body), 400, param="tuneforge.resources.strategy", code="invalid_strategy")
+    assert "ds.json: line 2 column" in error["message"]

@@ -225,3 +225,34 @@ def test_fsdp_qlora_keeps_the_4bit_base_whole_and_shards_the_adapter(tmp_path, t
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(job_dir / "adapter").r == 8
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process_and_consolidates_the_adapter(stage, single, tmp_path, tiny_model_dir,
+                                                                             tuneforge_home):
+    pytest.importorskip("deepspeed")
+    job_dir = job_with(tmp_path, tiny_model_dir, "zero", processes=2, strategy="deepspeed",
+                       resources={"deepspeed_stage": stage})
+    assert run(job_dir, tuneforge_home).status == "succeeded"
+    assert_same_curve(losses(job_dir), losses(single))
+    assert_same_weights(load_file(job_dir / "adapter" / "adapter_model.safetensors"),
+                        load_file(single / "adapter" / "adapter_model.safetensors"))
+    summary = json.loads((job_dir / "summary.json").read_text())
+    total = json.loads((single / "summary.json").read_text())["ranks"][0]["parameters"]
+    for rank in summary["ranks"]:
+        share = rank["parameters"] / total
+        # ZeRO-3 partitions the parameters; ZeRO-2 keeps them whole and partitions the optimizer state.
+        assert abs(share - (0.5 if stage == 3 else 1.0)) < 0.02, rank
+    single_optimizer = json.loads((single / "summary.json").read_text())["ranks"][0]["optimizer_state_bytes"]
+    assert all(abs(r["optimizer_state_bytes"] / single_optimizer - 0.5) < 0.02 for r in summary["ranks"])
+
+
+def test_deepspeed_resumes_from_its_zero_checkpoint_after_a_rank_dies(single, tmp_path, tiny_model_dir, tuneforge_home):
+    pytest.importorskip("deepspeed")
+    job_dir = job_with(tmp_path, tiny_model_dir, "zero-killed", processes=2, strategy="deepspeed",
+                       resources={"deepspeed_stage": 3})
+    outcome = run(job_dir, tuneforge_home, faults="kill_at_step=3,rank=0")
+    assert outcome.status == "failed" and "rank 0 (local rank 0) killed by SIGKILL" in outcome.reason
+    assert run(job_dir, tuneforge_home).status == "succeeded"
+    assert any(e["data"].get("kind") == "resumed" and e["data"]["step"] == 2 for e in read_events(job_dir))
+    assert_same_curve(losses(job_dir), losses(single))

@@ -265,8 +265,12 @@ def save_training_checkpoint(
 
     rank = parallel.rank if parallel is not None else 0
 
+    deepspeed = hasattr(model, "is_gradient_accumulation_boundary")
+
     def write(directory: Path) -> None:
-        if sharded:
+        if deepspeed:  # every rank writes its ZeRO partitions of the trainable weights and optimizer state
+            model.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        elif sharded:
             import torch.distributed.checkpoint as dcp
 
             dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(directory / SHARDED_DIR))
@@ -274,7 +278,7 @@ def save_training_checkpoint(
             save_trainable(model, directory)
         faults.inside_checkpoint(step)
         if rank == 0:
-            if not sharded:
+            if not sharded and not deepspeed:
                 torch.save(optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(scheduler.state_dict(), directory / "scheduler.pt")
             if scaler is not None:
@@ -286,6 +290,7 @@ def save_training_checkpoint(
 
 
 SHARDED_DIR = "sharded"
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 
 
 def _sharded_state(model, optimizer) -> dict[str, Any]:
@@ -300,7 +305,11 @@ def restore_training_checkpoint(path: Path, *, model, optimizer, scheduler, scal
     """Load a verified checkpoint into live objects; returns its trainer state."""
     from tuneforge.engine.weights import load_trainable
 
-    if (path / SHARDED_DIR).is_dir():
+    if (path / DEEPSPEED_DIR).is_dir():
+        loaded, _ = model.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False)
+        if loaded is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+    elif (path / SHARDED_DIR).is_dir():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

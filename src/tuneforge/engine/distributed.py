@@ -110,8 +110,10 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
 
         device_ids = [parallel.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(loss_module, device_ids=device_ids)
+    if strategy == "deepspeed":
+        return loss_module  # start_deepspeed wraps it, once the optimizer exists
     if strategy != "fsdp":
-        raise ValueError(f"resources.strategy {strategy} is not run by tuneforge's own loop")
+        raise ValueError(f"resources.strategy {strategy}: expected ddp, fsdp or deepspeed")
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {"reshard_after_forward": sharding != "shard_grad_op"}
@@ -138,8 +140,17 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
 
 
 def full_state_dict(root: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The whole state of a sharded root module, gathered to CPU on rank 0 (others get {}), with the
-    keys of the model inside it (CausalLMLoss's `model.` prefix removed). Collective."""
+    """The whole state of a sharded root module (FSDP, or a DeepSpeed engine), gathered to CPU on
+    rank 0 (others get {}), with the keys of the model inside it (CausalLMLoss's `model.` prefix
+    removed). Collective."""
+    if is_deepspeed(root):
+        if root.zero_optimization_stage() == 3:
+            state = root._zero3_consolidated_16bit_state_dict() or {}  # rank 0 only; every rank must call
+        else:  # ZeRO-2 keeps the parameters whole on every rank
+            state = root.module.state_dict() if dist.get_rank() == 0 else {}
+        trainable = {name for name, p in root.module.named_parameters() if p.requires_grad}
+        return {key.removeprefix("model."): value.detach().cpu() for key, value in state.items()
+                if not trainable_only or key in trainable}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
@@ -147,10 +158,28 @@ def full_state_dict(root: torch.nn.Module, *, trainable_only: bool) -> dict[str,
     return {key.removeprefix("model."): value for key, value in state.items()}
 
 
+def is_deepspeed(module) -> bool:
+    return hasattr(module, "is_gradient_accumulation_boundary")
+
+
+def start_deepspeed(loss_module: torch.nn.Module, optimizer, scheduler, config: dict):
+    """A DeepSpeed ZeRO engine around the loss module, running our optimizer and schedule."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
+    if engine.zero_optimization_stage() == 3:
+        # The fused loss reads the LM head's weight without calling the module: ZeRO-3 must gather it
+        # for CausalLMLoss's own forward too.
+        head = loss_module.base_model().get_output_embeddings()
+        deepspeed.zero.register_external_parameter(loss_module, head.weight)
+    return engine
+
+
 @contextmanager
 def gradient_sync(module: torch.nn.Module, enabled: bool):
     """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
-    if enabled or (not hasattr(module, "no_sync") and not hasattr(module, "set_requires_gradient_sync")):
+    if enabled or is_deepspeed(module) or (not hasattr(module, "no_sync") and not hasattr(module, "set_requires_gradient_sync")):
         yield
         return
     if hasattr(module, "no_sync"):  # DDP
@@ -174,6 +203,8 @@ def local_parameter_count(module: torch.nn.Module) -> int:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """What evaluation calls: the loss module inside DDP or a DeepSpeed engine (ZeRO-3's hooks live on
+    the module), or FSDP2's root itself (its forward gathers the shards)."""
     return module.module if hasattr(module, "no_sync") and hasattr(module, "module") else module
 
 
@@ -196,9 +227,11 @@ def rank_memory(module: torch.nn.Module, optimizer) -> dict[str, int]:
     """What this rank holds: its parameters (its shard under FSDP), their gradients, the optimizer
     state, and the peak memory of the process (GPU allocations, or the resident set on a CPU)."""
     def local(t):
+        if hasattr(t, "ds_tensor"):  # ZeRO-3: the parameter is empty outside forward, its shard is here
+            return t.ds_tensor
         return t.to_local() if hasattr(t, "to_local") else t
 
-    params = [local(p) for p in module.parameters()]
+    pairs = [(p, local(p)) for p in module.parameters()]
     optimizer_bytes = sum(local(v).numel() * local(v).element_size() for state in optimizer.state.values()
                           for v in state.values() if torch.is_tensor(v))
     if torch.cuda.is_available():
@@ -208,9 +241,9 @@ def rank_memory(module: torch.nn.Module, optimizer) -> dict[str, int]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "parameters": sum(p.numel() for p in params),
-        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
-        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "parameters": sum(t.numel() for _, t in pairs),
+        "parameter_bytes": sum(t.numel() * t.element_size() for _, t in pairs),
+        "trainable_parameters": sum(t.numel() for p, t in pairs if p.requires_grad),
         "optimizer_state_bytes": optimizer_bytes,
         "peak_memory_bytes": peak,
     }

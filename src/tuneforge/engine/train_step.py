@@ -36,11 +36,14 @@ def optimizer_step(
     number of forward/backward passes (FSDP gathers weights in each): `micro_batches` is that number, and
     a rank with fewer real batches runs `stand_in` with weight 0."""
     parallel = parallel or Distributed()
+    # A DeepSpeed engine clips, steps the optimizer and the schedule itself, on its accumulation boundary.
+    deepspeed = hasattr(loss_module, "is_gradient_accumulation_boundary")
     count = max(micro_batches or len(batches), len(batches))
     local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), 0, 0]
     local[1] = sum(int(b["tokens"]) for b in batches)
     local[2] = sum(b["input_ids"].numel() for b in batches)
     label_tokens, tokens, padded = (int(v) for v in parallel.sum([float(v) for v in local]))
+    used_rate = scheduler.get_last_lr()[0]
     # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the sum.
     scale = parallel.world_size / max(label_tokens, 1)
     loss_total, correct_total = 0.0, 0
@@ -49,15 +52,24 @@ def optimizer_step(
         batch = batches[index] if real else (stand_in or batches[0])
         faults.before_micro_batch(batch["input_ids"].shape[0])
         inputs = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "tokens" and v is not None}
-        with gradient_sync(loss_module, enabled=index == count - 1):
+        with gradient_sync(loss_module, enabled=deepspeed or index == count - 1):
             with precision.autocast():
                 loss_sum, _, correct = loss_module(**inputs)
             loss = loss_sum * (scale if real else 0.0)
-            (scaler.scale(loss) if scaler else loss).backward()
+            if deepspeed:
+                loss_module.backward(loss, scale_wrt_gas=False)  # our scale already covers the whole step
+                loss_module.step()
+            else:
+                (scaler.scale(loss) if scaler else loss).backward()
         if real:
             loss_total += float(loss_sum.detach())
             correct_total += int(correct)
     loss_total, correct_total = parallel.sum([loss_total, float(correct_total)])
+    if deepspeed:
+        norm = loss_module.get_global_grad_norm()
+        return StepResult(loss=loss_total / max(label_tokens, 1), token_accuracy=correct_total / max(label_tokens, 1),
+                          tokens=tokens, padded_tokens=padded, label_tokens=label_tokens,
+                          grad_norm=None if norm is None else float(norm), learning_rate=used_rate)
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = None

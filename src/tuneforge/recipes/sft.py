@@ -31,7 +31,16 @@ from tuneforge.data.templating import PromptRenderer, TemplateError, fit_to_leng
 from tuneforge.engine import faults
 from tuneforge.engine.adapters import make_trainable, parameter_counts
 from tuneforge.engine.base_models import ModelNotFound, needs_import, resolve_base_model
-from tuneforge.engine.distributed import Distributed, full_state_dict, init_distributed, rank_memory, shutdown, wrap
+from tuneforge.engine.distributed import (
+    Distributed,
+    full_state_dict,
+    init_distributed,
+    rank_memory,
+    shutdown,
+    start_deepspeed,
+    unwrap,
+    wrap,
+)
 from tuneforge.engine.checkpoint import (
     CheckpointKeeper,
     checkpoint_bytes,
@@ -125,8 +134,10 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     precision = resolve_precision(train_cfg.precision, device)
     strategy = spec.resources.strategy if parallel.enabled else "single"
     if strategy == "deepspeed":
-        raise SpecError("resources.strategy deepspeed runs through DeepSpeed's engine, which tuneforge does not "
-                        "drive yet; use fsdp (ZeRO-3 equivalent) or ddp")
+        from tuneforge.launch.deepspeed import deepspeed_problem
+
+        if problem := deepspeed_problem(spec):
+            raise SpecError(problem)
     sharded = strategy == "fsdp"
     # Same seed on every rank: identical adapter initialization (FSDP shards each rank's own copy).
     seed_everything(train_cfg.seed)
@@ -246,6 +257,15 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg, schedule.total_steps)
     scaler = precision.grad_scaler()
+    if strategy == "deepspeed":
+        from tuneforge.launch.deepspeed import check_config, config_for, config_source
+
+        resolved = spec.model_copy(deep=True)
+        resolved.training.precision = precision.name
+        ds_config = config_for(resolved)
+        check_config(ds_config, world_size=parallel.world_size, source=config_source(spec))
+        train_module = start_deepspeed(loss_module, optimizer, scheduler, ds_config)
+        scaler = None  # DeepSpeed scales fp16 losses itself
     # The data order is a pure function of these and the step: equal values mean an exact resume.
     data_position = {"dataset_sha256": file_sha256(data_cfg.path), "units": len(batcher), "packing": packing,
                      "examples_per_step": train_cfg.batch_size, "seed": train_cfg.seed}
@@ -273,7 +293,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 f"cannot resume from {resumed_from}: the data or batch settings changed since it was saved "
                 f"({saved_state.get('data_position')} then, {data_position} now)"
             )
-        restore_training_checkpoint(resumed_from, model=train_module if sharded else model, optimizer=optimizer,
+        restore_training_checkpoint(resumed_from, model=train_module if strategy in ("fsdp", "deepspeed") else model,
+                                    optimizer=optimizer,
                                     scheduler=scheduler, scaler=scaler, parallel=parallel)
         start_step = saved_state["step"]
         state.update({k: saved_state[k] for k in state if k in saved_state})
@@ -284,7 +305,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                               resumed_from=resumed_from, best=saved_state.get("best"))
 
     def checkpoint(step: int, metrics: dict) -> None:
-        path, is_best = keeper.save(step, model=train_module if sharded else model, optimizer=optimizer,
+        path, is_best = keeper.save(step, model=train_module if strategy in ("fsdp", "deepspeed") else model,
+                                    optimizer=optimizer,
                                     scheduler=scheduler, scaler=scaler, parallel=parallel, sharded=sharded,
                                     trainer_state={**state, "epoch": schedule.epoch_at(step), "data_position": data_position,
                                                    "metrics": metrics, "base_metrics": base_metrics})
@@ -311,7 +333,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 result = optimizer_step(train_module, batches, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                         precision=precision, max_grad_norm=train_cfg.max_grad_norm,
                                         parameters=parameters, parallel=parallel,
-                                        micro_batches=-(-per_rank // micro), stand_in=stand_in)
+                                        micro_batches=(train_cfg.gradient_accumulation_steps if strategy == "deepspeed"
+                                                       else -(-per_rank // micro)), stand_in=stand_in)
                 break
             except torch.OutOfMemoryError:
                 # Nothing was stepped yet: drop the partial gradients and redo the step in smaller pieces.
@@ -352,7 +375,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
             break
 
         if spec.evaluation.eval_every_steps and done % spec.evaluation.eval_every_steps == 0 and val_tokens:
-            last_eval = evaluate(model, _eval_module(train_module), tokenizer, renderer, val_examples, val_tokens,
+            last_eval = evaluate(model, unwrap(train_module), tokenizer, renderer, val_examples, val_tokens,
                                  spec.evaluation, batch_size=eval_batch, precision=precision, parallel=parallel)
             events.metrics(f"step {done}: {_fmt(last_eval)}", step=done, total_steps=schedule.total_steps,
                            **{f"valid_{k}": v for k, v in _scalars(last_eval).items()})
@@ -372,7 +395,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     checkpoint(final_step, {"train_loss": losses[-1] if losses else None})
     output = job_dir / (MODEL_DIR if full else ADAPTER_DIR)
     # A sharded model is gathered into one state dict on rank 0 (collective) and written as one file.
-    consolidated = full_state_dict(train_module, trainable_only=not full) if sharded else None
+    consolidated = full_state_dict(train_module, trainable_only=not full) if strategy in ("fsdp", "deepspeed") else None
     if parallel.is_main:
         publish_final(model, tokenizer, output, state_dict=consolidated)
         note(f"saved the {'model' if full else 'adapter'} to {output.name}/", kind="artifact", path=output.name)
@@ -382,7 +405,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     # 10. Evaluate the fine-tuned model, and write the summary last: its presence means success.
     final_metrics = {}
     if val_tokens:
-        final_metrics = _scalars(evaluate(model, _eval_module(train_module), tokenizer, renderer, val_examples,
+        final_metrics = _scalars(evaluate(model, unwrap(train_module), tokenizer, renderer, val_examples,
                                           val_tokens, spec.evaluation, batch_size=eval_batch, precision=precision,
                                           parallel=parallel), keep_samples=True)
         note(f"fine-tuned model: {_fmt(final_metrics)}", kind="eval", model="fine-tuned", step=final_step,
@@ -417,12 +440,6 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     write_json_atomic(job_dir / SUMMARY_FILE, summary)
     events.emit("job succeeded", kind="status", status="succeeded", summary=_scalars(summary))
     return summary
-
-
-def _eval_module(train_module):
-    """What evaluation calls: FSDP's root itself (its forward gathers the shards), DDP's inner module
-    (no gradient synchronization to set up for a forward without backward)."""
-    return train_module.module if hasattr(train_module, "no_sync") else train_module
 
 
 def _scalars(metrics: dict, *, keep_samples: bool = False) -> dict:

@@ -22,7 +22,14 @@ from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db.session import Database
 from tuneforge.scheduler import states
-from tuneforge.scheduler.admission import admit_job, capacity_problem, live_inventories, memory_plan, memory_problem
+from tuneforge.scheduler.admission import (
+    admit_job,
+    capacity_problem,
+    deepspeed_problem,
+    live_inventories,
+    memory_plan,
+    memory_problem,
+)
 from tuneforge.spec.api import (
     TERMINAL_STATUSES,
     FineTuningJob,
@@ -84,6 +91,9 @@ def create_job(body: JobCreateRequest, caller: Caller, db: Db,
             problem = memory_problem(memory_plan(spec))
             if problem:
                 raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_memory")
+            problem = deepspeed_problem(spec)
+            if problem:
+                raise ApiError(400, problem, param="tuneforge.resources.strategy", code="invalid_strategy")
             job = job_rows.create_job(
                 session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
                 validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
