@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny-llama,smollm2-135m-instruct")
     parser.add_argument("--adapters", default="lora,full")
-    parser.add_argument("--strategies", default="ddp,fsdp")
+    parser.add_argument("--strategies", default="ddp,fsdp,deepspeed", help="deepspeed runs ZeRO-3")
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     rows = []

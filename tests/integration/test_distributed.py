@@ -95,6 +95,15 @@ def test_fsdp_trains_like_one_process_shards_the_model_and_consolidates_the_adap
     assert [r["rank"] for r in ranks] == [0, 1]
     for rank in ranks:  # each rank holds about half of every parameter (and of the optimizer state)
         assert abs(rank["parameters"] / total - 0.5) < 0.02, rank
+    # The memory planner's per-rank weights and optimizer state for this FSDP job are what each rank held.
+    from tuneforge.planner import plan_job
+
+    spec = read_spec(fsdp)
+    spec.resources.gpu_type = "cpu"
+    planned = plan_job(spec).memory
+    for rank in ranks:
+        assert abs(rank["parameter_bytes"] / planned.weights - 1) < 0.02
+        assert abs(rank["optimizer_state_bytes"] / planned.optimizer - 1) < 0.02
     # One adapter file on rank 0, loadable by PEFT, equal to the single-process result.
     assert sorted(p.name for p in (fsdp / "adapter").iterdir() if p.name.startswith("adapter")) == \
         ["adapter_config.json", "adapter_model.safetensors"]

@@ -273,7 +273,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     unit = "rows" if packing else "examples"
     note(
         f"training {trainable:,} of {total:,} parameters ({spec.adapter.type}) for {schedule.total_steps} steps: "
-        f"batch {train_cfg.batch_size} {unit} (micro-batch {micro} x {train_cfg.gradient_accumulation_steps}), "
+        f"batch {train_cfg.batch_size} {unit} (micro-batch {micro} x {train_cfg.gradient_accumulation_steps}"
+        + (f" x {parallel.world_size} processes" if parallel.enabled else "") + "), "
         f"learning rate {train_cfg.learning_rate:g}, {train_cfg.num_epochs:g} epochs"
         + (f", {len(train_tokens)} examples packed into {len(batcher)} rows of {data_cfg.max_seq_length} "
            f"({real_token_fraction(batcher.unit_lengths(), micro):.1%} real tokens)" if packing else ""),
@@ -293,9 +294,9 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 f"cannot resume from {resumed_from}: the data or batch settings changed since it was saved "
                 f"({saved_state.get('data_position')} then, {data_position} now)"
             )
+        _check_layout(resumed_from, saved_state, strategy, parallel.world_size)
         restore_training_checkpoint(resumed_from, model=train_module if strategy in ("fsdp", "deepspeed") else model,
-                                    optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler, parallel=parallel)
+                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, parallel=parallel)
         start_step = saved_state["step"]
         state.update({k: saved_state[k] for k in state if k in saved_state})
         note(f"resumed from {resumed_from.name} at step {start_step}", kind="resumed", step=start_step,
@@ -309,7 +310,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                                     optimizer=optimizer,
                                     scheduler=scheduler, scaler=scaler, parallel=parallel, sharded=sharded,
                                     trainer_state={**state, "epoch": schedule.epoch_at(step), "data_position": data_position,
-                                                   "metrics": metrics, "base_metrics": base_metrics})
+                                                   "metrics": metrics, "base_metrics": base_metrics,
+                                                   "strategy": strategy, "world_size": parallel.world_size})
         if parallel.is_main:
             events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step, path=f"{CHECKPOINTS_DIR}/{path.name}",
                         bytes=checkpoint_bytes(path), metrics=metrics, is_best=is_best)
@@ -440,6 +442,21 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     write_json_atomic(job_dir / SUMMARY_FILE, summary)
     events.emit("job succeeded", kind="status", status="succeeded", summary=_scalars(summary))
     return summary
+
+
+def _check_layout(path: Path, saved: dict, strategy: str, world_size: int) -> None:
+    """A checkpoint is laid out by the strategy that wrote it: whole (one process, DDP), FSDP shards
+    (loadable by any number of ranks) or ZeRO partitions (only by as many ranks as wrote them)."""
+    def layout(name):
+        return {"fsdp": "fsdp", "deepspeed": "deepspeed"}.get(name, "whole")
+
+    then = saved.get("strategy", "single")
+    if layout(then) != layout(strategy):
+        raise SpecError(f"cannot resume from {path}: it was written with resources.strategy {then}, this run uses "
+                        f"{strategy}; resume with the strategy that wrote it")
+    if strategy == "deepspeed" and saved.get("world_size") != world_size:
+        raise SpecError(f"cannot resume from {path}: DeepSpeed wrote it with {saved.get('world_size')} processes, "
+                        f"this run has {world_size}")
 
 
 def _scalars(metrics: dict, *, keep_samples: bool = False) -> dict:
