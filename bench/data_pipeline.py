@@ -81,9 +81,12 @@ def datasets_pass(path: Path, model: str) -> float:
 
 def validate_peak_rss(path: Path) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of `tuneforge data validate` in a fresh process."""
-    code = ("import resource, sys, time; from tuneforge.data.validation import validate_file; "
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child started by
+    # this (large, tokenizer-holding) process would report the parent's resident set as its own peak.
+    code = ("import sys, time; from tuneforge.data.validation import validate_file; "
             "t = time.perf_counter(); r = validate_file(sys.argv[1]); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.examples)")
+            "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')); "
+            "print(time.perf_counter() - t, hwm / 1024, r.examples)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
     seconds, rss, _ = out.split()
     return float(seconds), float(rss)

@@ -68,10 +68,10 @@ def worker(job_dir: Path, result_path: Path) -> None:
     import tuneforge.recipes.sft as sft
 
     record = {"batches": []}
-    original_collate = sft.collate
+    original_collate = sft.Batcher.collate
 
-    def observed_collate(items, pad_id, *args, **kwargs):
-        batch = original_collate(items, pad_id, *args, **kwargs)
+    def observed_collate(self, unit_ids):
+        batch = original_collate(self, unit_ids)
         rows, length = batch["input_ids"].shape
         record["batches"].append({"rows": rows, "length": length,
                                   "label_tokens": int((batch["labels"][:, 1:] != -100).sum())})
@@ -97,7 +97,7 @@ def worker(job_dir: Path, result_path: Path) -> None:
                 os._exit(0)  # the final checkpoint and evaluation are not part of what is measured
             return result
 
-    sft.collate = observed_collate
+    sft.Batcher.collate = observed_collate
     sft.EventReporter = ObservedEvents
     sft.run(job_dir, progress=False)
     raise SystemExit("the recipe ended without reporting its final step")

@@ -237,9 +237,7 @@ def rank_memory(module: torch.nn.Module, optimizer) -> dict[str, int]:
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss()
     return {
         "parameters": sum(t.numel() for _, t in pairs),
         "parameter_bytes": sum(t.numel() * t.element_size() for _, t in pairs),
@@ -247,3 +245,18 @@ def rank_memory(module: torch.nn.Module, optimizer) -> dict[str, int]:
         "optimizer_state_bytes": optimizer_bytes,
         "peak_memory_bytes": peak,
     }
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (VmHWM: unlike getrusage's ru_maxrss, not inherited from the
+    launcher across fork + exec)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
