@@ -224,8 +224,12 @@ def test_fsdp_sharding_modes_train_like_one_process(resources, single, tmp_path,
         assert any(e["data"].get("kind") == "cpu_offload_ignored" for e in read_events(job_dir))
 
 
-def test_fsdp_qlora_keeps_the_4bit_base_whole_and_shards_the_adapter(tmp_path, tiny_model_dir, tuneforge_home):
-    job_dir = job_with(tmp_path, tiny_model_dir, "qlora", processes=2, strategy="fsdp",
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_qlora_shards_the_adapter(strategy, tmp_path, tiny_model_dir, tuneforge_home):
+    """FSDP keeps the 4-bit base whole on every rank; ZeRO-3 partitions it too. Both shard the adapter."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    job_dir = job_with(tmp_path, tiny_model_dir, "qlora", processes=2, strategy=strategy,
                        adapter={"type": "qlora"}, training={"max_steps": 2})
     assert run(job_dir, tuneforge_home).status == "succeeded"
     summary = json.loads((job_dir / "summary.json").read_text())

@@ -219,6 +219,11 @@ class JobSpec(Section):
             raise ValueError(
                 f"adapter.type full trains every weight and cannot use a quantized base (model.quantization is {quant})"
             )
+        if quant == "int8" and self.resources.strategy == "fsdp":
+            raise ValueError(
+                "model.quantization int8 cannot train under resources.strategy fsdp: PyTorch's distributed checkpoint "
+                "cannot save bitsandbytes 8-bit layers; use nf4 (QLoRA, which FSDP supports) or strategy ddp"
+            )
         training, world = self.training, self.resources.num_gpus * self.resources.num_nodes
         sizes = (training.batch_size, training.per_device_batch_size, training.gradient_accumulation_steps)
         if "auto" not in sizes and sizes[0] != sizes[1] * sizes[2] * world:

@@ -114,6 +114,9 @@ def test_qlora_means_a_4bit_base_and_full_forbids_quantization():
         validate_job_spec({"dataset": {"path": "d"}, "adapter": {"type": "full"}, "model": {"quantization": "nf4"}})
     with pytest.raises(SpecError, match="needs a 4-bit base"):
         validate_job_spec({"dataset": {"path": "d"}, "adapter": {"type": "qlora"}, "model": {"quantization": "int8"}})
+    with pytest.raises(SpecError, match="int8 cannot train under resources.strategy fsdp"):
+        validate_job_spec({"dataset": {"path": "d"}, "model": {"quantization": "int8"},
+                           "resources": {"num_gpus": 2, "strategy": "fsdp"}})
 
 
 def test_spec_round_trips_through_json():
