@@ -152,3 +152,22 @@ def test_capacity_of_a_job_is_checked_against_free_gpus(db, tmp_path: Path):
         claimed = claim_next(session, worker_id="w", nodes=[Node("cpu", 2)], free=[2], lease_seconds=60, now_s=time.time())
     assert claimed.job_id == small and claimed.nodes == ((0, 1),)
     assert big  # still queued: it needs a bigger node
+
+
+@pytest.mark.parametrize("last_status,expected", [("preempted", "queued"), ("running", "failed")])
+def test_a_torchrun_exit_after_every_rank_was_preempted_requeues_the_job(db, tmp_path, last_status, expected):
+    """torchrun exits 1 even when every rank checkpointed and exited 75: the recipe's own last status
+    event decides whether the attempt was preempted (requeued) or failed."""
+    from tuneforge.scheduler.executors.local import LocalExecutor
+    from tuneforge.scheduler.worker import Attempt, Worker
+
+    job_id = queued_job(db)
+    claimed = claim(db, "w")
+    settings = Settings.from_env(database_url=db.url, max_attempts=3)
+    worker = Worker(db, settings, LocalExecutor(), worker_id="w")
+    attempt = Attempt(job_id=job_id, tenant_id="t", attempt=claimed.attempt, spec=None, job_dir=tmp_path / job_id,
+                      nodes=claimed.nodes, gpus=1, started=time.time(), last_renewal=time.time(),
+                      last_status=last_status)
+    worker._finish(attempt, 1)
+    with db.session() as session:
+        assert job_rows.get_job_any_tenant(session, job_id=job_id).status == expected
