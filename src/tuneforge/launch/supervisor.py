@@ -68,11 +68,12 @@ def _bad_input(job_dir: Path, since: int) -> bool:
     return bool(errors) and errors[-1]["data"].get("retryable") is False
 
 
-def _was_preempted(job_dir: Path, since: int) -> bool:
-    """The attempt's last status event says preempted: every rank checkpointed and stopped on request."""
+def _last_status(job_dir: Path, since: int) -> str | None:
+    """The attempt's own last word: running, preempted (every rank checkpointed and stopped on
+    request), failed or succeeded (the summary and the output are written)."""
     statuses = [e["data"].get("status") for i, e in enumerate(read_events(job_dir))
                 if i >= since and e["data"].get("kind") == "status"]
-    return bool(statuses) and statuses[-1] == "preempted"
+    return statuses[-1] if statuses else None
 
 
 ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\).*?exitcode\s*:\s*(-?\d+)", re.S)
@@ -138,7 +139,14 @@ def supervise(job_dir: Path, command: list[str], *, max_restarts: int, env: dict
             code, stderr_tail = _run_teeing(command, {**os.environ, **recipe_environment(env)}, started)
             if code == EXIT_OK:
                 return Outcome("succeeded", code, attempts=attempts)
-            if code == EXIT_PREEMPTED or _was_preempted(job_dir, events_before):
+            status = _last_status(job_dir, events_before)
+            if status == "succeeded":
+                # Everything was written; a rank died on its way out (a communication library's threads at
+                # interpreter exit). The result stands; the log says what happened.
+                events.emit(f"the job succeeded, then a process exited abnormally: "
+                            f"{failed_rank(stderr_tail) or describe_exit(code)}", level="warning", kind="exit_after_success")
+                return Outcome("succeeded", EXIT_OK, attempts=attempts)
+            if code == EXIT_PREEMPTED or status == "preempted":
                 return Outcome("preempted", EXIT_PREEMPTED, "stopped on request after a checkpoint", attempts)
             if _bad_input(job_dir, events_before):
                 code = EXIT_BAD_INPUT

@@ -241,7 +241,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                                        micro_batch=micro)
     spec.training.packing = packing
     train_cfg = spec.training
-    write_spec(job_dir, spec)  # the resolved spec: what this job really runs with
+    if parallel.is_main:
+        write_spec(job_dir, spec)  # the resolved spec: what this job really runs with
 
     # 6. Shard or replicate across ranks (before the optimizer: FSDP replaces the parameters), the
     # optimizer and the step schedule (over examples, or over packed rows).
@@ -437,10 +438,12 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         # What each rank held: FSDP's shards, DDP's replicas (checked against the memory planner).
         "ranks": parallel.gather({"rank": parallel.rank, **rank_memory(train_module, optimizer)}),
     }
-    if not parallel.is_main:
-        return summary
-    write_json_atomic(job_dir / SUMMARY_FILE, summary)
-    events.emit("job succeeded", kind="status", status="succeeded", summary=_scalars(summary))
+    if parallel.is_main:
+        write_json_atomic(job_dir / SUMMARY_FILE, summary)
+        events.emit("job succeeded", kind="status", status="succeeded", summary=_scalars(summary))
+    # Every rank leaves together: one that tears its process group down while another still uses it
+    # can abort in the communication library's threads at exit.
+    parallel.barrier()
     return summary
 
 

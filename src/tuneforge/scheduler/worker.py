@@ -239,8 +239,10 @@ class Worker:
     # ---- outcome ------------------------------------------------------------------------------------
 
     def _finish(self, attempt: Attempt, code: int | None) -> None:
-        if code not in (EXIT_OK, EXIT_PREEMPTED, None) and attempt.last_status == "preempted":
-            code = EXIT_PREEMPTED  # torchrun exits 1 even when every rank stopped with 75 after a checkpoint
+        if code not in (EXIT_OK, EXIT_PREEMPTED, None) and attempt.last_status in ("preempted", "succeeded"):
+            # torchrun exits 1 even when every rank stopped with 75 after a checkpoint, or when a rank died
+            # on its way out after the job had written its summary and output.
+            code = EXIT_PREEMPTED if attempt.last_status == "preempted" else EXIT_OK
         summary = read_summary(attempt.job_dir) if code == EXIT_OK else None
         used = (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
         with self.db.session() as session:
