@@ -240,12 +240,12 @@ def test_qlora_shards_the_adapter(strategy, tmp_path, tiny_model_dir, tuneforge_
     assert PeftConfig.from_pretrained(job_dir / "adapter").r == 8
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_trains_like_one_process_and_consolidates_the_adapter(stage, single, tmp_path, tiny_model_dir,
-                                                                             tuneforge_home):
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3+offload"])
+def test_deepspeed_zero_trains_like_one_process_and_consolidates_the_adapter(stage, offload, single, tmp_path,
+                                                                             tiny_model_dir, tuneforge_home):
     pytest.importorskip("deepspeed")
     job_dir = job_with(tmp_path, tiny_model_dir, "zero", processes=2, strategy="deepspeed",
-                       resources={"deepspeed_stage": stage})
+                       resources={"deepspeed_stage": stage, "cpu_offload": offload})
     assert run(job_dir, tuneforge_home).status == "succeeded"
     assert_same_curve(losses(job_dir), losses(single))
     assert_same_weights(load_file(job_dir / "adapter" / "adapter_model.safetensors"),

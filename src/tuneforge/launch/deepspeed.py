@@ -43,8 +43,12 @@ def generated_config(spec) -> dict[str, Any]:
     if r.deepspeed_stage == 3:
         # The final model is gathered whole on rank 0 when it is saved.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    force_ds_optimizer = {}
     if r.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # Our optimizer steps the offloaded fp32 partitions on the CPU (DeepSpeed would otherwise insist
+        # on its own DeepSpeedCPUAdam, a C++ extension built on first use, and other update rules).
+        force_ds_optimizer = {"zero_force_ds_cpu_optimizer": False}
         if r.deepspeed_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
@@ -57,6 +61,7 @@ def generated_config(spec) -> dict[str, Any]:
         "fp16": {"enabled": t.precision == "fp16"},
         # tuneforge's own optimizer (spec.training.optimizer) runs under ZeRO.
         "zero_allow_untested_optimizer": True,
+        **force_ds_optimizer,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -106,6 +111,9 @@ def config_for(spec) -> dict[str, Any]:
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = generated[key]["enabled"]
     merged.setdefault("zero_allow_untested_optimizer", True)
+    offload = ((merged.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload != "none":
+        merged.setdefault("zero_force_ds_cpu_optimizer", False)  # tuneforge's optimizer, as in generated_config
     return merged
 
 
