@@ -7,12 +7,19 @@ bitsandbytes' optional-kernel notices do not help a user and bury the lines that
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 
 def quiet_libraries() -> None:
     import transformers
 
+    import torch
+
+    # transformers imports DeepSpeed (when installed) while it loads a model; on a machine without a GPU
+    # DeepSpeed then warns that it fell back to its CPU accelerator. Naming it up front is the same choice.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
