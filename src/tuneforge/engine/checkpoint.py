@@ -261,11 +261,11 @@ def save_training_checkpoint(
     writes its own RNG state (dropout differs per rank).
     """
     from tuneforge.engine import faults
+    from tuneforge.engine.distributed import is_deepspeed
     from tuneforge.engine.weights import save_trainable
 
     rank = parallel.rank if parallel is not None else 0
-
-    deepspeed = hasattr(model, "is_gradient_accumulation_boundary")
+    deepspeed = is_deepspeed(model)
 
     def write(directory: Path) -> None:
         if deepspeed:  # every rank writes its ZeRO partitions of the trainable weights and optimizer state

@@ -74,7 +74,7 @@ class Distributed:
         dist.all_gather_object(out, value)
         return out
 
-    def shard(self, items: list, *, pad: bool = True) -> tuple[list, int]:
+    def shard(self, items: list) -> tuple[list, int]:
         """This rank's contiguous share of items, and how many the largest share has (so every rank runs
         the same number of collectives)."""
         per_rank = -(-len(items) // self.world_size) if items else 0
@@ -193,20 +193,10 @@ def gradient_sync(module: torch.nn.Module, enabled: bool):
         module.set_requires_gradient_sync(True)
 
 
-def local_parameter_count(module: torch.nn.Module) -> int:
-    """Parameters this rank stores: its shard under FSDP, everything under DDP."""
-    total = 0
-    for parameter in module.parameters():
-        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
-        total += local.numel()
-    return total
-
-
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """What evaluation calls: the loss module inside DDP or a DeepSpeed engine (ZeRO-3's hooks live on
     the module), or FSDP2's root itself (its forward gathers the shards)."""
     return module.module if hasattr(module, "no_sync") and hasattr(module, "module") else module
-
 
 
 @contextmanager

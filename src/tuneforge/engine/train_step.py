@@ -13,7 +13,7 @@ import torch
 
 from tuneforge.data.templating import IGNORE_INDEX
 from tuneforge.engine import faults
-from tuneforge.engine.distributed import Distributed, gradient_sync
+from tuneforge.engine.distributed import Distributed, gradient_sync, is_deepspeed
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,12 @@ def optimizer_step(
     a rank with fewer real batches runs `stand_in` with weight 0."""
     parallel = parallel or Distributed()
     # A DeepSpeed engine clips, steps the optimizer and the schedule itself, on its accumulation boundary.
-    deepspeed = hasattr(loss_module, "is_gradient_accumulation_boundary")
+    deepspeed = is_deepspeed(loss_module)
     count = max(micro_batches or len(batches), len(batches))
-    local = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), 0, 0]
-    local[1] = sum(int(b["tokens"]) for b in batches)
-    local[2] = sum(b["input_ids"].numel() for b in batches)
-    label_tokens, tokens, padded = (int(v) for v in parallel.sum([float(v) for v in local]))
+    local = [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
+             float(sum(int(b["tokens"]) for b in batches)),
+             float(sum(b["input_ids"].numel() for b in batches))]
+    label_tokens, tokens, padded = (int(v) for v in parallel.sum(local))
     used_rate = scheduler.get_last_lr()[0]
     # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the sum.
     scale = parallel.world_size / max(label_tokens, 1)
@@ -67,9 +67,22 @@ def optimizer_step(
     loss_total, correct_total = parallel.sum([loss_total, float(correct_total)])
     if deepspeed:
         norm = loss_module.get_global_grad_norm()
-        return StepResult(loss=loss_total / max(label_tokens, 1), token_accuracy=correct_total / max(label_tokens, 1),
-                          tokens=tokens, padded_tokens=padded, label_tokens=label_tokens,
-                          grad_norm=None if norm is None else float(norm), learning_rate=used_rate)
+        grad_norm = None if norm is None else float(norm)
+    else:
+        grad_norm = _clip_and_step(optimizer, scheduler, scaler, parameters, max_grad_norm)
+    return StepResult(
+        loss=loss_total / max(label_tokens, 1),
+        token_accuracy=correct_total / max(label_tokens, 1),
+        tokens=tokens,
+        padded_tokens=padded,
+        label_tokens=label_tokens,
+        grad_norm=grad_norm,
+        learning_rate=used_rate,
+    )
+
+
+def _clip_and_step(optimizer, scheduler, scaler, parameters, max_grad_norm: float | None) -> float | None:
+    """Unscale, clip, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = None
@@ -81,15 +94,6 @@ def optimizer_step(
         scaler.update()
     else:
         optimizer.step()
-    learning_rate = scheduler.get_last_lr()[0]
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(
-        loss=loss_total / max(label_tokens, 1),
-        token_accuracy=correct_total / max(label_tokens, 1),
-        tokens=tokens,
-        padded_tokens=padded,
-        label_tokens=label_tokens,
-        grad_norm=grad_norm,
-        learning_rate=learning_rate,
-    )
+    return grad_norm

@@ -139,6 +139,9 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         if problem := deepspeed_problem(spec):
             raise SpecError(problem)
     sharded = strategy == "fsdp"
+    # FSDP shards and ZeRO partitions are saved, restored and gathered through the wrapped module; one
+    # process and DDP replicas through the model itself.
+    wrapped_state = strategy in ("fsdp", "deepspeed")
     # Same seed on every rank: identical adapter initialization (FSDP shards each rank's own copy).
     seed_everything(train_cfg.seed)
     where = f"{parallel.world_size} processes ({strategy})" if parallel.enabled else device.type
@@ -267,6 +270,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
         check_config(ds_config, world_size=parallel.world_size, source=config_source(spec))
         train_module = start_deepspeed(loss_module, optimizer, scheduler, ds_config)
         scaler = None  # DeepSpeed scales fp16 losses itself
+    state_module = train_module if wrapped_state else model
     # The data order is a pure function of these and the step: equal values mean an exact resume.
     data_position = {"dataset_sha256": file_sha256(data_cfg.path), "units": len(batcher), "packing": packing,
                      "examples_per_step": train_cfg.batch_size, "seed": train_cfg.seed}
@@ -296,8 +300,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                 f"({saved_state.get('data_position')} then, {data_position} now)"
             )
         _check_layout(resumed_from, saved_state, strategy, parallel.world_size)
-        restore_training_checkpoint(resumed_from, model=train_module if strategy in ("fsdp", "deepspeed") else model,
-                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, parallel=parallel)
+        restore_training_checkpoint(resumed_from, model=state_module, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, parallel=parallel)
         start_step = saved_state["step"]
         state.update({k: saved_state[k] for k in state if k in saved_state})
         note(f"resumed from {resumed_from.name} at step {start_step}", kind="resumed", step=start_step,
@@ -307,9 +311,8 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
                               resumed_from=resumed_from, best=saved_state.get("best"))
 
     def checkpoint(step: int, metrics: dict) -> None:
-        path, is_best = keeper.save(step, model=train_module if strategy in ("fsdp", "deepspeed") else model,
-                                    optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler, parallel=parallel, sharded=sharded,
+        path, is_best = keeper.save(step, model=state_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                    parallel=parallel, sharded=sharded,
                                     trainer_state={**state, "epoch": schedule.epoch_at(step), "data_position": data_position,
                                                    "metrics": metrics, "base_metrics": base_metrics,
                                                    "strategy": strategy, "world_size": parallel.world_size})
@@ -398,7 +401,7 @@ def _run(job_dir: Path, spec, events: EventReporter, display: ProgressDisplay, w
     checkpoint(final_step, {"train_loss": losses[-1] if losses else None})
     output = job_dir / (MODEL_DIR if full else ADAPTER_DIR)
     # A sharded model is gathered into one state dict on rank 0 (collective) and written as one file.
-    consolidated = full_state_dict(train_module, trainable_only=not full) if strategy in ("fsdp", "deepspeed") else None
+    consolidated = full_state_dict(train_module, trainable_only=not full) if wrapped_state else None
     if parallel.is_main:
         publish_final(model, tokenizer, output, state_dict=consolidated)
         note(f"saved the {'model' if full else 'adapter'} to {output.name}/", kind="artifact", path=output.name)
