@@ -53,6 +53,9 @@ class File(Base):
     status_details: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
     deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    # The claim of the scheduler validating an upload (status "uploaded"): who, and until when.
+    validation_owner: Mapped[str | None] = mapped_column(String(80))
+    validation_expires_at: Mapped[float | None] = mapped_column(Float)
     __table_args__ = (Index("ix_files_tenant_seq", "tenant_id", "seq"),)
 
 
@@ -88,6 +91,8 @@ class Job(Base):
     attempt_started_at: Mapped[float | None] = mapped_column(Float)
     placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     events_offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes of events.jsonl already ingested
+    resolved_spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the recipe's resolved_spec.json
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # crash restarts so far
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_seq", "tenant_id", "seq"),
