@@ -65,6 +65,7 @@ def worker(job_dir: Path, result_path: Path) -> None:
     q = layer(x).view(4, 8, 4, 16).transpose(1, 2)
     F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
 
+    import tuneforge.engine.runtime.job as runtime_job
     import tuneforge.recipes.sft as sft
 
     record = {"batches": []}
@@ -77,7 +78,7 @@ def worker(job_dir: Path, result_path: Path) -> None:
                                   "label_tokens": int((batch["labels"][:, 1:] != -100).sum())})
         return batch
 
-    class ObservedEvents(sft.EventReporter):
+    class ObservedEvents(runtime_job.EventReporter):
         def emit(self, message, **data):
             kind = data.get("kind")
             if kind == "dataset":  # tokenized; the base model is loaded next
@@ -98,7 +99,7 @@ def worker(job_dir: Path, result_path: Path) -> None:
             return result
 
     sft.Batcher.collate = observed_collate
-    sft.EventReporter = ObservedEvents
+    runtime_job.EventReporter = ObservedEvents  # the recipe runtime writes every event
     sft.run(job_dir, progress=False)
     raise SystemExit("the recipe ended without reporting its final step")
 

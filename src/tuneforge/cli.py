@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         job_dir = args.resume.expanduser().resolve()
         if not (job_dir / SPEC_FILE).is_file():
             raise UserError(f"{job_dir}: not a job directory (no {SPEC_FILE})")
-        spec = read_spec(job_dir)
+        spec = read_spec(job_dir)  # as submitted: the recipe resolves its "auto" values again, the same way
         _preflight(spec)
     else:
         if not args.spec:
@@ -102,15 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if job_dir.exists() and any(job_dir.iterdir()):
             if not (job_dir / SPEC_FILE).exists():
                 raise UserError(f"{job_dir} exists and is not a tuneforge job directory; choose another --job-dir")
-            from tuneforge.spec.hyperparameters import matches_submitted
-
-            if not matches_submitted(spec, read_spec(job_dir)):
+            if read_spec(job_dir) != spec:
                 raise UserError(f"{job_dir} holds a job with a different spec; continue it with --resume {job_dir} "
                                 "or choose another --job-dir")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_spec(job_dir, spec)  # once: spec.json never changes after submission
     if (job_dir / SUMMARY_FILE).exists():
         raise UserError(f"{job_dir} holds a finished job (it has {SUMMARY_FILE}); choose another --job-dir")
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_spec(job_dir, spec)
     print(f"job directory: {job_dir}", file=sys.stderr)
     nodes = spec.resources.num_nodes
     if nodes > 1 and args.node_rank is None:
@@ -159,14 +157,14 @@ def _run_recipe(job_dir: Path, spec, *, progress: bool, node_rank: int = 0, rdzv
     return EXIT_BAD_INPUT if outcome.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
 
 
-def _print_summary(summary: dict, job_dir: Path) -> None:
-    base, tuned = summary["eval"].get("base") or {}, summary["eval"].get("fine_tuned") or {}
-    print(f"done in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, {summary['tokens_seen']:,} tokens")
+def _print_summary(summary, job_dir: Path) -> None:
+    """summary: the job's JobSummary (spec/jobdir.py)."""
+    print(f"done in {summary.wall_time_s:.0f}s: {summary.steps} steps, {summary.tokens_seen:,} tokens")
     for metric in ("loss", "perplexity", "exact_match"):
-        if metric in tuned:
-            before = f"{base[metric]:.4f} -> " if metric in base else ""
-            print(f"  eval {metric}: {before}{tuned[metric]:.4f}")
-    print(f"  {summary['output']}: {job_dir / summary['output']}")
+        before, after = getattr(summary.eval.base, metric), getattr(summary.eval.fine_tuned, metric)
+        if after is not None:
+            print(f"  eval {metric}: {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
+    print(f"  {summary.output}: {job_dir / summary.output}")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def test_smoke_config_runs_end_to_end_from_the_command_line(tmp_path, tuneforge_
     summary = json.loads((job_dir / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["eval"]["fine_tuned"]["loss"] < summary["eval"]["base"]["loss"]
     spec = json.loads((job_dir / "spec.json").read_text())
-    assert spec["training"]["max_steps"] == 12  # the override is in the resolved spec
+    assert spec["training"]["max_steps"] == 12  # the override is in the submitted spec
     assert spec["dataset"]["path"] == str(EXAMPLE_DATA / "train.jsonl")  # paths resolved
     # The built-in tiny model was materialized in this TUNEFORGE_HOME's model cache.
     assert (tuneforge_home / "models" / "tiny-llama" / "config.json").is_file()

@@ -35,4 +35,4 @@ def test_each_format_trains(tmp_path, tiny_model_dir, kind, file_name):
     expected = {"sharegpt": "chat", "openai-preference": "preference"}.get(kind, kind)
     assert dataset["format"] == expected and dataset["train_examples"] == 19
     assert dataset["template"] == ("plain" if kind in ("completion", "text") else "chat")
-    assert summary["steps"] == 3 and summary["eval"]["fine_tuned"]["loss"] > 0
+    assert summary.steps == 3 and summary.eval.fine_tuned.loss > 0

@@ -53,9 +53,9 @@ def test_quantized_bases_train_lora(tmp_path, tiny_model_dir, quantization, doub
                                          "compute_dtype": "float32"},
         training={"max_steps": 6, "learning_rate": 3e-3},
     )
-    assert summary["steps"] == 6 and all(loss == loss for loss in losses)
+    assert summary.steps == 6 and all(loss == loss for loss in losses)
     assert losses[-1] < losses[0]
-    assert summary["trainable_parameters"] < 50_000  # only the adapter
+    assert summary.trainable_parameters < 50_000  # only the adapter
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"])
@@ -73,7 +73,7 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, tiny_model_dir):
                                                                       "per_device_batch_size": 8})
     job_dir, _, accumulated = train(tmp_path, tiny_model_dir, "accumulated",
                                     training={"max_steps": 5, "batch_size": 8, "per_device_batch_size": 2})
-    assert json.loads((job_dir / "spec.json").read_text())["training"]["gradient_accumulation_steps"] == 4
+    assert json.loads((job_dir / "resolved_spec.json").read_text())["training"]["gradient_accumulation_steps"] == 4
     assert large == pytest.approx(accumulated, rel=1e-5)
 
 
@@ -107,13 +107,14 @@ def test_seeds_make_cpu_runs_bit_reproducible(tmp_path, tiny_model_dir):
 
 def test_bf16_mixed_precision_on_cpu(tmp_path, tiny_model_dir):
     _, summary, losses = train(tmp_path, tiny_model_dir, training={"max_steps": 6, "precision": "bf16"})
-    assert summary["precision"] == "bf16" and losses[-1] < losses[0]
+    assert summary.precision == "bf16" and losses[-1] < losses[0]
 
 
 def test_auto_hyperparameters_are_recorded_in_the_resolved_spec(tmp_path, tiny_model_dir):
     job_dir, summary, _ = train(tmp_path, tiny_model_dir, training={"max_steps": 2, "per_device_batch_size": "auto",
                                                                      "learning_rate": "auto"})
-    resolved = json.loads((job_dir / "spec.json").read_text())["training"]
+    assert json.loads((job_dir / "spec.json").read_text())["training"]["learning_rate"] == "auto"  # as submitted
+    resolved = json.loads((job_dir / "resolved_spec.json").read_text())["training"]
     assert resolved["learning_rate"] == 2e-4 and resolved["num_epochs"] == 3.0 and resolved["batch_size"] == 8
     assert resolved["per_device_batch_size"] == 8 and resolved["gradient_accumulation_steps"] == 1
     plan = [e for e in read_events(job_dir) if e["data"].get("kind") == "plan"][0]["data"]

@@ -3,6 +3,8 @@ and no server path ever leaves the API."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from tuneforge.registry.models import fine_tuned_model_id
 from tuneforge.db.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric
 from tuneforge.spec.api import (
@@ -19,7 +21,7 @@ from tuneforge.spec.api import (
     MetricPoint,
     ModelObject,
 )
-from tuneforge.spec.job import JobSpec
+from tuneforge.spec.job import JobSpec, TrainingSpec
 from tuneforge.spec.openai_jobs import hyperparameters_of, method_of
 
 
@@ -31,11 +33,13 @@ def file_object(row: File) -> FileObject:
 
 
 def dataset_report(row: File) -> DatasetReport:
-    return DatasetReport.model_validate({**row.report, "file_id": row.id})
+    if row.status == "uploaded":  # the scheduler has not validated it yet: an empty report
+        return DatasetReport(file_id=row.id, status=row.status, valid=False, summary=f"{row.filename}: not validated yet")
+    return DatasetReport.model_validate({**row.report, "file_id": row.id, "status": row.status})
 
 
 def job_object(row: Job) -> FineTuningJob:
-    spec = JobSpec.model_validate(row.spec)
+    spec = _spec_as_run(row)
     return FineTuningJob(
         id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.model,
         fine_tuned_model=row.fine_tuned_model, organization_id=row.tenant_id, status=row.status,
@@ -43,9 +47,25 @@ def job_object(row: Job) -> FineTuningJob:
         hyperparameters=HyperparametersOut(**hyperparameters_of(spec)), trained_tokens=row.trained_tokens,
         error=JobError(**row.error) if row.error else None, seed=spec.training.seed, method=method_of(spec),
         metadata=row.metadata_, user_provided_suffix=row.suffix,
-        tuneforge=JobExtension(spec=row.spec, attempt=row.attempt, priority=row.priority,
-                               gpu_seconds=round(row.gpu_seconds or 0.0, 3), started_at=row.started_at),
+        tuneforge=JobExtension(spec=spec.model_dump(mode="json"), attempt=row.attempt, priority=row.priority,
+                               gpu_seconds=round(row.gpu_seconds or 0.0, 3), started_at=row.started_at,
+                               restarts=row.restarts or 0),
     )
+
+
+def _spec_as_run(row: Job) -> JobSpec:
+    """The submitted spec (file ids), with the training numbers the recipe resolved once it has run.
+
+    Only the training section is taken from the resolved spec: the rest of it names this server's
+    paths (dataset.path is a local file there), which no response may show."""
+    spec = JobSpec.model_validate(row.spec)
+    training = (row.resolved_spec or {}).get("training")
+    if not isinstance(training, dict):
+        return spec
+    try:
+        return spec.model_copy(update={"training": TrainingSpec.model_validate(training)})
+    except ValidationError:  # a resolved spec this version cannot read: show what was submitted
+        return spec
 
 
 def event_object(row: JobEvent) -> EventObject:

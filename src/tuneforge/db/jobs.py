@@ -1,10 +1,12 @@
 """Fine-tuning job rows: creation (with idempotency keys), reads scoped to a tenant, and the queries the
-scheduler plans with. Status, attempt and lease columns are written only by scheduler/states.py.
+scheduler plans with. Status, attempt, lease and restart columns are written only by scheduler/states.py.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import and_, func, or_, select, union_all
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, union_all, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import JOB, new_id, now
@@ -41,6 +43,14 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
 def get_job_any_tenant(session: Session, *, job_id: str) -> Job | None:
     """For the scheduler and workers, which act on behalf of every tenant."""
     return session.scalar(select(Job).where(Job.id == job_id))
+
+
+def record_resolved_spec(session: Session, *, job_id: str, attempt: int, resolved: dict[str, Any]) -> bool:
+    """Copy the recipe's resolved_spec.json (every "auto" filled in) onto the job; only the attempt that
+    holds the job may, so a stale worker cannot overwrite a newer attempt's."""
+    statement = (update(Job).where(Job.id == job_id, Job.attempt == attempt).values(resolved_spec=resolved)
+                 .execution_options(synchronize_session=False))
+    return session.execute(statement).rowcount == 1
 
 
 def find_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Job | None:

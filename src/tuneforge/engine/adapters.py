@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuneforge.spec.job import AdapterSpec
+from tuneforge.spec.job import AdapterSpec, JobSpec
 
 
 def make_trainable(model, adapter: AdapterSpec, *, quantized: bool, gradient_checkpointing: bool):
@@ -34,6 +34,12 @@ def make_trainable(model, adapter: AdapterSpec, *, quantized: bool, gradient_che
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def trainable_model(model, spec: JobSpec):
+    """make_trainable with what a job spec says: its adapter, its base's quantization, its checkpointing."""
+    return make_trainable(model, spec.adapter, quantized=spec.model.quantization != "none",
+                          gradient_checkpointing=spec.training.gradient_checkpointing)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -5,13 +5,15 @@ launched by torchrun. Rank 0 writes events and final artifacts; every rank train
 model and averages gradients; FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state
 per decoder layer. Collectives have a timeout, and each step starts with a tiny all-reduce that carries
 stop requests, so a dead or stopping peer is noticed at the next step instead of hanging the job.
+`prepare` is the one call a recipe makes: the strategy's module, optimizer and schedule, and how they
+are checkpointed and gathered.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -137,6 +139,72 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
         fully_shard(layer, **kwargs)
     fully_shard(loss_module, **kwargs)
     return loss_module
+
+
+@dataclass
+class Prepared:
+    """What a recipe trains with under its strategy (single, ddp, fsdp, deepspeed)."""
+
+    strategy: str
+    train_module: torch.nn.Module  # what the step calls: DDP, FSDP's root, a DeepSpeed engine, or the loss itself
+    state_module: torch.nn.Module  # what checkpoints save and restore
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object | None
+    parameters: list[torch.nn.Parameter] = field(default_factory=list)  # the trainable ones, for clipping
+    accumulation: int = 1  # micro-batches per step DeepSpeed expects
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: checkpoints are one torch.distributed.checkpoint shard per rank."""
+        return self.strategy == "fsdp"
+
+    @property
+    def wrapped_state(self) -> bool:
+        # FSDP shards and ZeRO partitions are saved, restored and gathered through the wrapped module.
+        return self.strategy in ("fsdp", "deepspeed")
+
+    def passes(self, per_rank: int, micro: int) -> int:
+        """Forward/backward passes every rank runs in a step (the same on every rank)."""
+        return self.accumulation if self.strategy == "deepspeed" else -(-per_rank // micro)
+
+    def eval_module(self) -> torch.nn.Module:
+        return unwrap(self.train_module)
+
+    def final_state_dict(self, *, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """A sharded model's weights gathered on rank 0 (collective); None when the model holds them whole."""
+        return full_state_dict(self.train_module, trainable_only=trainable_only) if self.wrapped_state else None
+
+    def rank_memory(self) -> dict[str, int]:
+        return rank_memory(self.train_module, self.optimizer)
+
+
+def prepare(loss_module: torch.nn.Module, model: torch.nn.Module, *, spec, strategy: str, parallel: Distributed,
+            precision, total_steps: int) -> Prepared:
+    """Shard or replicate the loss module across ranks, then build the optimizer and the schedule on what
+    each rank holds (FSDP replaces the parameters, so the optimizer comes after), and start DeepSpeed's
+    engine around them. spec is the resolved JobSpec (training.precision filled in)."""
+    from tuneforge.engine.optim import build_optimizer, build_scheduler
+
+    resources = spec.resources
+    train_module = wrap(loss_module, strategy=strategy, sharding=resources.fsdp_sharding, cpu_offload=resources.cpu_offload,
+                        precision=precision, parallel=parallel, num_nodes=resources.num_nodes)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, spec.training)
+    scheduler = build_scheduler(optimizer, spec.training, total_steps)
+    scaler = precision.grad_scaler()
+    if strategy == "deepspeed":
+        from tuneforge.launch.deepspeed import check_config, config_for, config_source
+
+        ds_config = config_for(spec)
+        check_config(ds_config, world_size=parallel.world_size, source=config_source(spec))
+        train_module = start_deepspeed(loss_module, optimizer, scheduler, ds_config)
+        scaler = None  # DeepSpeed scales fp16 losses itself
+    prepared = Prepared(strategy, train_module, model, optimizer, scheduler, scaler, parameters,
+                        accumulation=spec.training.gradient_accumulation_steps)
+    if prepared.wrapped_state:
+        prepared.state_module = train_module
+    return prepared
 
 
 def full_state_dict(root: torch.nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:

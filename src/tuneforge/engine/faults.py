@@ -6,6 +6,8 @@ TUNEFORGE_FAULT_INJECTION is a comma-separated list of:
   kill_in_checkpoint=N   SIGKILL this process while checkpoint N is half written (before its manifest)
   oom_above_micro_batch=N  raise torch.OutOfMemoryError for any micro-batch of more than N examples
   rank=N                 only the process of that distributed rank (RANK) gets the faults above
+  restart=N              only the run after N crash restarts (TUNEFORGE_RESTART) gets them: a crash that
+                         happens once, so the restarted run resumes and succeeds
 Unset, every hook is a no-op costing one dict lookup.
 """
 
@@ -23,13 +25,15 @@ def _parse(text: str) -> dict[str, int]:
     return faults
 
 
-def _for_this_rank(faults: dict[str, int]) -> dict[str, int]:
+def _for_this_process(faults: dict[str, int]) -> dict[str, int]:
     if "rank" in faults and faults["rank"] != int(os.environ.get("RANK", "0")):
+        return {}
+    if "restart" in faults and faults["restart"] != int(os.environ.get("TUNEFORGE_RESTART", "0")):
         return {}
     return faults
 
 
-FAULTS = _for_this_rank(_parse(os.environ.get("TUNEFORGE_FAULT_INJECTION", "")))
+FAULTS = _for_this_process(_parse(os.environ.get("TUNEFORGE_FAULT_INJECTION", "")))
 
 
 class InjectedCrash(RuntimeError):

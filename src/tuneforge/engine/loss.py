@@ -4,6 +4,12 @@ Two savings over `model(labels=...)`: logits are computed only at positions that
 tokens are skipped before the LM head, not masked after it), and they are computed chunk by chunk with
 the gradient taken on the spot (a fused linear + cross-entropy, as in Liger-Kernel), so at most one
 chunk of logits is alive at a time.
+
+A training loss is a module whose forward returns (summed loss, units counted, units right) and whose
+`normalizer(batch)` says, before any forward, how many units that batch's summed loss counts: label
+tokens here, pairs for a preference loss. engine/train_step.py divides by the units of the whole
+optimizer step over every rank, so any such loss gets exact gradient accumulation, clipping, loss
+scaling and the distributed reduction from the same step.
 """
 
 from __future__ import annotations
@@ -80,6 +86,11 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @staticmethod
+    def normalizer(batch: dict[str, torch.Tensor]) -> int:
+        """The tokens that carry loss in batch (labels predict the next token: the first never does)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -88,5 +88,19 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def pick_micro_batch(spec, *, loss_module, batcher, model_dir, parallel, device, precision) -> int:
+    """The micro-batch for `per_device_batch_size: auto`: measured on one GPU (forward and backward on
+    the batcher's longest units), from the planner otherwise. Several ranks cannot probe (an
+    out-of-memory on one strands the others in a collective): the smallest answer of any rank wins."""
+    target = -(-spec.training.batch_size // parallel.world_size)  # this device's share of a step
+    if device.type == "cuda" and not parallel.enabled:
+        lengths = batcher.unit_lengths()
+        longest = sorted(range(len(batcher)), key=lambda u: -lengths[u])[:target]
+        trainable = [p for p in loss_module.parameters() if p.requires_grad]
+        return probe_cuda(loss_module, lambda n: batcher.collate(longest[:n]), target, precision=precision,
+                          reserve_bytes=optimizer_state_bytes(trainable, spec.training.optimizer))
+    return min(parallel.gather(plan_micro_batch(spec, model_dir, target, device_type=device.type)))
+
+
 def accumulation_for(per_device_examples: int, micro: int) -> int:
     return math.ceil(per_device_examples / micro)

@@ -1,28 +1,29 @@
 """One optimizer step over a list of micro-batches: forward, backward, clip, step, schedule.
 
-The loss of every micro-batch is divided by the label tokens of the whole step (over every rank), so
+The loss of every micro-batch is divided by the loss's own normalizer summed over the whole step (over
+every rank): label tokens for a causal-LM loss, pairs for a preference loss (engine/loss.py). So
 accumulating micro-batches, or splitting the step across processes, gives exactly the gradient of one
-large batch (no per-micro-batch or per-rank mean bias).
+large batch (no per-micro-batch or per-rank mean bias), whatever the loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from tuneforge.data.templating import IGNORE_INDEX
 from tuneforge.engine import faults
-from tuneforge.engine.distributed import Distributed, gradient_sync, is_deepspeed
+from tuneforge.engine.distributed import Distributed, gradient_sync, is_deepspeed, unwrap
 
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # mean loss per label token (every rank)
-    token_accuracy: float
+    loss: float  # mean loss per unit the loss counts (every rank)
+    accuracy: float  # units right / units counted (next-token accuracy for a causal-LM loss)
     tokens: int  # real (non-padding) input tokens, every rank
     padded_tokens: int  # positions computed, padding included, every rank
-    label_tokens: int
+    loss_units: int  # what the loss counted: label tokens for a causal-LM loss
     grad_norm: float | None
     learning_rate: float  # the rate this step used
 
@@ -31,21 +32,24 @@ def optimizer_step(
     loss_module, batches: list[dict[str, torch.Tensor]], *, optimizer, scheduler, scaler, precision,
     max_grad_norm: float | None, parameters: list[torch.nn.Parameter],
     parallel: Distributed | None = None, micro_batches: int | None = None, stand_in: dict | None = None,
+    normalizer: Callable[[dict], float] | None = None,
 ) -> StepResult:
-    """batches are this rank's share of the step. Under several processes every rank must run the same
-    number of forward/backward passes (FSDP gathers weights in each): `micro_batches` is that number, and
-    a rank with fewer real batches runs `stand_in` with weight 0."""
+    """batches are this rank's share of the step: dicts of tensors with `tokens` (real tokens) and
+    `input_ids`. normalizer(batch) is how many units the batch's summed loss counts; by default the loss
+    module's own `normalizer`. Under several processes every rank must run the same number of
+    forward/backward passes (FSDP gathers weights in each): `micro_batches` is that number, and a rank
+    with fewer real batches runs `stand_in` with weight 0."""
     parallel = parallel or Distributed()
+    normalizer = normalizer or unwrap(loss_module).normalizer
     # A DeepSpeed engine clips, steps the optimizer and the schedule itself, on its accumulation boundary.
     deepspeed = is_deepspeed(loss_module)
     count = max(micro_batches or len(batches), len(batches))
-    local = [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
-             float(sum(int(b["tokens"]) for b in batches)),
+    local = [float(sum(normalizer(b) for b in batches)), float(sum(int(b["tokens"]) for b in batches)),
              float(sum(b["input_ids"].numel() for b in batches))]
-    label_tokens, tokens, padded = (int(v) for v in parallel.sum(local))
+    units, tokens, padded = (int(v) for v in parallel.sum(local))
     used_rate = scheduler.get_last_lr()[0]
     # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the sum.
-    scale = parallel.world_size / max(label_tokens, 1)
+    scale = parallel.world_size / max(units, 1)
     loss_total, correct_total = 0.0, 0
     for index in range(count):
         real = index < len(batches)
@@ -71,11 +75,11 @@ def optimizer_step(
     else:
         grad_norm = _clip_and_step(optimizer, scheduler, scaler, parameters, max_grad_norm)
     return StepResult(
-        loss=loss_total / max(label_tokens, 1),
-        token_accuracy=correct_total / max(label_tokens, 1),
+        loss=loss_total / max(units, 1),
+        accuracy=correct_total / max(units, 1),
         tokens=tokens,
         padded_tokens=padded,
-        label_tokens=label_tokens,
+        loss_units=units,
         grad_norm=grad_norm,
         learning_rate=used_rate,
     )

@@ -19,6 +19,9 @@ DEFAULT_RDZV_PORT = 29400
 # mappings. Measured on SmolLM2-135M LoRA, batch 8 x 256, CPU: peak RSS 9.7 GiB -> 5.8 GiB at the
 # same step time (1 MiB saves no more and is 20% slower). GPU memory is not affected.
 ALLOCATOR_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+# How many times this job's recipe was restarted after a crash before this run (0 on the first run); set
+# by whoever restarts it (the supervisor of `tuneforge train`, the scheduler's worker).
+RESTART_VARIABLE = "TUNEFORGE_RESTART"
 
 
 def recipe_args(spec: JobSpec, job_dir: str | Path, *, progress: bool = False) -> list[str]:

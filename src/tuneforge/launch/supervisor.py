@@ -8,14 +8,13 @@ at the same step is not retried forever. Stdlib only (no torch): the scheduler c
 
 Under torchrun the child is torchrun itself: when one rank dies it stops the others and exits 1,
 naming the first failure ("Root Cause ... rank: 1 ... exitcode: -9"). The supervisor keeps the tail
-of the child's stderr (while passing it through) to report which rank died and how, and reads the
-job's events to tell a preemption (every rank checkpointed and exited 75) from a failure.
+of the child's stderr (while passing it through) to report which rank died and how; what a run came to
+is read by launch/outcome.py, the same reading the scheduler's worker uses.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,8 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.engine.events import EventReporter, read_events
-from tuneforge.launch.commands import recipe_environment
-from tuneforge.spec.jobdir import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED
+from tuneforge.launch.commands import RESTART_VARIABLE, recipe_environment
+from tuneforge.launch.outcome import (
+    BAD_INPUT,
+    PREEMPTED,
+    SUCCEEDED,
+    RecipeReport,
+    describe_exit,
+    failed_rank,
+    interpret,
+)
+from tuneforge.spec.jobdir import EXIT_OK, SUMMARY_FILE
+
+__all__ = ["Attempt", "Outcome", "describe_exit", "failed_rank", "supervise"]
 
 
 @dataclass
@@ -41,51 +51,6 @@ class Outcome:
     exit_code: int
     reason: str = ""
     attempts: list[Attempt] = field(default_factory=list)
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (the out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
-        return f"killed by {name}{hint}"
-    return f"exited with code {code}"
-
-
-def _last_step(job_dir: Path) -> int:
-    steps = [e["data"].get("step", 0) for e in read_events(job_dir) if e["type"] == "metrics"]
-    return max(steps, default=0)
-
-
-def _last_error(job_dir: Path, since: int) -> str | None:
-    errors = [e for i, e in enumerate(read_events(job_dir)) if i >= since and e["level"] == "error"]
-    return errors[-1]["data"].get("error") if errors else None
-
-
-def _bad_input(job_dir: Path, since: int) -> bool:
-    """The attempt failed on its input (the recipe marked its error not retryable): torchrun turns a
-    rank's exit code 2 into 1, the event keeps the difference."""
-    errors = [e for i, e in enumerate(read_events(job_dir)) if i >= since and e["level"] == "error"]
-    return bool(errors) and errors[-1]["data"].get("retryable") is False
-
-
-def _last_status(job_dir: Path, since: int) -> str | None:
-    """The attempt's own last word: running, preempted (every rank checkpointed and stopped on
-    request), failed or succeeded (the summary and the output are written)."""
-    statuses = [e["data"].get("status") for i, e in enumerate(read_events(job_dir))
-                if i >= since and e["data"].get("kind") == "status"]
-    return statuses[-1] if statuses else None
-
-
-ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\).*?exitcode\s*:\s*(-?\d+)", re.S)
-
-
-def failed_rank(stderr_tail: str) -> str | None:
-    """'rank 1 (local rank 1) killed by SIGKILL ...' from torchrun's failure report, if there is one."""
-    match = ROOT_CAUSE.search(stderr_tail)
-    if not match:
-        return None
-    rank, local_rank, code = match.groups()
-    return f"rank {rank} (local rank {local_rank}) {describe_exit(int(code))}"
 
 
 def _run_teeing(command: list[str], env: dict[str, str], on_start) -> tuple[int, str]:
@@ -136,38 +101,32 @@ def supervise(job_dir: Path, command: list[str], *, max_restarts: int, env: dict
     try:
         while True:
             events_before = sum(1 for _ in read_events(job_dir))
-            code, stderr_tail = _run_teeing(command, {**os.environ, **recipe_environment(env)}, started)
-            if code == EXIT_OK:
-                return Outcome("succeeded", code, attempts=attempts)
-            status = _last_status(job_dir, events_before)
-            if status == "succeeded":
-                # Everything was written; a rank died on its way out (a communication library's threads at
-                # interpreter exit). The result stands; the log says what happened.
-                events.emit(f"the job succeeded, then a process exited abnormally: "
-                            f"{failed_rank(stderr_tail) or describe_exit(code)}", level="warning", kind="exit_after_success")
-                return Outcome("succeeded", EXIT_OK, attempts=attempts)
-            if code == EXIT_PREEMPTED or status == "preempted":
-                return Outcome("preempted", EXIT_PREEMPTED, "stopped on request after a checkpoint", attempts)
-            if _bad_input(job_dir, events_before):
-                code = EXIT_BAD_INPUT
-            rank = failed_rank(stderr_tail)
-            reason = _last_error(job_dir, events_before) or rank or describe_exit(code)
-            if rank and rank not in reason:
-                reason = f"{rank}: {reason}"
-            if rank:  # rank 0 may not have lived to say so: the log must name the rank that failed
-                events.emit(f"{rank}", level="error", kind="rank_failed", error=reason)
-            attempt = Attempt(code, _last_step(job_dir), reason)
+            run_env = {**os.environ, **recipe_environment({**(env or {}), RESTART_VARIABLE: str(len(attempts))})}
+            code, stderr_tail = _run_teeing(command, run_env, started)
+            report = RecipeReport.of(e for i, e in enumerate(read_events(job_dir)) if i >= events_before)
+            outcome = interpret(code, report, summary_written=(job_dir / SUMMARY_FILE).exists(), stderr_tail=stderr_tail)
+            if outcome.status == SUCCEEDED:
+                if outcome.exit_after_success:
+                    events.emit(f"the job succeeded, then a process exited abnormally: {outcome.exit_after_success}",
+                                level="warning", kind="exit_after_success")
+                return Outcome(SUCCEEDED, EXIT_OK, attempts=attempts)
+            if outcome.status == PREEMPTED:
+                return Outcome(PREEMPTED, outcome.exit_code, outcome.reason, attempts)
+            if outcome.failed_rank:  # rank 0 may not have lived to say so: the log must name the rank that failed
+                events.emit(outcome.failed_rank, level="error", kind="rank_failed", error=outcome.reason)
+            attempt = Attempt(outcome.exit_code, report.last_step, outcome.reason)
             attempts.append(attempt)
-            if code == EXIT_BAD_INPUT or interrupts:
-                return Outcome("failed", code, reason, attempts)
-            if len(attempts) > max_restarts:
-                return Outcome("failed", code, f"failed after {len(attempts)} attempts: {reason}", attempts)
+            if outcome.status == BAD_INPUT or interrupts:
+                return Outcome("failed", outcome.exit_code, outcome.reason, attempts)
+            if not outcome.restartable(len(attempts) - 1, max_restarts):
+                return Outcome("failed", outcome.exit_code, f"failed after {len(attempts)} attempts: {outcome.reason}",
+                               attempts)
             events.emit(
-                f"attempt {len(attempts)} {reason}; restarting from the last checkpoint "
+                f"attempt {len(attempts)} {outcome.reason}; restarting from the last checkpoint "
                 f"({len(attempts)} of {max_restarts} restarts)",
-                level="warning", kind="restart", attempt=len(attempts), reason=reason, step=attempt.last_step,
+                level="warning", kind="restart", attempt=len(attempts), reason=outcome.reason, step=attempt.last_step,
             )
-            print(f"tuneforge: {reason}; restarting from the last checkpoint", file=sys.stderr, flush=True)
+            print(f"tuneforge: {outcome.reason}; restarting from the last checkpoint", file=sys.stderr, flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -24,5 +24,7 @@ def materialize_spec(spec: JobSpec, file_paths: dict[str, Path]) -> JobSpec:
 
 
 def prepare_job_dir(job_dir: Path, spec: JobSpec) -> None:
+    """The job directory with its spec.json, written at the first attempt and never again (a later
+    attempt finds the same spec; another one raises spec.jobdir.SpecChanged, an OSError)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     write_spec(job_dir, spec)

@@ -1,7 +1,7 @@
-"""The job state machine: the only module that writes a job's status, attempt or lease.
+"""The job state machine: the only module that writes a job's status, attempt, lease or restart count.
 
     validating_files -> queued -> running -> succeeded | failed
-                                    |  ^
+                                    |  ^   \_/ crash restart: same attempt, restarts + 1
                         (lost, preempted: attempt + 1)
     queued | running -> paused -> queued (resume: attempt + 1)
     any unfinished status -> cancelled
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
@@ -103,6 +103,25 @@ def fail(session: Session, *, job_id: str, attempt: int, error: dict[str, Any]) 
     return done
 
 
+def restart(session: Session, *, job_id: str, attempt: int, reason: str, step: int, max_restarts: int) -> int | None:
+    """A crashed recipe runs again in the same attempt, resuming from its last checkpoint: count it.
+
+    Guarded by the attempt, the running status and the job's checkpoint.max_restarts (the count is the
+    job's, across attempts). Returns the restarts so far, or None when none is left (or the job moved on).
+    """
+    done = _update(session, Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING, Job.restarts < max_restarts,
+                   restarts=Job.restarts + 1)
+    if not done:
+        return None
+    count = session.scalar(select(Job.restarts).where(Job.id == job_id))
+    add_event(session, job_id=job_id, level="warn",
+              message=f"The training process failed ({reason}); restarting it from the last checkpoint "
+                      f"(restart {count} of {max_restarts})",
+              data={"kind": "restart", "restart": count, "max_restarts": max_restarts, "reason": reason, "step": step,
+                    "attempt": attempt})
+    return count
+
+
 def requeue(
     session: Session, *, job_id: str, attempt: int, reason: str, max_attempts: int, lease_expired_before: float | None = None
 ) -> str | None:
@@ -173,5 +192,5 @@ def drop_expired_lease(session: Session, *, job_id: str, now_s: float) -> bool:
 
 __all__ = [
     "admit", "cancel", "claim", "drop_expired_lease", "fail", "pause", "release_lease", "renew_lease", "requeue",
-    "resume", "succeed",
+    "restart", "resume", "succeed",
 ]

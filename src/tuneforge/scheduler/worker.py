@@ -1,11 +1,14 @@
 """The worker: claims jobs that fit its nodes, launches their recipes through an executor, and tends them.
 
 Each tick, for every job it runs: tail events.jsonl into the database (events, metrics, checkpoints),
-check the job's status (a cancel or pause from the API stops the recipe with SIGTERM, on which it
-writes a checkpoint), renew its lease, and when the recipe exits, record the outcome: succeeded (and
-register the model), failed (with the recipe's own error), or re-queued when it was preempted. Then
-it claims new jobs while it has free GPUs (or CPU slots). On SIGTERM it stops its recipes the same way
-and re-queues their jobs, so another worker resumes them from their checkpoints.
+copy the recipe's resolved_spec.json onto the job row, check the job's status (a cancel or pause from
+the API stops the recipe with SIGTERM, on which it writes a checkpoint), renew its lease, and when the
+recipe exits, read its outcome (launch/outcome.py, the same reading as `tuneforge train`'s): succeeded
+(register the model), a crash (restarted in place from its last checkpoint while the job has
+checkpoint.max_restarts left, then failed with the recipe's own error), bad input (failed, never
+retried), or preempted (re-queued). Then it claims new jobs while it has free GPUs (or CPU slots). On
+SIGTERM it stops its recipes the same way and re-queues their jobs, so another worker resumes them from
+their checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +29,34 @@ from tuneforge.db.identifiers import new_id
 from tuneforge.db.job_events import add_event, ingest
 from tuneforge.db.session import Database
 from tuneforge.home import tuneforge_home
+from tuneforge.launch.outcome import (
+    BAD_INPUT,
+    PREEMPTED,
+    SUCCEEDED,
+    RecipeOutcome,
+    RecipeReport,
+    describe_exit,
+    interpret,
+)
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.models import fine_tuned_model_id, register_job_output
 from tuneforge.scheduler import states
 from tuneforge.scheduler.executors import Executor, LaunchError, Run
 from tuneforge.scheduler.launch import RECIPE_LOG, materialize_spec, prepare_job_dir
-from tuneforge.spec.jobdir import EXIT_OK, EXIT_PREEMPTED
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
 from tuneforge.scheduler.queue import claim_next
 from tuneforge.scheduler.tailer import read_new_events
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, PAUSED, RUNNING
 from tuneforge.spec.job import JobSpec
-from tuneforge.spec.jobdir import EVENTS_FILE, read_summary
+from tuneforge.spec.jobdir import (
+    EVENTS_FILE,
+    RESOLVED_SPEC_FILE,
+    SUMMARY_FILE,
+    JobSummary,
+    read_resolved_spec,
+    read_summary,
+)
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -57,11 +75,14 @@ class Attempt:
     started: float
     last_renewal: float
     events_offset: int = 0
+    restarts: int = 0  # the job's crash restarts so far (the job row's count)
     run: Run | None = None
     stop_reason: str | None = None  # cancelled | paused | lost | superseded | shutdown
     stop_sent_at: float | None = None
-    last_error: str | None = None
-    last_status: str | None = None  # the recipe's own last word: running, preempted, failed, succeeded
+    report: RecipeReport = field(default_factory=RecipeReport)  # what the running recipe said about itself
+    resolved_mtime: int | None = None  # of the resolved_spec.json last copied onto the job
+    gpu_seconds: float = 0.0  # used by this attempt's earlier runs (before a crash restart)
+    log_offset: int = 0  # where this run's output starts in recipe.log (earlier runs append to it too)
 
 
 class Worker:
@@ -132,11 +153,13 @@ class Worker:
                 spec = JobSpec.model_validate(claimed.spec)
                 ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
                 blobs = {fid: self.store.path_of(row.sha256) for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
-                offset = job_rows.get_job_any_tenant(session, job_id=claimed.job_id).events_offset
+                row = job_rows.get_job_any_tenant(session, job_id=claimed.job_id)
+                offset, restarts = row.events_offset, row.restarts or 0
             job_dir = self.settings.jobs_dir / claimed.job_id
             attempt = Attempt(
                 job_id=claimed.job_id, tenant_id=claimed.tenant_id, attempt=claimed.attempt, spec=spec, job_dir=job_dir,
                 nodes=claimed.nodes, gpus=claimed.gpus, started=now_s, last_renewal=now_s, events_offset=offset,
+                restarts=restarts,
             )
             self.attempts[claimed.job_id] = attempt
             try:
@@ -152,9 +175,13 @@ class Worker:
 
     def _launch(self, attempt: Attempt) -> None:
         try:
+            attempt.log_offset = (attempt.job_dir / RECIPE_LOG).stat().st_size
+        except OSError:
+            attempt.log_offset = 0
+        try:
             attempt.run = self.executor.launch(
                 job_id=attempt.job_id, attempt=attempt.attempt, job_dir=attempt.job_dir, spec=attempt.spec,
-                placement={"nodes": attempt.nodes},
+                placement={"nodes": attempt.nodes}, restart=attempt.restarts,
             )
         except LaunchError as exc:
             self._launch_failed(attempt, str(exc))
@@ -166,7 +193,7 @@ class Worker:
     def _launch_failed(self, attempt: Attempt, message: str) -> None:
         with self.db.session() as session:
             states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt,
-                        error={"code": "launch_failed", "param": None, "message": message})
+                        error={"code": "launch_failed", "param": None, "message": self._redact(message, attempt)})
             states.release_lease(session, job_id=attempt.job_id, worker_id=self.worker_id)
         self.attempts.pop(attempt.job_id, None)
 
@@ -192,15 +219,12 @@ class Worker:
         self._finish(attempt, code)
 
     def _ingest(self, attempt: Attempt) -> None:
+        self._copy_resolved_spec(attempt)
         events, offset = read_new_events(attempt.job_dir / EVENTS_FILE, attempt.events_offset)
         if offset == attempt.events_offset:
             return
         for event in events:
-            data = event.get("data") or {}
-            if event.get("level") == "error":
-                attempt.last_error = str(data.get("error") or event.get("message") or "")
-            if data.get("kind") == "status":
-                attempt.last_status = data.get("status")
+            attempt.report.observe(event)
         with self.db.session() as session:
             stored = ingest(session, job_id=attempt.job_id, attempt=attempt.attempt, worker_id=self.worker_id,
                             events=events, offset=offset)
@@ -208,6 +232,23 @@ class Worker:
             attempt.events_offset = offset
         else:
             self._stop(attempt, "lost")
+
+    def _copy_resolved_spec(self, attempt: Attempt) -> None:
+        """resolved_spec.json onto the job row, once the recipe has written it (again when it rewrites it)."""
+        try:
+            mtime = (attempt.job_dir / RESOLVED_SPEC_FILE).stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == attempt.resolved_mtime:
+            return
+        try:
+            resolved = read_resolved_spec(attempt.job_dir)
+        except ValueError:  # half of a file that is not ours to write: the next tick reads it again
+            return
+        if resolved is not None:
+            with self.db.session() as session:
+                job_rows.record_resolved_spec(session, job_id=attempt.job_id, attempt=attempt.attempt, resolved=resolved)
+            attempt.resolved_mtime = mtime
 
     def _check(self, attempt: Attempt, now_s: float) -> None:
         """Renew the lease when due, and stop the recipe when the job was cancelled, paused or taken over."""
@@ -239,24 +280,23 @@ class Worker:
     # ---- outcome ------------------------------------------------------------------------------------
 
     def _finish(self, attempt: Attempt, code: int | None) -> None:
-        if code not in (EXIT_OK, EXIT_PREEMPTED, None) and attempt.last_status in ("preempted", "succeeded"):
-            # torchrun exits 1 even when every rank stopped with 75 after a checkpoint, or when a rank died
-            # on its way out after the job had written its summary and output.
-            code = EXIT_PREEMPTED if attempt.last_status == "preempted" else EXIT_OK
-        summary = read_summary(attempt.job_dir) if code == EXIT_OK else None
-        used = (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
+        outcome = self._outcome(attempt, code)
+        if attempt.stop_reason is None and outcome is not None and self._restart(attempt, outcome):
+            return
+        summary = self._summary(attempt) if outcome is not None and outcome.status == SUCCEEDED else None
+        used = attempt.gpu_seconds + self._run_seconds(attempt)
         with self.db.session() as session:
             states.release_lease(session, job_id=attempt.job_id, worker_id=self.worker_id, gpu_seconds=used)
             reason = attempt.stop_reason
             if summary is not None and reason in (None, PAUSED):
                 self._succeed(session, attempt, summary)
-            elif reason == "shutdown" or (reason is None and code == EXIT_PREEMPTED):
+            elif reason == "shutdown" or (reason is None and outcome is not None and outcome.status == PREEMPTED):
                 states.requeue(session, job_id=attempt.job_id, attempt=attempt.attempt,
                                reason="worker shutting down" if reason else "the recipe was preempted",
                                max_attempts=self.settings.max_attempts)
             elif reason is None:
-                states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt, error=self._error(attempt, code))
-            elif reason == PAUSED and code not in (EXIT_OK, EXIT_PREEMPTED, None):
+                states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt, error=self._error(attempt, outcome))
+            elif reason == PAUSED and outcome is not None and outcome.status not in (SUCCEEDED, PREEMPTED):
                 add_event(session, job_id=attempt.job_id, level="warn", data={"kind": "pause", "exit_code": code},
                           message=f"the recipe exited with code {code} while pausing; resume continues from the last checkpoint")
         if attempt.run is not None:
@@ -264,28 +304,79 @@ class Worker:
         self.attempts.pop(attempt.job_id, None)
         log.info("job %s attempt %d finished: exit %s, %s", attempt.job_id, attempt.attempt, code, attempt.stop_reason or "done")
 
-    def _succeed(self, session, attempt: Attempt, summary: dict[str, Any]) -> None:
+    def _outcome(self, attempt: Attempt, code: int | None) -> RecipeOutcome | None:
+        """What the recipe's run came to (None: it never ran)."""
+        if code is None:
+            return None
+        self._copy_resolved_spec(attempt)
+        return interpret(code, attempt.report, summary_written=(attempt.job_dir / SUMMARY_FILE).exists(),
+                         stderr_tail=self._run_log(attempt))
+
+    def _restart(self, attempt: Attempt, outcome: RecipeOutcome) -> bool:
+        """A crash with restarts left: run the recipe again in this attempt, from its last checkpoint (same
+        lease, same devices). Bad input and stop requests are never restarted."""
+        if not outcome.restartable(attempt.restarts, attempt.spec.checkpoint.max_restarts):
+            return False
+        with self.db.session() as session:
+            count = states.restart(session, job_id=attempt.job_id, attempt=attempt.attempt,
+                                   reason=self._redact(outcome.reason, attempt), step=attempt.report.last_step,
+                                   max_restarts=attempt.spec.checkpoint.max_restarts)
+        if count is None:
+            return False
+        log.info("job %s attempt %d: %s; restart %d", attempt.job_id, attempt.attempt, outcome.reason, count)
+        attempt.gpu_seconds += self._run_seconds(attempt)
+        if attempt.run is not None:
+            attempt.run.close()
+        attempt.run, attempt.restarts, attempt.report = None, count, RecipeReport()
+        self._launch(attempt)  # or at the next tick, once the crashed run has let go of the directory
+        return True
+
+    def _run_seconds(self, attempt: Attempt) -> float:
+        return (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
+
+    def _summary(self, attempt: Attempt) -> JobSummary | None:
+        try:
+            summary = read_summary(attempt.job_dir)
+        except ValueError as exc:  # pydantic's ValidationError: the job fails with the reason
+            attempt.report.error = f"unreadable summary.json: {exc}"
+            return None
+        if summary is None:
+            attempt.report.error = "the recipe reported success but wrote no summary.json"
+        return summary
+
+    def _succeed(self, session, attempt: Attempt, summary: JobSummary) -> None:
         job = job_rows.get_job_any_tenant(session, job_id=attempt.job_id)
         model_id = fine_tuned_model_id(job)
         if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=model_id,
-                          trained_tokens=summary.get("trained_tokens")):
-            register_job_output(session, job=job, job_dir=attempt.job_dir, home=tuneforge_home(),
-                                output=str(summary.get("output", "adapter")))
+                          trained_tokens=summary.trained_tokens):
+            register_job_output(session, job=job, job_dir=attempt.job_dir, home=tuneforge_home(), output=summary.output)
 
-    def _error(self, attempt: Attempt, code: int | None) -> dict[str, Any]:
-        if attempt.last_error:
-            message = f"training failed: {attempt.last_error}"
-        elif code == EXIT_OK:
-            message = "the recipe exited without writing its summary"
+    def _error(self, attempt: Attempt, outcome: RecipeOutcome | None) -> dict[str, Any]:
+        if outcome is None or outcome.status == SUCCEEDED:  # never started, or its summary could not be read
+            message = f"training failed: {attempt.report.error or 'the recipe did not run'}"
+        elif outcome.reported:
+            message = f"training failed: {outcome.reason}"
+        elif outcome.failed_rank is None and outcome.exit_code != 0:
+            message = (f"the training process {describe_exit(outcome.exit_code)} without reporting an error"
+                       f"{self._log_tail(attempt)}")
         else:
-            message = f"the training process exited with code {code} without reporting an error{self._log_tail(attempt)}"
+            message = f"training failed: {outcome.reason}"
+        if attempt.restarts and outcome is not None and outcome.status != BAD_INPUT:
+            message += f" (after {attempt.restarts} restarts from the last checkpoint)"
         return {"code": "training_failed", "param": None, "message": self._redact(message, attempt)}
 
-    def _log_tail(self, attempt: Attempt, lines: int = 5) -> str:
+    def _run_log(self, attempt: Attempt, limit: int = 65536) -> str:
+        """The last `limit` bytes this run wrote to recipe.log (torchrun's failure report is there)."""
         try:
-            text = (attempt.job_dir / RECIPE_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            with open(attempt.job_dir / RECIPE_LOG, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(attempt.log_offset, size - limit))
+                return handle.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
+
+    def _log_tail(self, attempt: Attempt, lines: int = 5) -> str:
+        text = self._run_log(attempt).strip().splitlines()
         return (": " + " | ".join(text[-lines:])) if text else ""
 
     def _redact(self, message: str, attempt: Attempt) -> str:

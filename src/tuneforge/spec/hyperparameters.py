@@ -64,15 +64,3 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
         training.gradient_accumulation_steps = math.ceil(per_device / micro)
     return spec.model_copy(update={"training": training})
 
-
-def matches_submitted(submitted: JobSpec, stored: JobSpec) -> bool:
-    """Is stored the same job as submitted, once its "auto" values were resolved?"""
-
-    def walk(a, b) -> bool:
-        if a == "auto":
-            return True
-        if isinstance(a, dict) and isinstance(b, dict):
-            return a.keys() == b.keys() and all(walk(a[k], b[k]) for k in a)
-        return a == b
-
-    return walk(submitted.model_dump(mode="json"), stored.model_dump(mode="json"))

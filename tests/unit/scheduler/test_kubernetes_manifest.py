@@ -128,3 +128,55 @@ def test_names_and_inventory():
     assert [(n.gpu_type, n.gpus) for n in parse_inventory("h100-80gb:8, a10g:1")] == [("h100-80gb", 8), ("a10g", 1)]
     with pytest.raises(ValueError, match="GPU_TYPE:COUNT"):
         parse_inventory("eight")
+
+
+def test_each_crash_restart_is_a_run_of_its_own(tmp_path):
+    manifest = render_manifest(job_id="ftjob-ABC123", attempt=2, spec=spec(gpu_type="cpu"), settings=SETTINGS,
+                               home=tmp_path, restart=3)
+    jsonschema.validate(manifest, JOB_SCHEMA)
+    assert manifest["metadata"]["name"] == "tuneforge-abc123-a2-r3" == manifest_name("ftjob-ABC123", 2, 3)
+    assert manifest["spec"]["template"]["metadata"]["labels"]["tuneforge.dev/run"] == "tuneforge-abc123-a2-r3"
+    env = {e["name"]: e["value"] for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TUNEFORGE_RESTART"] == "3" and env["TUNEFORGE_ATTEMPT"] == "2"
+
+
+class _Pods:
+    """CoreV1Api.list_namespaced_pod answering with pods whose containers ended with these codes."""
+
+    def __init__(self, *pods):
+        self.pods, self.selectors = pods, []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        from kubernetes.client import (V1ContainerState, V1ContainerStateTerminated, V1ContainerStatus, V1ObjectMeta,
+                                       V1Pod, V1PodList, V1PodStatus)
+
+        self.selectors.append(label_selector)
+        items = [V1Pod(metadata=V1ObjectMeta(labels={"training.kubeflow.org/replica-type": role}),
+                       status=V1PodStatus(container_statuses=[V1ContainerStatus(
+                           name="recipe", image="i", image_id="", ready=False, restart_count=0,
+                           state=V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=code)))]))
+                 for role, code in self.pods]
+        return V1PodList(items=items)
+
+
+class _FailedJob:
+    def read_namespaced_job_status(self, name, namespace):
+        from kubernetes.client import V1Job, V1JobStatus
+
+        return V1Job(status=V1JobStatus(failed=1))
+
+
+@pytest.mark.parametrize(("pods", "code"), [
+    ([("", 2)], 2),  # bad input stays bad input: the worker does not retry it
+    ([("", 137)], -9),  # SIGKILL (the out-of-memory killer): a crash, restarted from the checkpoint
+    ([("worker", 1), ("master", 75)], 75),  # the master's code first
+    ([], 1),  # the pods are gone: a failure without a code
+])
+def test_a_failed_run_reports_its_recipes_exit_code(tmp_path, pods, code):
+    from tuneforge.scheduler.executors.kubernetes_jobs import KubernetesRun
+
+    run = KubernetesRun(render_manifest(job_id="ftjob-1", attempt=1, spec=spec(gpu_type="cpu"), settings=SETTINGS,
+                                        home=tmp_path))
+    run.batch, run.core = _FailedJob(), _Pods(*pods)
+    assert run.poll() == code
+    assert run.core.selectors == ["tuneforge.dev/run=tuneforge-1-a1"]

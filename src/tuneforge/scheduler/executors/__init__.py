@@ -34,8 +34,12 @@ class Executor(Protocol):
     def inventory(self) -> list[Node]:
         """The nodes this executor can place jobs on."""
 
-    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any]) -> Run | None:
-        """Start the recipe; None when it cannot start yet (the previous attempt still holds the directory)."""
+    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
+               restart: int = 0) -> Run | None:
+        """Start the recipe; None when it cannot start yet (the previous run still holds the directory).
+
+        restart: the job's crash restarts before this run (TUNEFORGE_RESTART in the recipe's environment);
+        a crashed run is started again in the same attempt."""
 
 
 class LaunchError(RuntimeError):

@@ -4,7 +4,8 @@ running the recipe under torchrun in the project's image, with TUNEFORGE_HOME on
 Manifests are rendered here as plain dicts (tested against the Kubernetes API models without a cluster);
 they are submitted with the `kubernetes` client only when a cluster is configured (the `kubernetes` extra,
 in-cluster config or ~/.kube/config). The volume is mounted at the worker's own TUNEFORGE_HOME path, so
-the paths in a job's spec.json mean the same thing in the pod.
+the paths in a job's spec.json mean the same thing in the pod. A run's exit code is its recipe's own,
+read from the pod (a Job's status only says that it failed), so bad input (2) is never retried.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from tuneforge.home import tuneforge_home
 from tuneforge.scheduler.executors import LaunchError
-from tuneforge.launch.commands import recipe_args
+from tuneforge.launch.commands import RESTART_VARIABLE, recipe_args
 from tuneforge.spec.jobdir import EXIT_PREEMPTED
 from tuneforge.scheduler.placement import Node
 from tuneforge.settings import Settings
@@ -24,20 +25,26 @@ from tuneforge.spec.job import JobSpec
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TYPE_LABEL = "tuneforge.dev/gpu-type"
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+RUN_LABEL = "tuneforge.dev/run"  # on every pod of one run: where its exit code is read
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 
 
-def manifest_name(job_id: str, attempt: int) -> str:
-    """A DNS-1123 name, unique per attempt (a Job's pod template cannot be changed, so each attempt is new)."""
-    return re.sub(r"[^a-z0-9-]", "-", f"tuneforge-{job_id.removeprefix('ftjob-')[:24]}-a{attempt}".lower())[:63]
+def manifest_name(job_id: str, attempt: int, restart: int = 0) -> str:
+    """A DNS-1123 name, unique per run (a Job's pod template cannot be changed, so each attempt, and each
+    crash restart within it, is a new one)."""
+    suffix = f"-a{attempt}" + (f"-r{restart}" if restart else "")
+    return re.sub(r"[^a-z0-9-]", "-", f"tuneforge-{job_id.removeprefix('ftjob-')[:24]}{suffix}".lower())[:63]
 
 
-def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Settings, home: Path | None = None) -> dict[str, Any]:
+def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Settings, home: Path | None = None,
+                    restart: int = 0) -> dict[str, Any]:
     home = home or tuneforge_home()
     job_dir = home / "jobs" / job_id
     gpus, nodes = spec.resources.num_gpus, spec.resources.num_nodes
     gpu_job = spec.resources.gpu_type != "cpu"
+    name = manifest_name(job_id, attempt, restart)
     labels = {"app.kubernetes.io/name": "tuneforge", "app.kubernetes.io/component": "recipe",
-              "tuneforge.dev/job-id": job_id, "tuneforge.dev/attempt": str(attempt)}
+              "tuneforge.dev/job-id": job_id, "tuneforge.dev/attempt": str(attempt), RUN_LABEL: name}
     multi = nodes > 1
     launcher = ["torchrun", f"--nproc-per-node={gpus}"] if (gpus > 1 or multi) else ["python"]
     container: dict[str, Any] = {
@@ -49,6 +56,7 @@ def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Setti
             {"name": "TUNEFORGE_HOME", "value": str(home)},
             {"name": "TUNEFORGE_JOB_ID", "value": job_id},
             {"name": "TUNEFORGE_ATTEMPT", "value": str(attempt)},
+            {"name": RESTART_VARIABLE, "value": str(restart)},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
         "resources": {"limits": {GPU_RESOURCE: str(gpus)}} if gpu_job else {"requests": {"cpu": str(gpus)}},
@@ -66,7 +74,7 @@ def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Setti
     if settings.k8s_service_account:
         pod_spec["serviceAccountName"] = settings.k8s_service_account
     template = {"metadata": {"labels": labels}, "spec": pod_spec}
-    metadata = {"name": manifest_name(job_id, attempt), "namespace": settings.k8s_namespace, "labels": labels}
+    metadata = {"name": name, "namespace": settings.k8s_namespace, "labels": labels}
     if not multi:
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
                 "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 86400, "template": template}}
@@ -79,6 +87,11 @@ def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Setti
             "pytorchReplicaSpecs": {"Master": {"replicas": 1, **replica}, "Worker": {"replicas": nodes - 1, **replica}},
         },
     }
+
+
+def container_exit_code(code: int) -> int:
+    """A container killed by signal N exits 128 + N; report it as -N, as a local process would be."""
+    return -(code - 128) if 128 < code <= 128 + 64 else code
 
 
 def parse_inventory(text: str) -> list[Node]:
@@ -98,7 +111,7 @@ class KubernetesRun:
 
         self.manifest, self.name = manifest, manifest["metadata"]["name"]
         self.namespace = manifest["metadata"]["namespace"]
-        self.batch, self.custom = client.BatchV1Api(), client.CustomObjectsApi()
+        self.batch, self.custom, self.core = client.BatchV1Api(), client.CustomObjectsApi(), client.CoreV1Api()
         self.pytorchjob = manifest["kind"] == "PyTorchJob"
         self.stopped = False
 
@@ -110,13 +123,31 @@ class KubernetesRun:
                 status = self.custom.get_namespaced_custom_object_status(
                     PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, self.namespace, PYTORCHJOB_PLURAL, self.name).get("status", {})
                 kinds = {c["type"] for c in status.get("conditions", []) if c.get("status") == "True"}
-                return 0 if "Succeeded" in kinds else 1 if "Failed" in kinds else None
+                return 0 if "Succeeded" in kinds else self.exit_code() if "Failed" in kinds else None
             status = self.batch.read_namespaced_job_status(self.name, self.namespace).status
-            return 0 if status.succeeded else 1 if status.failed else None
+            return 0 if status.succeeded else self.exit_code() if status.failed else None
         except ApiException as exc:
             if exc.status == 404 and self.stopped:
                 return EXIT_PREEMPTED  # deleted on our request, after its grace period
             raise
+
+    def exit_code(self) -> int:
+        """The recipe's exit code from the run's failed pod (a PyTorchJob's master first); 1 when no pod
+        says (they were deleted, or the worker's service account may not list pods)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{RUN_LABEL}={self.name}").items
+        except ApiException:
+            return 1
+        pods = sorted(pods, key=lambda pod: ((pod.metadata.labels or {}).get(REPLICA_TYPE_LABEL) or "").lower() != "master")
+        for pod in pods:
+            for container in (pod.status.container_statuses or []) if pod.status else []:
+                ended = (container.state and container.state.terminated) or (
+                    container.last_state and container.last_state.terminated)
+                if ended is not None and ended.exit_code:
+                    return container_exit_code(ended.exit_code)
+        return 1
 
     def _delete(self, grace: int | None) -> None:
         from kubernetes import client
@@ -159,8 +190,9 @@ class KubernetesExecutor:
     def inventory(self) -> list[Node]:
         return list(self.nodes)
 
-    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any]) -> KubernetesRun:
-        manifest = render_manifest(job_id=job_id, attempt=attempt, spec=spec, settings=self.settings)
+    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
+               restart: int = 0) -> KubernetesRun:
+        manifest = render_manifest(job_id=job_id, attempt=attempt, spec=spec, settings=self.settings, restart=restart)
         run = KubernetesRun(manifest)
         if run.pytorchjob:
             run.custom.create_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, run.namespace,

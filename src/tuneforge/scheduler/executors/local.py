@@ -18,7 +18,7 @@ from typing import Any
 
 from tuneforge.scheduler.executors import LaunchError
 from tuneforge.scheduler.executors.process import signal_group, spawn
-from tuneforge.launch.commands import recipe_command, recipe_environment
+from tuneforge.launch.commands import RESTART_VARIABLE, recipe_command, recipe_environment
 from tuneforge.scheduler.launch import RECIPE_LOG
 from tuneforge.scheduler.placement import CPU, Node
 from tuneforge.spec.job import JobSpec
@@ -92,7 +92,8 @@ class LocalExecutor:
     def inventory(self) -> list[Node]:
         return [Node(self.gpu_type, self.slots)]
 
-    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any]) -> LocalRun | None:
+    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
+               restart: int = 0) -> LocalRun | None:
         if spec.resources.num_nodes > 1:
             raise LaunchError("the local executor runs single-node jobs; use the ray or kubernetes executor for num_nodes > 1")
         lock_fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -104,7 +105,7 @@ class LocalExecutor:
         try:
             devices = self._take(spec.resources.num_gpus)
             env = {**os.environ, **recipe_environment({"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id,
-                                                        "TUNEFORGE_ATTEMPT": str(attempt)})}
+                                                        "TUNEFORGE_ATTEMPT": str(attempt), RESTART_VARIABLE: str(restart)})}
             if self.gpus > 0:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
             else:

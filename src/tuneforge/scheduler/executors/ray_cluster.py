@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.scheduler.executors import LaunchError
-from tuneforge.launch.commands import recipe_command, recipe_environment
+from tuneforge.launch.commands import RESTART_VARIABLE, recipe_command, recipe_environment
 from tuneforge.scheduler.launch import RECIPE_LOG
 from tuneforge.scheduler.placement import CPU, Node
 from tuneforge.spec.job import JobSpec
@@ -100,7 +100,8 @@ class RayExecutor:
             self.node_ids.append(node["NodeID"])
         return nodes
 
-    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any]) -> RayRun:
+    def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
+               restart: int = 0) -> RayRun:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -112,7 +113,8 @@ class RayExecutor:
             num_gpus=gpus if on_gpu else 0, num_cpus=self.cpus_per_job,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_ids[node_index], soft=False),
         )
-        env = recipe_environment({"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id, "TUNEFORGE_ATTEMPT": str(attempt)})
+        env = recipe_environment({"PYTHONUNBUFFERED": "1", "TUNEFORGE_JOB_ID": job_id, "TUNEFORGE_ATTEMPT": str(attempt),
+                                  RESTART_VARIABLE: str(restart)})
         if not on_gpu:
             env["CUDA_VISIBLE_DEVICES"] = ""
         if "TUNEFORGE_HOME" in os.environ:

@@ -1,0 +1,190 @@
+"""The training loop every method shares: restore, step, report, evaluate, checkpoint, stop.
+
+What a recipe brings: a batcher (units -> micro-batch tensors, `example_ids`, `unit_lengths`), a
+step schedule over its units, the prepared model (engine.distributed.prepare) whose loss names its own
+normalizer, and optionally a validation callable. What the loop owns: the exact restore of a
+checkpoint, this rank's share of each step, the out-of-memory back-off of the micro-batch (the step
+is redone in smaller pieces: same examples, same result), metrics events and the progress display,
+periodic validation, and the decisions every rank must take together (checkpoint now, stop now), a
+checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tuneforge.data.batching import StepSchedule, micro_batches
+from tuneforge.engine import faults
+from tuneforge.engine.checkpoint import CheckpointKeeper, checkpoint_bytes, restore_training_checkpoint
+from tuneforge.engine.distributed import Prepared
+from tuneforge.engine.preemption import Preempted
+from tuneforge.engine.runtime.metrics import format_metrics
+from tuneforge.engine.runtime.resume import ResumePoint
+from tuneforge.engine.train_step import StepResult, optimizer_step
+from tuneforge.spec.jobdir import CHECKPOINTS_DIR, BestCheckpoint
+
+
+@dataclass
+class Progress:
+    """Counters that continue across resumes (saved in every checkpoint)."""
+
+    tokens_seen: int = 0
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    epochs: float
+    progress: Progress
+    best: BestCheckpoint | None
+    losses: list[float] = field(default_factory=list)  # this run's, one per step
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def last_10_mean(self) -> float | None:
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else None
+
+
+def train(job, prepared: Prepared, batcher, schedule: StepSchedule, *, micro: int, resume: ResumePoint,
+          data_position: dict[str, Any], recipe_state: dict[str, Any] | None = None,
+          validate: Callable[[], dict[str, float]] | None = None) -> TrainingResult:
+    """Train from the resume point to schedule.total_steps. data_position: what the data order is a pure
+    function of (equal values mean an exact resume); recipe_state: what the recipe keeps in checkpoints."""
+    loop = _Loop(job, prepared, batcher, schedule, micro, data_position, recipe_state or {}, validate)
+    loop.restore(resume)
+    job.phase("setup_s")
+    return loop.run()
+
+
+class _Loop:
+    def __init__(self, job, prepared: Prepared, batcher, schedule: StepSchedule, micro: int,
+                 data_position: dict[str, Any], recipe_state: dict[str, Any], validate):
+        self.job, self.prepared, self.batcher, self.schedule, self.micro = job, prepared, batcher, schedule, micro
+        self.data_position, self.recipe_state, self.validate = data_position, recipe_state, validate
+        self.progress, self.start_step, self.losses = Progress(), 0, []
+        self.last_eval: dict[str, float] = {}
+        self.keeper: CheckpointKeeper | None = None
+        # A rank whose share of a step is short runs this with weight 0 (same collectives on every rank).
+        self.stand_in = batcher.collate((0,)) if job.parallel.enabled else None
+
+    def restore(self, resume: ResumePoint) -> None:
+        """Weights, optimizer, scheduler, scaler, RNGs and counters, exactly as the checkpoint saved them."""
+        job, spec = self.job, self.job.spec
+        if resume.path is not None:
+            resume.check(data_position=self.data_position, strategy=job.strategy, world_size=job.parallel.world_size)
+            p = self.prepared
+            restore_training_checkpoint(resume.path, model=p.state_module, optimizer=p.optimizer, scheduler=p.scheduler,
+                                        scaler=p.scaler, parallel=job.parallel)
+            self.start_step = resume.step
+            self.progress = Progress(**{k: resume.saved[k] for k in asdict(Progress()) if k in resume.saved})
+            job.note(f"resumed from {resume.path.name} at step {self.start_step}", kind="resumed", step=self.start_step,
+                     path=resume.path.name)
+        self.keeper = CheckpointKeeper(job.job_dir / CHECKPOINTS_DIR, every_steps=spec.checkpoint.every_steps,
+                                       every_minutes=spec.checkpoint.every_minutes, keep_last=spec.checkpoint.keep_last,
+                                       resumed_from=resume.path, best=resume.saved.get("best"))
+
+    def run(self) -> TrainingResult:
+        job, schedule = self.job, self.schedule
+        job.display.start(schedule.total_steps, self.start_step)
+        began = time.monotonic() - self.progress.train_seconds
+        for step in range(self.start_step, schedule.total_steps):
+            started = time.perf_counter()
+            plan = schedule.plan(step)
+            result = self.step(plan.step, plan.example_ids)
+            tokens_per_second = result.tokens / (time.perf_counter() - started)
+            done = step + 1
+            self.progress.tokens_seen += result.tokens
+            self.progress.trained_tokens += result.loss_units
+            self.progress.train_seconds = time.monotonic() - began
+            self.losses.append(result.loss)
+            if done == self.start_step + 1:
+                job.report_startup()
+            self.report(done, result, tokens_per_second, plan.example_ids)
+            faults.after_step(done)
+            if done < schedule.total_steps:
+                self.between_steps(done, result)
+        final = schedule.total_steps
+        self.checkpoint(final, {"train_loss": self.losses[-1] if self.losses else None})
+        best = BestCheckpoint(**self.keeper.best) if self.keeper.best else None
+        return TrainingResult(final, schedule.epoch_at(final), self.progress, best, self.losses)
+
+    def step(self, index: int, example_ids: tuple[int, ...]) -> StepResult:
+        """This rank's share of one optimizer step, redone in halved micro-batches on out-of-memory."""
+        job, p = self.job, self.prepared
+        mine, per_rank = job.parallel.shard(list(example_ids))
+        while True:
+            batches = [self.batcher.collate(units) for units in micro_batches(tuple(mine), self.micro)]
+            try:
+                return optimizer_step(p.train_module, batches, optimizer=p.optimizer, scheduler=p.scheduler,
+                                      scaler=p.scaler, precision=job.precision,
+                                      max_grad_norm=job.spec.training.max_grad_norm, parameters=p.parameters,
+                                      parallel=job.parallel, micro_batches=p.passes(per_rank, self.micro),
+                                      stand_in=self.stand_in)
+            except torch.OutOfMemoryError:
+                # Nothing was stepped yet: drop the partial gradients and redo the step in smaller pieces.
+                p.optimizer.zero_grad(set_to_none=True)
+                if job.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro == 1 or job.parallel.enabled:  # the other ranks are already in the next collective
+                    raise
+                self.micro //= 2
+                job.note(f"out of memory at step {index + 1}; continuing with micro-batches of {self.micro}",
+                         level="warning", kind="micro_batch", step=index + 1, per_device_batch_size=self.micro)
+
+    def report(self, done: int, result: StepResult, tokens_per_second: float, example_ids) -> None:
+        job, total = self.job, self.schedule.total_steps
+        if done % job.spec.training.logging_steps == 0 or done == total:
+            job.events.metrics(
+                f"step {done}/{total}: train_loss={result.loss:.4f}",
+                step=done, total_steps=total, epoch=round(self.schedule.epoch_at(done), 4),
+                train_loss=result.loss, train_mean_token_accuracy=result.accuracy,
+                learning_rate=result.learning_rate, grad_norm=result.grad_norm, tokens_per_second=tokens_per_second,
+                tokens_seen=self.progress.tokens_seen, real_token_fraction=result.tokens / result.padded_tokens,
+                example_ids=self.batcher.example_ids(example_ids),
+            )
+        eta = (total - done) * self.progress.train_seconds / max(1, done - self.start_step)
+        job.display.update(done, loss=result.loss, learning_rate=result.learning_rate,
+                           tokens_per_second=tokens_per_second, eta_s=eta)
+
+    def between_steps(self, done: int, result: StepResult) -> None:
+        """Validate when due; checkpoint and stop when any rank asks (every rank takes the same decision)."""
+        job = self.job
+        every = job.spec.evaluation.eval_every_steps
+        if self.validate is not None and every and done % every == 0:
+            self.last_eval = self.validate()
+            message = f"step {done}: {format_metrics(self.last_eval)}"
+            job.events.metrics(message, step=done, total_steps=self.schedule.total_steps,
+                               **{f"valid_{k}": v for k, v in self.last_eval.items()})
+            job.display.message(message)
+        metrics = {"train_loss": result.loss, **{f"valid_{k}": v for k, v in self.last_eval.items()}}
+        # Time-based checkpoints and stop requests can differ between ranks: any rank's wins for all.
+        due, stop = (bool(v) for v in job.parallel.sum([float(self.keeper.due(done)), float(job.watcher.requested)]))
+        if due or stop:
+            self.checkpoint(done, metrics)
+        if stop:
+            job.note(f"preempted ({job.watcher.reason}) after step {done}; checkpoint saved, the job resumes from it",
+                     level="warning", kind="status", status="preempted", step=done, reason=job.watcher.reason)
+            raise Preempted(done, job.watcher.reason)
+
+    def checkpoint(self, step: int, metrics: dict) -> None:
+        job, p = self.job, self.prepared
+        state = {**asdict(self.progress), "epoch": self.schedule.epoch_at(step), "data_position": self.data_position,
+                 "metrics": metrics, **self.recipe_state, "strategy": job.strategy,
+                 "world_size": job.parallel.world_size}
+        path, is_best = self.keeper.save(step, model=p.state_module, optimizer=p.optimizer, scheduler=p.scheduler,
+                                         scaler=p.scaler, parallel=job.parallel, sharded=p.sharded, trainer_state=state)
+        if job.parallel.is_main:
+            job.events.emit(f"checkpoint at step {step}", kind="checkpoint", step=step,
+                            path=f"{CHECKPOINTS_DIR}/{path.name}", bytes=checkpoint_bytes(path), metrics=metrics,
+                            is_best=is_best)
