@@ -18,9 +18,11 @@ def _setup_logging() -> None:
 def _database():
     from tuneforge.db.migrate import upgrade
     from tuneforge.db.session import Database
+    from tuneforge.home import make_private
     from tuneforge.settings import Settings
 
     settings = Settings.from_env()
+    make_private(settings.database_url)
     db = Database(settings.database_url)
     upgrade(db.engine)
     return settings, db
@@ -66,11 +68,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    import threading
+
+    from tuneforge.registry.artifacts import LocalArtifactStore
+    from tuneforge.scheduler.blobs import BlobCollector
+    from tuneforge.scheduler.loop import run_loops, stop_on_signals
     from tuneforge.scheduler.reaper import Reaper
+    from tuneforge.scheduler.upload_validation import UploadValidator
 
     _setup_logging()
     settings, db = _database()
-    Reaper(db, settings).run()
+    store = LocalArtifactStore(settings.artifacts_dir)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    # The collector's first pass, at once, sweeps the staging folders of uploads that died with a server.
+    run_loops([Reaper(db, settings), UploadValidator(db, settings, store, stop=stop), BlobCollector(db, settings, store)],
+              stop=stop)
     return 0
 
 
@@ -154,7 +167,8 @@ def add_control_plane_commands(commands) -> None:
     _worker_options(worker)
     worker.set_defaults(handler=cmd_worker)
 
-    scheduler = commands.add_parser("scheduler", help="run the reaper: re-queue jobs whose worker died")
+    scheduler = commands.add_parser("scheduler", help="validate uploads, re-queue jobs whose worker died, collect unused blobs",
+                                    description="The scheduler's loops: the upload validator, the reaper and the blob collector.")
     scheduler.set_defaults(handler=cmd_scheduler)
 
     keys = commands.add_parser("keys", help="create, list or revoke API keys",

@@ -32,6 +32,15 @@ class Settings:
     stop_grace_seconds: float = 120.0  # SIGTERM to SIGKILL: time for the recipe to write a checkpoint
     max_attempts: int = 5  # a job that loses its worker this many times fails
     max_upload_bytes: int = 1 << 30
+    # The scheduler validates each upload in a child process under these bounds; past one, the file is "error".
+    validation_timeout_seconds: float = 600.0  # wall time of one validation
+    validation_max_memory_bytes: int = 2 << 30  # resident memory of the validating process
+    validation_max_inflated_bytes: int = 4 << 30  # bytes of a gzip upload once decompressed
+    validation_max_ratio: float = 100.0  # decompressed / stored bytes, checked past validation_ratio_floor_bytes
+    validation_ratio_floor_bytes: int = 64 << 20
+    validation_max_lines: int = 10_000_000  # lines (blank ones included) or records of one upload
+    blob_grace_seconds: float = 3600.0  # an unreferenced blob is removed once it is older than this
+    max_streams_per_key: int = 20  # open event streams one API key may hold; the next is answered 429
     reserve_after_seconds: float = 1800.0  # a job waiting this long stops smaller jobs from jumping ahead
     ray_address: str | None = None
     k8s_namespace: str = "default"

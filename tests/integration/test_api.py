@@ -4,6 +4,8 @@ endpoint, idempotency keys, cursor pagination, capacity and method checks at cre
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from conftest import EXAMPLE_DATA, ServerProcess, chat, write_jsonl
@@ -24,10 +26,17 @@ class Api:
         self.http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys[tenant]}"}, timeout=30)
 
     def upload(self, path, name=None) -> dict:
+        """Upload and wait until the scheduler has validated the file (processed or error)."""
         with open(path, "rb") as handle:
             response = self.http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (name or path.name, handle)})
         assert response.status_code == 200, response.text
-        return response.json()
+        file = response.json()
+        deadline = time.monotonic() + 60
+        while file["status"] == "uploaded" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            file = self.http.get(f"/v1/files/{file['id']}").json()
+        assert file["status"] in ("processed", "error"), file
+        return file
 
     def create(self, body: dict, **headers) -> httpx.Response:
         return self.http.post("/v1/fine_tuning/jobs", json=body, headers=headers)
@@ -208,12 +217,12 @@ def test_jobs_that_no_worker_can_hold_are_refused_at_creation(server):
     assert plan["fits"] is False and plan["memory"]["fits"] is False
 
 
-def test_a_deepspeed_job_with_an_unusable_config_is_refused_at_creation(server, tmp_path):
+def test_a_deepspeed_job_with_an_unusable_config_is_refused_at_creation(server):
     a = Api(server, "tenant-a")
     training = a.upload(EXAMPLE_DATA / "train.jsonl")
-    broken = tmp_path / "ds.json"
-    broken.write_text('{"zero_optimization": {"stage": 3},\n "train_batch_size": }')
     body = {"model": "tiny-llama", "training_file": training["id"],
-            "tuneforge": {"resources": {"num_gpus": 2, "strategy": "deepspeed", "deepspeed_config": str(broken)}}}
-    error = assert_error(a.create(body), 400, param="tuneforge.resources.strategy", code="invalid_strategy")
-    assert "ds.json: line 2 column" in error["message"]
+            "tuneforge": {"resources": {"num_gpus": 2, "strategy": "deepspeed",
+                                        "deepspeed_config": {"zero_optimization": {"stage": 1}}},
+                          "training": {"batch_size": 4, "per_device_batch_size": 2, "gradient_accumulation_steps": 1}}}
+    error = assert_error(a.create(body), 400, param="tuneforge.resources.deepspeed_config", code="invalid_strategy")
+    assert "zero_optimization.stage 1: tuneforge runs ZeRO stage 2 or 3" in error["message"]

@@ -161,13 +161,101 @@ def test_a_torchrun_exit_after_every_rank_was_preempted_requeues_the_job(db, tmp
     from tuneforge.scheduler.executors.local import LocalExecutor
     from tuneforge.scheduler.worker import Attempt, Worker
 
+    from tuneforge.launch.outcome import RecipeReport
+
     job_id = queued_job(db)
     claimed = claim(db, "w")
     settings = Settings.from_env(database_url=db.url, max_attempts=3)
     worker = Worker(db, settings, LocalExecutor(), worker_id="w")
-    attempt = Attempt(job_id=job_id, tenant_id="t", attempt=claimed.attempt, spec=None, job_dir=tmp_path / job_id,
+    spec = validate_job_spec({"dataset": {"path": "file-x"}, "checkpoint": {"max_restarts": 0}})
+    attempt = Attempt(job_id=job_id, tenant_id="t", attempt=claimed.attempt, spec=spec, job_dir=tmp_path / job_id,
                       nodes=claimed.nodes, gpus=1, started=time.time(), last_renewal=time.time(),
-                      last_status=last_status)
+                      report=RecipeReport(status=last_status))
     worker._finish(attempt, 1)
     with db.session() as session:
         assert job_rows.get_job_any_tenant(session, job_id=job_id).status == expected
+
+
+class _Run:
+    """A recipe run that has already exited with `code`."""
+
+    def __init__(self, code: int):
+        self.code, self.closed = code, False
+
+    def poll(self):
+        return self.code
+
+    def terminate(self):
+        pass
+
+    def kill(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _RecordingExecutor:
+    """Starts nothing: records each launch's restart count and hands back a run that crashed."""
+
+    kind = "local"
+
+    def __init__(self):
+        self.restarts: list[int] = []
+
+    def inventory(self):
+        return list(CPU_NODE)
+
+    def launch(self, *, job_id, attempt, job_dir, spec, placement, restart=0):
+        self.restarts.append(restart)
+        return _Run(1)
+
+
+def _crashed_attempt(db, tmp_path, *, max_restarts: int, retryable: bool):
+    from tuneforge.launch.outcome import RecipeReport
+    from tuneforge.scheduler.worker import Attempt, Worker
+
+    job_id = queued_job(db)
+    claimed = claim(db, "w")
+    executor = _RecordingExecutor()
+    worker = Worker(db, Settings.from_env(database_url=db.url), executor, worker_id="w")
+    spec = validate_job_spec({"dataset": {"path": "file-x"}, "checkpoint": {"max_restarts": max_restarts}})
+    attempt = Attempt(job_id=job_id, tenant_id="t", attempt=claimed.attempt, spec=spec, job_dir=tmp_path / job_id,
+                      nodes=claimed.nodes, gpus=1, started=time.time(), last_renewal=time.time(), run=_Run(1),
+                      report=RecipeReport(status="failed", error="InjectedCrash: boom", retryable=retryable, last_step=3))
+    worker.attempts[job_id] = attempt
+    return worker, executor, attempt
+
+
+def _job_and_events(db, job_id):
+    from tuneforge.db.job_events import list_events
+
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=job_id)
+        events = list_events(session, job_id=job_id, limit=100)[0]
+        return job, [e.data or {} for e in events]
+
+
+def test_a_crashed_recipe_restarts_in_place_from_its_checkpoint_until_max_restarts(db, tmp_path):
+    worker, executor, attempt = _crashed_attempt(db, tmp_path, max_restarts=2, retryable=True)
+    for expected in (1, 2):
+        worker._finish(attempt, 1)
+        job, events = _job_and_events(db, attempt.job_id)
+        assert job.status == "running" and job.restarts == expected and job.attempt == attempt.attempt
+        assert executor.restarts[-1] == expected  # the executor knows which run this is (TUNEFORGE_RESTART)
+        attempt.report.error, attempt.report.retryable = "InjectedCrash: boom", True  # the next run crashes too
+    restarts = [e for e in events if e.get("kind") == "restart"]
+    assert [e["restart"] for e in restarts] == [2, 1] and restarts[0]["reason"] == "InjectedCrash: boom"
+    worker._finish(attempt, 1)  # no restart left
+    job, _ = _job_and_events(db, attempt.job_id)
+    assert job.status == "failed" and job.restarts == 2 and executor.restarts == [1, 2]
+    assert "InjectedCrash: boom" in job.error["message"] and "after 2 restarts" in job.error["message"]
+    assert attempt.job_id not in worker.attempts
+
+
+def test_bad_input_is_never_restarted(db, tmp_path):
+    worker, executor, attempt = _crashed_attempt(db, tmp_path, max_restarts=2, retryable=False)
+    worker._finish(attempt, 1)  # torchrun's 1 for a rank's 2: the failure event says not retryable
+    job, events = _job_and_events(db, attempt.job_id)
+    assert job.status == "failed" and job.restarts == 0 and executor.restarts == []
+    assert not [e for e in events if e.get("kind") == "restart"]

@@ -61,8 +61,10 @@ def client_for(server: ServerProcess, tenant: str = "tenant-a") -> openai.OpenAI
 
 
 def upload(client, name: str = "train.jsonl"):
+    """Upload and wait until the scheduler has validated the file."""
     with open(EXAMPLE_DATA / name, "rb") as handle:
-        return client.files.create(file=handle, purpose="fine-tune")
+        file = client.files.create(file=handle, purpose="fine-tune")
+    return client.files.wait_for_processing(file.id, poll_interval=0.1, max_wait_seconds=60)
 
 
 def test_job_runs_to_succeeded_with_events_checkpoints_and_model(server):

@@ -10,7 +10,9 @@ from fastapi import FastAPI
 
 from tuneforge.api.auth import KeyCache
 from tuneforge.api.errors import install_error_handlers
+from tuneforge.api.limits import BodyLimit
 from tuneforge.api.routers import admin, files, jobs, models
+from tuneforge.api.streams import EventStreams
 from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.settings import Settings
@@ -24,7 +26,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.state.db = db or Database(settings.database_url, pool_size=10)
     app.state.store = LocalArtifactStore(settings.artifacts_dir)
     app.state.key_cache = KeyCache()
+    app.state.streams = EventStreams(app.state.db, max_per_key=settings.max_streams_per_key)
     install_error_handlers(app)
+    # JSON bodies are small; uploads stream under TUNEFORGE_MAX_UPLOAD_BYTES in the files router.
+    app.add_middleware(BodyLimit, exempt=(("POST", "/v1/files"),))
     for router in (files.router, jobs.router, models.router, admin.router):
         app.include_router(router)
 

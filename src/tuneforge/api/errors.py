@@ -47,12 +47,16 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [part for part in loc if not part.startswith(("literal[", "int", "float", "str", "function-"))]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            # pydantic's loc is ("body", character offset): an offset is not a parameter.
+            offset = loc[0] if loc and loc[0].isdigit() else None
+            detail = (first.get("ctx") or {}).get("error")
+            message = "the request body is not valid JSON" + (f" ({detail} at character {offset})" if offset else "")
+            return error_response(400, message, param=None, code="invalid_json")
         if first.get("type") == "extra_forbidden":
             message = "unknown parameter"
         elif first.get("type") == "missing":
             message = "required parameter is missing"
-        elif first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
         return error_response(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,9 +1,9 @@
 """`tuneforge server`: the API, the scheduler and a local worker in one process tree.
 
 The API runs in this process (uvicorn); the scheduler (reaper) and the worker run as child processes
-that die with it. On first start against an empty database it creates an admin key for the tenant
-`default`, prints it once and keeps a copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless
-TUNEFORGE_ADMIN_KEY names the key to use.
+that die with it. When the database has no live admin key it creates one for the tenant `default`, prints it once and
+keeps a copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless TUNEFORGE_ADMIN_KEY names the key to use.
+Everything the server tree creates is private to its user (umask 077; the home is 0700).
 """
 
 from __future__ import annotations
@@ -18,19 +18,21 @@ from pathlib import Path
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.migrate import upgrade
 from tuneforge.db.session import Database
-from tuneforge.home import tuneforge_home
+from tuneforge.home import make_private, tuneforge_home
 from tuneforge.scheduler.executors.process import spawn
 from tuneforge.settings import Settings
 
 log = logging.getLogger("tuneforge.server")
 ADMIN_TENANT = "default"
 CHILD_STOP_SECONDS = 180
+SHUTDOWN_GRACE_SECONDS = 5
 
 
 def bootstrap_admin_key(db: Database) -> str | None:
-    """Create the first admin key on an empty database; returns the secret when it made one."""
+    """Create an admin key when the database has no live one (a fresh database, or one where only tenant
+    keys were made with `tuneforge keys create` before the first start); returns the secret it made."""
     with db.session() as session:
-        if tenant_rows.count_api_keys(session):
+        if tenant_rows.count_api_keys(session, admin_only=True):
             return None
         chosen = os.environ.get("TUNEFORGE_ADMIN_KEY") or None
         _, secret = tenant_rows.create_api_key(session, tenant_id=ADMIN_TENANT, name="admin (bootstrap)", admin=True,
@@ -60,13 +62,16 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
     from tuneforge.api.app import create_app
 
     settings = Settings.from_env()
+    make_private(settings.database_url)
     db = Database(settings.database_url, pool_size=10)
     upgrade(db.engine)
     bootstrap_admin_key(db)
     children = [spawn(command, env=dict(os.environ)) for command in child_commands(worker=worker, worker_args=worker_args)]
     try:
         app = create_app(settings, db=db)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)).run()
+        # Open event streams would hold a graceful shutdown forever: give connections a few seconds.
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)).run()
     finally:
         _stop_children(children)
         db.dispose()

@@ -13,16 +13,17 @@ from pathlib import Path
 
 from tuneforge.data.formats import FORMAT_FIELDS, Example, Format, detect_format, validate_and_normalize
 from tuneforge.data.problems import DataError, DataProblem
-from tuneforge.data.reader import UnusableInput, check_readable, iter_records
+from tuneforge.data.reader import InputLimits, UnusableInput, check_readable, iter_records
 
 MIN_TRAINING_EXAMPLES = 10  # as the OpenAI fine-tuning API requires
 
 
-def iter_examples(path: str | Path, fmt: Format | str = "auto", *, byte_range: tuple[int, int, int] | None = None
-                  ) -> tuple[Format, Iterator[Example | DataProblem]]:
-    """(the format, a stream of examples and problems). The format is detected from the first record."""
+def iter_examples(path: str | Path, fmt: Format | str = "auto", *, byte_range: tuple[int, int, int] | None = None,
+                  limits: InputLimits | None = None) -> tuple[Format, Iterator[Example | DataProblem]]:
+    """(the format, a stream of examples and problems). The format is detected from the first record.
+    With limits, InputTooLarge may come from this call or, past max_records, from the stream."""
     path = check_readable(path)
-    records = iter_records(path, byte_range=byte_range)
+    records = iter_records(path, byte_range=byte_range, limits=limits)
     pending: list = []
     chosen: Format | None = None if fmt == "auto" else fmt  # type: ignore[assignment]
     if chosen is None:

@@ -3,7 +3,8 @@
 JSONL, a JSON array, CSV and Parquet, each optionally gzip-compressed, are read without loading the
 file whole. Problems that make a record unreadable (bad UTF-8, not JSON, too long, too deep, a torn
 gzip) come out of the stream as DataProblem values in the record's place, so a validator reports
-every bad line in one pass. A file that cannot be read at all raises UnusableInput.
+every bad line in one pass. A file that cannot be read at all raises UnusableInput; one that would cost
+more than its InputLimits (inflated bytes, compression ratio, lines, records) raises InputTooLarge.
 """
 
 from __future__ import annotations
@@ -14,18 +15,96 @@ import io
 import json
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.data.problems import DataError, DataProblem, json_type
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one example over 8 MiB is a data mistake, not a long conversation
 MAX_JSON_DEPTH = 64
+SCAN_CHUNK = 1 << 20
 FILE_TYPES = ("jsonl", "json", "csv", "parquet")
 Record = tuple[int, "dict | DataProblem"]
 
 
 class UnusableInput(DataError):
     """The file cannot be read as data at all (missing, binary, unknown type): nothing to validate."""
+
+
+class InputTooLarge(UnusableInput):
+    """Reading the file would cost more than its InputLimits allow (a decompression or record bomb)."""
+
+    def __init__(self, path: Path, *, found: str, expected: str):
+        super().__init__([DataProblem(str(path), 0, "too_large", "", expected, found)],
+                         headline=f"{path} {found} (expected {expected})")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What reading one untrusted file may cost; None means unbounded (the CLI reads the user's own files).
+
+    Inflated bytes, the compression ratio and lines are counted in one pass over the decompressed bytes
+    before any record is parsed (hundreds of MB/s, so a bomb is refused in seconds, not after minutes of
+    parsing); records are counted while parsing (a JSON array can hold many per line)."""
+
+    max_inflated_bytes: int | None = None
+    max_ratio: float | None = None  # inflated / stored bytes of a gzip file ...
+    ratio_floor_bytes: int = 64 << 20  # ... checked only past this many inflated bytes: small files always pass
+    max_lines: int | None = None  # newlines, blank lines included (each costs a parse step)
+    max_records: int | None = None
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_limits(path: str | Path, limits: InputLimits) -> None:
+    """Raise InputTooLarge when the file inflates past its limits or has too many lines; a torn gzip
+    passes (the record stream reports it, with its line)."""
+    path = Path(path)
+    if file_type(path) == "parquet":
+        return  # columnar: its rows are counted as records; its pages decompress one row group at a time
+    compressed = _compressed(path)
+    inflated_cap = limits.max_inflated_bytes
+    ratio_cap = None
+    if compressed and limits.max_ratio is not None:
+        ratio_cap = max(limits.ratio_floor_bytes, int(limits.max_ratio * path.stat().st_size))
+    inflated = lines = 0
+    last = b"\n"
+    try:
+        with _open_binary(path) as handle:
+            while chunk := handle.read(SCAN_CHUNK):
+                inflated += len(chunk)
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+                if inflated_cap is not None and inflated > inflated_cap:
+                    raise InputTooLarge(path, found=f"inflates past {_size(inflated_cap)}",
+                                        expected=f"at most {_size(inflated_cap)} decompressed")
+                if ratio_cap is not None and inflated > ratio_cap:
+                    raise InputTooLarge(path, found=f"inflates to more than {limits.max_ratio:g} times its size",
+                                        expected=f"a compression ratio of at most {limits.max_ratio:g} "
+                                                 f"past {_size(limits.ratio_floor_bytes)}")
+                _check_lines(path, lines, limits)
+    except (EOFError, zlib.error, OSError):
+        return
+    _check_lines(path, lines + (last != b"\n"), limits)  # a last line without its newline is a line too
+
+
+def _check_lines(path: Path, lines: int, limits: InputLimits) -> None:
+    if limits.max_lines is not None and lines > limits.max_lines:
+        raise InputTooLarge(path, found=f"has more than {limits.max_lines:,} lines",
+                            expected=f"at most {limits.max_lines:,} lines, blank ones included")
+
+
+def _count_records(records: Iterator[Record], path: Path, max_records: int) -> Iterator[Record]:
+    for count, record in enumerate(records, 1):
+        if count > max_records:
+            raise InputTooLarge(path, found=f"has more than {max_records:,} records",
+                                expected=f"at most {max_records:,} records")
+        yield record
 
 
 def _unusable(path: Path, expected: str, found: str) -> UnusableInput:
@@ -331,13 +410,23 @@ def line_aligned_ranges(path: str | Path, parts: int) -> list[tuple[int, int, in
 
 
 def iter_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES,
-                 byte_range: tuple[int, int, int] | None = None) -> Iterator[Record]:
+                 byte_range: tuple[int, int, int] | None = None, limits: InputLimits | None = None) -> Iterator[Record]:
     """Yield (line or row number, record or problem) for every record of a data file.
 
-    byte_range (from line_aligned_ranges) reads one part of an uncompressed JSONL file."""
+    byte_range (from line_aligned_ranges) reads one part of an uncompressed JSONL file. With limits, the
+    file is measured first (InputTooLarge before any record), and the stream raises InputTooLarge past
+    max_records."""
     path = check_readable(path)
     if byte_range is not None:
         return _iter_jsonl(path, max_line_bytes, byte_range)
+    if limits is None:
+        return _records_of(path, max_line_bytes)
+    check_limits(path, limits)
+    records = _records_of(path, max_line_bytes)
+    return records if limits.max_records is None else _count_records(records, path, limits.max_records)
+
+
+def _records_of(path: Path, max_line_bytes: int) -> Iterator[Record]:
     kind = file_type(path)
     if kind == "parquet":
         return _iter_parquet(path)

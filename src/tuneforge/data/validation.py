@@ -1,8 +1,9 @@
 """Validate a dataset file in one streaming pass: every problem with its line and field, and statistics.
 
 Memory stays bounded whatever the file size: records are checked one at a time, only the first few
-problems of each kind are kept (with a count of the rest), and duplicates are found from 8-byte
-hashes sorted at the end. With a tokenizer, examples are tokenized in batches through the same chat
+problems of each kind are kept (with a count of the rest), each example leaves 12 bytes (an 8-byte hash
+and a 4-byte line, sorted at the end to find duplicates), and with InputLimits an untrusted file is
+refused before it can inflate past them or hold more lines or records than they allow. With a tokenizer, examples are tokenized in batches through the same chat
 template and masks as training, for token statistics, too-long examples and padding waste.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from tuneforge.data.formats import Example
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, iter_examples
 from tuneforge.data.problems import DataError, DataProblem
-from tuneforge.data.reader import UnusableInput, file_type
+from tuneforge.data.reader import InputLimits, file_type
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 TOKENIZE_BATCH = 512
@@ -147,91 +148,111 @@ def validate_file(
     batch_size: int = 8,
     min_examples: int = MIN_TRAINING_EXAMPLES,
     samples_per_kind: int = 5,
+    limits: InputLimits | None = None,
 ) -> ValidationReport:
-    """Check every record of a file; with a PromptRenderer (tokenizer + template), also token statistics."""
+    """Check every record of a file; with a PromptRenderer (tokenizer + template), also token statistics.
+
+    With limits (an untrusted upload), a file that would cost more to read is reported unusable with
+    one too_large problem, before or instead of the rest of its records."""
     report = ValidationReport(file=str(path), min_examples=min_examples, samples_per_kind=samples_per_kind)
     try:
         report.file_type = file_type(path) if Path(path).is_file() else None
-        report.format, stream = iter_examples(path, fmt)
-    except UnusableInput as exc:
+        report.format, stream = iter_examples(path, fmt, limits=limits)
+        tally = _Tally(report, str(path), renderer, max_seq_length, too_long)
+        tally.consume(stream)
+    except DataError as exc:  # UnusableInput and InputTooLarge among them
         report.unusable = True
         for problem in exc.problems:
             report.add(problem)
         return report
-    except DataError as exc:
-        report.unusable = True
-        for problem in exc.problems:
-            report.add(problem)
-        return report
+    report.records = report.examples + tally.bad_records
 
-    hashes, lines = array("q"), array("q")
-    lengths, trainable = array("l"), 0
-    turns = assistant_messages = with_system = characters = 0
-    turns_min, turns_max = None, 0
-    bad_lines: set[int] = set()
-    pending: list[Example] = []
-
-    def tokenize_pending() -> None:
-        nonlocal trainable
-        for item in renderer.tokenize_stream(pending):
-            lengths.append(len(item.input_ids))
-            trainable += item.num_label_tokens
-            if len(item.input_ids) > max_seq_length:
-                report.add(DataProblem(str(path), item.line, "too_long", "", f"at most {max_seq_length} tokens once "
-                                       f"templated (policy: {too_long})", f"{len(item.input_ids)} tokens"),
-                           warning=too_long != "error")
-        pending.clear()
-
-    for item in stream:
-        if isinstance(item, DataProblem):
-            report.add(item)
-            bad_lines.add(item.line)
-            continue
-        report.examples += 1
-        hashes.append(_record_hash(item))
-        lines.append(item.line)
-        messages = item.as_messages() if item.format != "text" else [{"role": "text", "content": item.record["text"]}]
-        turns += len(messages)
-        turns_min = len(messages) if turns_min is None else min(turns_min, len(messages))
-        turns_max = max(turns_max, len(messages))
-        assistant_messages += sum(1 for m in messages if m["role"] == "assistant")
-        with_system += messages[0]["role"] == "system"
-        characters += sum(len(m["content"]) for m in messages)
-        if renderer is not None:
-            pending.append(item)
-            if len(pending) >= TOKENIZE_BATCH:
-                tokenize_pending()
-    if renderer is not None and pending:
-        tokenize_pending()
-    report.records = report.examples + len(bad_lines)
-
-    _report_duplicates(report, str(path), np.frombuffer(hashes, dtype=np.int64), np.frombuffer(lines, dtype=np.int64))
+    _report_duplicates(report, str(path), np.frombuffer(tally.hashes, dtype=np.int64),
+                       np.frombuffer(tally.lines, dtype=np.uint32))
     if report.examples < min_examples:
         report.add(DataProblem(str(path), 0, "too_few_examples", "", f"at least {min_examples} examples",
                                str(report.examples)))
-    report.stats = {
-        "examples": report.examples,
-        "turns": turns,
-        "turns_per_example": {"min": turns_min or 0, "mean": round(turns / max(report.examples, 1), 2),
-                              "max": turns_max},
-        "assistant_messages": assistant_messages,
-        "with_system_prompt": with_system,
-        "characters": characters,
-    }
+    report.stats = tally.stats()
     if renderer is None:
         report.stats["note"] = "token statistics need a tokenizer: pass --model"
-    elif len(lengths):
-        sizes = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths)
+    elif len(tally.lengths):
+        sizes = np.frombuffer(tally.lengths, dtype=np.uint32).astype(np.int64)
         report.stats.update({
             "tokens": {"min": int(sizes.min()), "p50": int(np.percentile(sizes, 50)), "p95": int(np.percentile(sizes, 95)),
                        "max": int(sizes.max()), "mean": float(sizes.mean())},
             "total_tokens": int(sizes.sum()),
-            "trainable_tokens": trainable,
+            "trainable_tokens": tally.trainable,
             "max_seq_length": max_seq_length,
             "over_max_seq_length": int((sizes > max_seq_length).sum()),
             "padding": padding_fractions(sizes, max_seq_length, batch_size),
         })
     return report
+
+
+class _Tally:
+    """What validate_file keeps while it streams: per example only an 8-byte hash and a 4-byte line (for
+    duplicates) and, with a tokenizer, a 4-byte token count; everything else is a running sum. (A Python
+    set or list per example would cost 50-100 bytes each: hundreds of MiB for a file of tiny records.)"""
+
+    def __init__(self, report: ValidationReport, name: str, renderer, max_seq_length: int, too_long: str):
+        self.report, self.name, self.renderer = report, name, renderer
+        self.max_seq_length, self.too_long = max_seq_length, too_long
+        self.hashes, self.lines, self.lengths = array("q"), array("I"), array("I")
+        self.trainable = self.turns = self.assistant_messages = self.with_system = self.characters = 0
+        self.turns_min: int | None = None
+        self.turns_max = 0
+        self.bad_records, self._last_bad_line = 0, None
+        self._pending: list[Example] = []
+
+    def consume(self, stream) -> None:
+        for item in stream:
+            if isinstance(item, DataProblem):
+                self.report.add(item)
+                # A record's problems come together, so counting line changes counts bad records.
+                if item.line != self._last_bad_line:
+                    self.bad_records, self._last_bad_line = self.bad_records + 1, item.line
+                continue
+            self._example(item)
+        if self._pending:
+            self._tokenize_pending()
+
+    def _example(self, item: Example) -> None:
+        self.report.examples += 1
+        self.hashes.append(_record_hash(item))
+        self.lines.append(item.line)
+        messages = item.as_messages() if item.format != "text" else [{"role": "text", "content": item.record["text"]}]
+        self.turns += len(messages)
+        self.turns_min = len(messages) if self.turns_min is None else min(self.turns_min, len(messages))
+        self.turns_max = max(self.turns_max, len(messages))
+        self.assistant_messages += sum(1 for m in messages if m["role"] == "assistant")
+        self.with_system += messages[0]["role"] == "system"
+        self.characters += sum(len(m["content"]) for m in messages)
+        if self.renderer is not None:
+            self._pending.append(item)
+            if len(self._pending) >= TOKENIZE_BATCH:
+                self._tokenize_pending()
+
+    def _tokenize_pending(self) -> None:
+        for item in self.renderer.tokenize_stream(self._pending):
+            self.lengths.append(len(item.input_ids))
+            self.trainable += item.num_label_tokens
+            if len(item.input_ids) > self.max_seq_length:
+                self.report.add(DataProblem(self.name, item.line, "too_long", "", f"at most {self.max_seq_length} "
+                                            f"tokens once templated (policy: {self.too_long})",
+                                            f"{len(item.input_ids)} tokens"), warning=self.too_long != "error")
+        self._pending.clear()
+
+    def stats(self) -> dict:
+        examples = self.report.examples
+        return {
+            "examples": examples,
+            "turns": self.turns,
+            "turns_per_example": {"min": self.turns_min or 0, "mean": round(self.turns / max(examples, 1), 2),
+                                  "max": self.turns_max},
+            "assistant_messages": self.assistant_messages,
+            "with_system_prompt": self.with_system,
+            "characters": self.characters,
+        }
 
 
 def _report_duplicates(report: ValidationReport, name: str, hashes: np.ndarray, lines: np.ndarray) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import CHECKPOINT, EVENT, new_id, now
@@ -106,3 +106,11 @@ def list_checkpoints(
 def _level(level: str) -> str:
     # The recipe writes Python's "warning"; the OpenAI event shape says "warn".
     return {"warning": "warn", "debug": "info", "critical": "error"}.get(level, level if level in ("info", "warn", "error") else "info")
+
+
+def job_heads(session: Session, *, job_ids: list[str]) -> dict[str, tuple[int, str]]:
+    """Each job's newest event seq (0 if none) and its status, for many jobs in one query."""
+    newest = (select(func.max(JobEvent.seq)).where(JobEvent.job_id == Job.id)
+              .correlate(Job).scalar_subquery())  # a per-job index lookup, not a scan of all events
+    rows = session.execute(select(Job.id, Job.status, newest).where(Job.id.in_(job_ids)))
+    return {job_id: (seq or 0, status) for job_id, status, seq in rows}

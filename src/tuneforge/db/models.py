@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
-from tuneforge.db.tables import FineTunedModel
+from tuneforge.db.tables import FineTunedModel, JobCheckpoint
 
 
 def create_model(
@@ -35,4 +35,6 @@ def list_models(session: Session, *, tenant_id: str) -> list[FineTunedModel]:
 
 
 def delete_model(session: Session, *, model: FineTunedModel) -> None:
+    """Mark the model deleted and forget its job's checkpoints (their files go with the model's)."""
     model.deleted_at = now()
+    session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == model.job_id))

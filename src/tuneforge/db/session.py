@@ -2,6 +2,7 @@
 
 SQLite transactions begin IMMEDIATE (they take the write lock up front), so a read-then-write such as
 a job claim is atomic without SELECT ... FOR UPDATE, and never fails half-way on a lock upgrade.
+`Database.read_session()` is for reads only: on SQLite it begins DEFERRED and never holds the write lock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "tuneforge_read_only"  # execution option of read sessions
 
 
 def normalize_url(url: str) -> str:
@@ -56,7 +58,7 @@ def _sqlite_immediate_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -66,6 +68,7 @@ class Database:
         self.url = normalize_url(url)
         self.engine = create_db_engine(self.url, pool_size=pool_size)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -82,6 +85,15 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session that only reads: it never takes SQLite's write lock, and anything it writes is rolled back."""
+        session = self._read_sessions()
+        try:
+            yield session
+        finally:
+            session.close()  # ends the transaction (rolled back) and keeps loaded objects readable
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -56,7 +56,8 @@ class File(Base):
     # The claim of the scheduler validating an upload (status "uploaded"): who, and until when.
     validation_owner: Mapped[str | None] = mapped_column(String(80))
     validation_expires_at: Mapped[float | None] = mapped_column(Float)
-    __table_args__ = (Index("ix_files_tenant_seq", "tenant_id", "seq"),)
+    # The second index is the validator's: it looks for "uploaded" files every poll.
+    __table_args__ = (Index("ix_files_tenant_seq", "tenant_id", "seq"), Index("ix_files_status_seq", "status", "seq"))
 
 
 class Job(Base):

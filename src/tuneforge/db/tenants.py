@@ -31,6 +31,21 @@ def ensure_tenant(session: Session, *, tenant_id: str) -> Tenant:
     return tenant
 
 
+def get_tenant(session: Session, *, tenant_id: str) -> Tenant | None:
+    return session.get(Tenant, tenant_id)
+
+
+def create_tenant(session: Session, *, tenant_id: str, max_running_jobs: int | None = None, max_gpus: int | None = None,
+                  weight: float = 1.0) -> Tenant | None:
+    """A new tenant, or None when one with this id exists already."""
+    if session.get(Tenant, tenant_id) is not None:
+        return None
+    tenant = Tenant(id=tenant_id, created_at=now(), max_running_jobs=max_running_jobs, max_gpus=max_gpus, weight=weight)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
 def create_api_key(
     session: Session, *, tenant_id: str, name: str = "", admin: bool = False, secret: str | None = None
 ) -> tuple[ApiKey, str]:
@@ -64,8 +79,12 @@ def list_api_keys(session: Session, *, tenant_id: str | None = None) -> list[Api
     return list(session.scalars(query))
 
 
-def count_api_keys(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(ApiKey)) or 0
+def count_api_keys(session: Session, *, admin_only: bool = False) -> int:
+    """Live (unrevoked) keys; with admin_only, live admin keys."""
+    query = select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))
+    if admin_only:
+        query = query.where(ApiKey.admin.is_(True))
+    return session.scalar(query) or 0
 
 
 def set_tenant_limits(

@@ -1,7 +1,12 @@
-"""DeepSpeed ZeRO configuration from a job spec, checks of a user's own DeepSpeed JSON, and whether
+"""DeepSpeed ZeRO configuration from a job spec, checks of a user's own DeepSpeed config, and whether
 DeepSpeed is installed at all (an optional extra: `pip install 'tuneforge[deepspeed]'`).
 
-Torch-free, so the CLI and the API can reject a deepspeed job at submission instead of mid-run. The
+A user's config arrives by content (`resources.deepspeed_config` is a JSON object; the job-file loader
+reads a path once, on the user's machine), and any key that could make a worker write or read a path of
+the job's choosing (profiler and monitor outputs, NVMe offload paths) or load code is refused.
+
+Torch-free, so the CLI and the API can reject a deepspeed job at submission instead of mid-run (the API
+checks structure only; DeepSpeed's own config classes import torch and run in the CLI and the recipe). The
 generated config leaves the optimizer and the learning-rate schedule to tuneforge (it passes its own
 to deepspeed.initialize), so a ZeRO run trains with exactly the spec's optimizer, schedule and loss
 normalization; DeepSpeed shards them and clips the gradient norm.
@@ -11,21 +16,26 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
-from pathlib import Path
 from typing import Any
 
 from tuneforge.spec.loader import SpecError
 
 INSTALL_HINT = "pip install 'tuneforge[deepspeed]' on every machine that trains (or choose resources.strategy fsdp)"
 # Keys a config may set that tuneforge does not override; anything else at the top level is a typo.
+# Monitors (tensorboard, wandb, csv_monitor, comet), autotuning, nebula, elasticity and data_efficiency are
+# absent on purpose: each writes to, reads from or uploads to a place the job would choose.
 KNOWN_TOP_LEVEL = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
     "zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "steps_per_print", "wall_clock_breakdown",
     "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer", "activation_checkpointing", "flops_profiler", "comms_logger", "memory_breakdown",
-    "data_types", "checkpoint", "seq_parallel_communication_data_type", "torch_autocast",
+    "data_types", "checkpoint", "seq_parallel_communication_data_type",
 }
+# Any key, at any depth, whose name says it holds a location or a command (flops_profiler.output_file,
+# offload_param.nvme_path, ...): tuneforge keeps every output of a job in its job directory.
+PATH_WORDS = {"path", "paths", "file", "files", "filename", "dir", "dirs", "directory", "folder", "command", "cmd",
+              "script", "url", "uri", "host", "endpoint"}
+MAX_DEPTH = 8
 
 
 class DeepSpeedConfigError(SpecError):
@@ -67,35 +77,49 @@ def generated_config(spec) -> dict[str, Any]:
     }
 
 
-def read_user_config(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise DeepSpeedConfigError(f"resources.deepspeed_config {path}: cannot read it ({exc.strerror})") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeepSpeedConfigError(f"resources.deepspeed_config {path}: line {exc.lineno} column {exc.colno}: "
-                                   f"{exc.msg}; expected a JSON object") from None
-    if not isinstance(config, dict):
-        raise DeepSpeedConfigError(f"resources.deepspeed_config {path}: expected a JSON object, got {type(config).__name__}")
-    return config
+SOURCE = "resources.deepspeed_config"
+
+
+def refuse_locations(config: dict[str, Any]) -> None:
+    """Refuse keys that name a file, directory or command, unknown top-level sections, NVMe offload
+    (it needs a path), and configs nested deeper than any DeepSpeed section."""
+    unknown = sorted(set(config) - KNOWN_TOP_LEVEL)
+    if unknown:
+        raise DeepSpeedConfigError(f"{SOURCE}: unknown or unsupported key(s) {', '.join(unknown)}; "
+                                   f"tuneforge accepts {', '.join(sorted(KNOWN_TOP_LEVEL))}")
+
+    def walk(node: Any, where: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise DeepSpeedConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{where}.{key}"
+                if PATH_WORDS & set(str(key).lower().replace("-", "_").split("_")):
+                    raise DeepSpeedConfigError(
+                        f"{path}: names a file, directory or command, which a job spec may not; tuneforge keeps "
+                        "every output of a job in its job directory: remove it")
+                if str(key) == "device" and value == "nvme":
+                    raise DeepSpeedConfigError(f"{path}: NVMe offload needs a path on the worker, which a job "
+                                               "spec may not name; use \"cpu\" or \"none\"")
+                walk(value, path, depth + 1)
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]", depth + 1)
+
+    walk(config, SOURCE, 0)
 
 
 def config_for(spec) -> dict[str, Any]:
     """The DeepSpeed config a job runs with: the user's own (its "auto" values filled from the spec, as
     the Hugging Face Trainer does), or the generated one. Raises DeepSpeedConfigError."""
     generated = generated_config(spec)
-    path = spec.resources.deepspeed_config
-    if not path:
+    config = spec.resources.deepspeed_config
+    if config is None:
         return generated
-    config = read_user_config(path)
-    unknown = sorted(set(config) - KNOWN_TOP_LEVEL)
-    if unknown:
-        raise DeepSpeedConfigError(f"resources.deepspeed_config {path}: unknown key(s) {', '.join(unknown)}")
+    refuse_locations(config)
     if "optimizer" in config or "scheduler" in config:
         raise DeepSpeedConfigError(
-            f"resources.deepspeed_config {path}: remove 'optimizer' and 'scheduler'; tuneforge runs "
+            f"{SOURCE}: remove 'optimizer' and 'scheduler'; tuneforge runs "
             "training.optimizer with its learning-rate schedule under ZeRO")
     merged = copy.deepcopy(config)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
@@ -104,7 +128,7 @@ def config_for(spec) -> dict[str, Any]:
             merged[key] = generated[key]
         elif value != generated[key]:
             raise DeepSpeedConfigError(
-                f"resources.deepspeed_config {path}: {key} is {value} but the job spec gives {generated[key]}; "
+                f"{SOURCE}: {key} is {value} but the job spec gives {generated[key]}; "
                 "set it to \"auto\" (or leave it out) so the spec decides")
     for key in ("bf16", "fp16"):
         section = merged.setdefault(key, {})
@@ -117,9 +141,10 @@ def config_for(spec) -> dict[str, Any]:
     return merged
 
 
-def check_config(config: dict[str, Any], *, world_size: int, source: str = "the generated DeepSpeed config") -> None:
+def check_config(config: dict[str, Any], *, world_size: int, source: str = "the generated DeepSpeed config",
+                 deepspeed_classes: bool = True) -> None:
     """Batch arithmetic here, every section's keys and values by DeepSpeed's own config classes when
-    DeepSpeed is installed (they need no process group)."""
+    DeepSpeed is installed and `deepspeed_classes` (they need no process group, but import torch)."""
     batch, micro, accumulation = (config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                                           "gradient_accumulation_steps"))
     if batch != micro * accumulation * world_size:
@@ -128,7 +153,7 @@ def check_config(config: dict[str, Any], *, world_size: int, source: str = "the 
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (2, 3):
         raise DeepSpeedConfigError(f"{source}: zero_optimization.stage {stage!r}: tuneforge runs ZeRO stage 2 or 3")
-    if not deepspeed_installed():
+    if not deepspeed_classes or not deepspeed_installed():
         return
     from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -142,27 +167,25 @@ def check_config(config: dict[str, Any], *, world_size: int, source: str = "the 
 
 
 def config_source(spec) -> str:
-    path = spec.resources.deepspeed_config
-    return f"resources.deepspeed_config {path}" if path else "the DeepSpeed config generated from the job spec"
+    return SOURCE if spec.resources.deepspeed_config is not None else "the DeepSpeed config generated from the job spec"
 
 
-def deepspeed_problem(spec) -> str | None:
-    """Why a deepspeed job cannot start here, or None (also None for other strategies)."""
+def deepspeed_problem(spec, *, deepspeed_classes: bool = True) -> str | None:
+    """Why a deepspeed job cannot start here, or None (also None for other strategies). The API passes
+    deepspeed_classes=False: it checks structure and locations without importing torch."""
     r = spec.resources
     if r.strategy != "deepspeed":
         return None
     if not deepspeed_installed():
         return f"resources.strategy deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}"
-    if r.deepspeed_config:
-        try:
-            read_user_config(r.deepspeed_config)
-        except DeepSpeedConfigError as exc:
-            return str(exc)
-    if any(v == "auto" for v in (spec.training.batch_size, spec.training.per_device_batch_size,
-                                 spec.training.gradient_accumulation_steps)):
-        return None  # sizes are resolved from the data when the job starts; the recipe checks again then
     try:
-        check_config(config_for(spec), world_size=r.num_gpus * r.num_nodes, source=config_source(spec))
+        if r.deepspeed_config is not None:
+            refuse_locations(r.deepspeed_config)
+        if any(v == "auto" for v in (spec.training.batch_size, spec.training.per_device_batch_size,
+                                     spec.training.gradient_accumulation_steps)):
+            return None  # sizes are resolved from the data when the job starts; the recipe checks again then
+        check_config(config_for(spec), world_size=r.num_gpus * r.num_nodes, source=config_source(spec),
+                     deepspeed_classes=deepspeed_classes)
     except DeepSpeedConfigError as exc:
         return str(exc)
     return None

@@ -1,4 +1,8 @@
-"""`tuneforge plan`: the planner on the command line, as a table for people or JSON for machines."""
+"""`tuneforge plan`: the planner on the command line, as a table for people or JSON for machines.
+
+It plans a JobSpec, read by the same loader as `tuneforge train` (a job file with dotted overrides); the
+shortcut flags (--gpus, --batch, ...) are overrides of one spec field each, so both speak one vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,31 @@ import textwrap
 
 from tuneforge.planner.errors import PlannerError
 from tuneforge.planner.hardware import GiB
-from tuneforge.planner.models import LINEAR_NAMES, PRESETS, format_params, load_model_arch
-from tuneforge.planner.plan import Plan, plan, plan_any_gpu
-from tuneforge.planner.setup import TrainingSetup
+from tuneforge.planner.models import LINEAR_NAMES, PRESETS, format_params
+from tuneforge.planner.plan import Plan
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+# Shortcut flags and the JobSpec fields they set: `tuneforge plan` speaks the job spec's vocabulary.
+SHORTCUTS = {
+    "model": "model.base_model", "method": "adapter.type", "gpus": "resources.num_gpus", "gpu": "resources.gpu_type",
+    "nodes": "resources.num_nodes", "seq_len": "dataset.max_seq_length", "batch": "training.per_device_batch_size",
+    "grad_accum": "training.gradient_accumulation_steps", "optimizer": "training.optimizer",
+    "precision": "training.precision", "attention": "model.attn_implementation", "quantization": "model.quantization",
+    "lora_rank": "adapter.rank", "lora_targets": "adapter.target_modules",
+}
+STRATEGIES = {
+    "ddp": {"strategy": "ddp"}, "fsdp": {"strategy": "fsdp", "fsdp_sharding": "full_shard"},
+    "fsdp-shard-grad-op": {"strategy": "fsdp", "fsdp_sharding": "shard_grad_op"},
+    "fsdp-hybrid": {"strategy": "fsdp", "fsdp_sharding": "hybrid_shard"},
+    "zero2": {"strategy": "deepspeed", "deepspeed_stage": 2}, "zero3": {"strategy": "deepspeed", "deepspeed_stage": 3},
+    "deepspeed": {"strategy": "deepspeed", "deepspeed_stage": 3},
+}
+# Without a job file, what the flags default to (a single A100 and a micro-batch of 4, LoRA at 2048 tokens).
+FLAG_DEFAULTS = {"gpu": "a100-80gb", "batch": "4"}
+INTEGER_FLAGS = ("gpus", "nodes", "seq_len", "batch", "grad_accum", "lora_rank")
 
 
 def add_plan_command(commands) -> None:
@@ -24,31 +47,34 @@ def add_plan_command(commands) -> None:
         "plan",
         help="estimate memory per GPU, whether a job fits, and its tokens/s and GPU-hours",
         description="Estimate a fine-tuning job's memory per GPU (weights, gradients, optimizer state, activations, "
-        "buffers), say whether it fits, what to change if it does not, and how fast it will train. "
+        "buffers), say whether it fits, what to change if it does not, and how fast it will train. Plan a job file "
+        "with dotted overrides, as `tuneforge train` reads it (tuneforge plan job.yaml resources.num_gpus=8), or "
+        "describe the job with the shortcut flags, each of which sets one job-spec field. "
         "MODEL is a preset (" + ", ".join(PRESETS) + "), a config.json, or a local Hugging Face model directory.",
     )
-    # Values are read as text and checked by the planner, so bad input is one line and exit code 2.
-    parser.add_argument("--model", required=True, help="preset name, config.json path or model directory")
-    parser.add_argument("--method", default="lora", help="lora, qlora or full (default lora)")
-    parser.add_argument("--gpus", default="1", help="GPUs per node (default 1)")
-    parser.add_argument("--gpu", default="a100-80gb", help="a100-40gb, a100-80gb, h100-80gb, h200, b200, l4, a10g, t4, "
-                        "any, or cpu (this machine's RAM); default a100-80gb")
-    parser.add_argument("--nodes", default="1", help="machines (default 1)")
-    parser.add_argument("--seq-len", default="2048", help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch", default="4", help="micro-batch per GPU (default 4)")
-    parser.add_argument("--grad-accum", default="1", help="gradient accumulation steps (default 1)")
-    parser.add_argument("--strategy", default="ddp", help="ddp, fsdp (FULL_SHARD), fsdp-shard-grad-op, fsdp-hybrid, "
-                        "zero2, zero3 / deepspeed (default ddp)")
-    parser.add_argument("--cpu-offload", action="store_true", help="offload sharded state to host RAM (fsdp / zero)")
-    parser.add_argument("--optimizer", default="adamw", help="adamw, adamw_8bit, paged_adamw_8bit, adafactor, sgd")
-    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPUs, fp16 on t4, fp32 on cpu), fp32, bf16, fp16")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--attention", default="sdpa", help="sdpa, flash_attention_2 or eager (default sdpa)")
-    parser.add_argument("--quantization", default="none", help="base quantization for lora: none or int8 (qlora is nf4)")
-    parser.add_argument("--lora-rank", default="16", help="LoRA rank (default 16)")
-    parser.add_argument("--lora-targets", default="all-linear", help="all-linear or comma-separated names: "
+    parser.add_argument("job", nargs="*", metavar="[JOB.yaml] [dotted.key=value ...]",
+                        help="a job spec file and/or overrides such as training.per_device_batch_size=2")
+    # Values are read as text and checked here, so bad input is one line and exit code 2.
+    parser.add_argument("--model", help="model.base_model: preset name, config.json path or model directory")
+    parser.add_argument("--method", help="adapter.type: lora, qlora or full (default lora)")
+    parser.add_argument("--gpus", help="resources.num_gpus: GPUs per node (default 1)")
+    parser.add_argument("--gpu", help="resources.gpu_type: a100-40gb, a100-80gb, h100-80gb, h200, b200, l4, a10g, t4, "
+                        "any, or cpu (this machine's RAM); default a100-80gb without a job file")
+    parser.add_argument("--nodes", help="resources.num_nodes (default 1)")
+    parser.add_argument("--seq-len", help="dataset.max_seq_length (default 2048)")
+    parser.add_argument("--batch", help="training.per_device_batch_size (default 4 without a job file)")
+    parser.add_argument("--grad-accum", help="training.gradient_accumulation_steps (default 1)")
+    parser.add_argument("--strategy", help="resources.strategy and its mode: " + ", ".join(STRATEGIES))
+    parser.add_argument("--cpu-offload", action="store_true", help="resources.cpu_offload (fsdp / zero)")
+    parser.add_argument("--optimizer", help="training.optimizer: adamw, adamw_8bit, paged_adamw_8bit, adafactor, sgd")
+    parser.add_argument("--precision", help="training.precision: auto (bf16 on GPUs, fp16 on t4, fp32 on cpu), fp32, "
+                        "bf16, fp16")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="training.gradient_checkpointing")
+    parser.add_argument("--attention", help="model.attn_implementation: sdpa, flash_attention_2 or eager")
+    parser.add_argument("--quantization", help="model.quantization for lora: none or int8 (qlora is nf4)")
+    parser.add_argument("--lora-rank", help="adapter.rank (default 16)")
+    parser.add_argument("--lora-targets", help="adapter.target_modules: all-linear or comma-separated names: "
                         + ",".join(LINEAR_NAMES))
-    parser.add_argument("--loss-fraction", default="1.0", help="fraction of positions that carry loss (default 1.0)")
     parser.add_argument("--tokens", help="tokens to train on (e.g. 2e9, 500M), for GPU-hours")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=cmd_plan)
@@ -69,50 +95,62 @@ def _tokens(text: str | None) -> int | None:
     return int(float(match.group(1)) * _SUFFIXES.get(match.group(2), 1))
 
 
-def _fraction(text: str) -> float:
+def shortcut_overrides(args: argparse.Namespace, *, has_job_file: bool) -> dict[str, object]:
+    """The job-spec fields the shortcut flags set, checked one flag at a time so an error names the flag."""
+    given = {name: getattr(args, name) for name in SHORTCUTS if getattr(args, name) is not None}
+    if not has_job_file:
+        given = {**FLAG_DEFAULTS, **given}
+    if "model" not in given and not has_job_file:
+        raise PlannerError("--model: give a model (a preset, config.json or model directory) or a job file")
+    if given.get("method", "lora") not in ("lora", "qlora", "full"):
+        raise PlannerError(f"--method {given['method']!r}: expected lora, qlora or full")
+    if given.get("gpu") not in (None, "any", "cpu"):
+        from tuneforge.planner.hardware import device
+
+        device(given["gpu"])  # names the valid GPU types
+    fields: dict[str, object] = {}
+    for name, value in given.items():
+        if name in INTEGER_FLAGS:
+            value = _positive_int(name.replace("_", "-"), value)
+        elif name == "lora_targets":
+            value = "all-linear" if value == "all-linear" else [t.strip() for t in value.split(",") if t.strip()]
+        fields[SHORTCUTS[name]] = value
+    if args.strategy is not None:
+        if args.strategy not in STRATEGIES:
+            raise PlannerError(f"--strategy {args.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        fields.update({f"resources.{key}": value for key, value in STRATEGIES[args.strategy].items()})
+    if args.cpu_offload:
+        fields["resources.cpu_offload"] = True
+    if args.gradient_checkpointing:
+        fields["training.gradient_checkpointing"] = True
+    return fields
+
+
+def job_spec_for(args: argparse.Namespace):
+    """The JobSpec to plan: the job file (or a bare spec) with its overrides, then the shortcut flags."""
+    from tuneforge.spec import SpecError, load_job_spec, validate_job_spec
+    from tuneforge.spec.loader import apply_overrides
+
+    positional = list(args.job)
+    job_file = positional.pop(0) if positional and "=" not in positional[0] else None
+    flags = shortcut_overrides(args, has_job_file=job_file is not None)
+    overrides = positional + [f"{key}={json.dumps(value)}" for key, value in flags.items()]
     try:
-        return float(text)
-    except ValueError:
-        raise PlannerError(f"--loss-fraction: expected a number in (0, 1], found {text!r}") from None
-
-
-def setup_from_args(args: argparse.Namespace) -> TrainingSetup:
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp32" if args.gpu == "cpu" else ("fp16" if args.gpu == "t4" else "bf16")
-    targets = LINEAR_NAMES if args.lora_targets == "all-linear" else tuple(
-        name.strip() for name in args.lora_targets.split(",") if name.strip())
-    return TrainingSetup(
-        method=args.method,
-        gpu="h100-80gb" if args.gpu == "any" else args.gpu,
-        num_gpus=_positive_int("gpus", args.gpus),
-        num_nodes=_positive_int("nodes", args.nodes),
-        strategy=args.strategy,
-        cpu_offload=args.cpu_offload,
-        optimizer=args.optimizer,
-        precision=precision,
-        seq_len=_positive_int("seq-len", args.seq_len),
-        micro_batch=_positive_int("batch", args.batch),
-        grad_accum=_positive_int("grad-accum", args.grad_accum),
-        gradient_checkpointing=args.gradient_checkpointing,
-        attention=args.attention,
-        quantization="nf4" if args.method == "qlora" and args.quantization == "none" else args.quantization,
-        lora_rank=_positive_int("lora-rank", args.lora_rank),
-        lora_targets=targets,
-        loss_fraction=_fraction(args.loss_fraction),
-    )
+        if job_file:
+            return load_job_spec(job_file, overrides)
+        # No data is read to plan: the dataset path is a placeholder the planner never opens.
+        return validate_job_spec(apply_overrides({"dataset": {"path": "(planning only)"}}, overrides),
+                                 source="tuneforge plan")
+    except SpecError as exc:
+        raise PlannerError(str(exc)) from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        arch = load_model_arch(args.model)
-        if args.gpu not in ("any", "cpu"):
-            from tuneforge.planner.hardware import device
+    from tuneforge.planner.plan import plan_job
 
-            device(args.gpu)  # names the valid GPU types before anything else is checked
-        setup = setup_from_args(args)
-        tokens = _tokens(args.tokens)
-        result = plan_any_gpu(arch, setup, tokens=tokens) if args.gpu == "any" else plan(arch, setup, tokens=tokens)
+    try:
+        spec = job_spec_for(args)
+        result = plan_job(spec, tokens=_tokens(args.tokens))
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

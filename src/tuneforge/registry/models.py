@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -12,6 +14,7 @@ from tuneforge.db.tables import FineTunedModel, Job
 from tuneforge.spec.job import BUILTIN_BASE_MODELS
 
 BASE_MODEL_OWNER = "tuneforge"
+log = logging.getLogger("tuneforge.registry")
 
 
 def fine_tuned_model_id(job: Job) -> str:
@@ -26,6 +29,20 @@ def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path
         session, model_id=fine_tuned_model_id(job), tenant_id=job.tenant_id, job_id=job.id, base_model=job.model,
         kind="model" if output == "model" else "adapter", location=location,
     )
+
+
+def remove_model_files(*, location: str, home: Path) -> bool:
+    """Remove what a deleted model leaves on disk: its adapter (or model) directory and the checkpoints
+    of the job that made it. Only ever inside TUNEFORGE_HOME's jobs, whatever the row says."""
+    jobs = (home / "jobs").resolve()
+    output = (home / location).resolve()
+    if not output.is_relative_to(jobs) or output.parent == jobs:
+        log.error("not removing the files of a model at %r: outside TUNEFORGE_HOME's jobs", location)
+        return False
+    for path in (output, output.parent / "checkpoints"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def base_models() -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 At creation (synchronously, before the job row exists): can any live worker ever hold the resources the
 job asks for? After creation (validating_files): are its files valid training data? A job whose files
-are not fails with the line-level report in its error; one whose files are goes to the queue.
+are not fails with the line-level report in its error; one whose files are goes to the queue; one whose
+files the scheduler has not validated yet waits in validating_files until it has.
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ def file_problem(spec: JobSpec, training: File | None, validation: File | None) 
 
 
 def admit_job(session: Session, *, job: Job) -> bool:
-    """validating_files -> queued or failed, from the reports stored with the files at upload."""
+    """validating_files -> queued or failed, from the reports the scheduler stored with the files.
+
+    While a live file of the job is still "uploaded" the job stays in validating_files and this returns
+    False: the scheduler's validator admits it once that file is validated (and the reaper retries)."""
     spec = JobSpec.model_validate(job.spec)
     ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
     found = file_rows.files_by_id(session, file_ids=ids)
     training = found.get(spec.dataset.path)
     validation = found.get(spec.dataset.validation_path) if spec.dataset.validation_path else None
+    if any(f is not None and f.deleted_at is None and f.status == file_rows.UPLOADED for f in (training, validation)):
+        return False
     return states.admit(session, job_id=job.id, error=file_problem(spec, training, validation))
 
 

@@ -1,4 +1,5 @@
-"""Run a background loop's run_once() until SIGTERM or SIGINT (or a stop event), one tick at a time."""
+"""Run a background loop's run_once() until SIGTERM or SIGINT (or a stop event), one tick at a time; run
+several loops side by side, as `tuneforge scheduler` does."""
 
 from __future__ import annotations
 
@@ -25,3 +26,14 @@ def run_until_stopped(run_once: Callable[[], None], *, interval: float, stop: th
         except Exception:  # a database blip must not end the loop; the next tick retries
             log.exception("tick failed; retrying")
         stop.wait(interval)
+
+
+def run_loops(loops: list, *, stop: threading.Event) -> None:
+    """Run each loop's run(stop) in a thread of its own until stop is set (by SIGTERM, in the main thread)."""
+    threads = [threading.Thread(target=loop.run, args=(stop,), name=type(loop).__name__, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    while not stop.wait(0.5):
+        pass
+    for thread in threads:
+        thread.join()

@@ -7,7 +7,7 @@ Nothing here knows about the database: routers build these from rows.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +78,8 @@ class DatasetReport(Response):
 
     object: Literal["tuneforge.dataset_report"] = "tuneforge.dataset_report"
     file_id: str = ""
+    status: Literal["uploaded", "processed", "error"] | None = Field(
+        None, description="The file's status: uploaded (not validated yet: the report is empty), processed or error.")
     valid: bool
     format: Literal["chat", "instruction", "completion", "text", "preference"] | None = None
     examples: int = 0
@@ -91,11 +93,12 @@ class DatasetReport(Response):
 
 
 class Hyperparameters(Request):
-    n_epochs: Literal["auto"] | int | None = Field(None, description="Passes over the training data.")
-    batch_size: Literal["auto"] | int | None = Field(
+    n_epochs: Literal["auto"] | Annotated[int, Field(le=10_000)] | None = Field(
+        None, description="Passes over the training data.")
+    batch_size: Literal["auto"] | Annotated[int, Field(le=1 << 20)] | None = Field(
         None, description="Examples per optimizer step over all devices (the effective batch)."
     )
-    learning_rate_multiplier: Literal["auto"] | float | None = Field(
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(le=1000)] | None = Field(
         None, description="Scales the method's default learning rate (2e-4 for LoRA / QLoRA, 2e-5 for full)."
     )
 
@@ -120,15 +123,15 @@ class MethodObject(Request):
 
 
 class JobCreateRequest(Request):
-    model: str = Field(..., description="Base model name (GET /v1/models lists them).")
-    training_file: str = Field(..., description="File id of the training data (purpose fine-tune).")
-    validation_file: str | None = None
+    model: str = Field(..., max_length=255, description="Base model name (GET /v1/models lists them).")
+    training_file: str = Field(..., max_length=64, description="File id of the training data (purpose fine-tune).")
+    validation_file: str | None = Field(None, max_length=64)
     method: MethodObject | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated OpenAI form of method.supervised.hyperparameters.")
     suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=16)
     tuneforge: dict[str, Any] | None = Field(
         None,
         description="tuneforge's extension: a partial JobSpec (model, dataset, adapter, training, resources, "
@@ -149,13 +152,15 @@ class HyperparametersOut(Response):
 
 
 class JobExtension(Response):
-    """tuneforge's fields on a job: the resolved spec (file ids, never server paths) and scheduling facts."""
+    """tuneforge's fields on a job: the spec (file ids, never server paths; its training section as the
+    recipe resolved it once the job ran) and scheduling facts."""
 
     spec: dict[str, Any]
     attempt: int
     priority: int
     gpu_seconds: float
     started_at: int | None = None
+    restarts: int = 0  # crash restarts from the last checkpoint (checkpoint.max_restarts bounds them)
 
 
 class FineTuningJob(Response):
@@ -251,8 +256,27 @@ class ModelDeleted(Response):
 # ---- keys ---------------------------------------------------------------------------------------
 
 
+TENANT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class TenantCreateRequest(Request):
+    name: str = Field(..., pattern=TENANT_NAME, description="Tenant name: lowercase letters, digits and dashes.")
+    max_running_jobs: int | None = Field(None, ge=1, le=1_000_000)
+    max_gpus: int | None = Field(None, ge=1, le=1_000_000)
+    weight: float = Field(1.0, gt=0, le=1e6)
+
+
+class TenantObject(Response):
+    object: Literal["tuneforge.tenant"] = "tuneforge.tenant"
+    id: str
+    created_at: int
+    max_running_jobs: int | None = None
+    max_gpus: int | None = None
+    weight: float
+
+
 class KeyCreateRequest(Request):
-    tenant: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Tenant (organization / project) name.")
+    tenant: str = Field(..., pattern=TENANT_NAME, description="Tenant (organization / project) name; it must exist.")
     name: str = Field("", max_length=200)
     admin: bool = False
 
@@ -267,9 +291,9 @@ class KeyCreated(Response):
 
 
 class TenantLimits(Request):
-    max_running_jobs: int | None = Field(None, ge=1)
-    max_gpus: int | None = Field(None, ge=1)
-    weight: float = Field(1.0, gt=0)
+    max_running_jobs: int | None = Field(None, ge=1, le=1_000_000)
+    max_gpus: int | None = Field(None, ge=1, le=1_000_000)
+    weight: float = Field(1.0, gt=0, le=1e6)
 
 
 class ListObject(Response):

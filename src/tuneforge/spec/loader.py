@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tuneforge.spec.job import JobSpec
+from tuneforge.spec.job import MAX_DEEPSPEED_CONFIG_BYTES, JobSpec
 
 
 class SpecError(ValueError):
@@ -98,7 +99,7 @@ def _section_model(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | N
     return model
 
 
-def _field_path(loc: tuple, root: type[BaseModel]) -> tuple[str, ...]:
+def field_path(loc: tuple, root: type[BaseModel]) -> tuple[str, ...]:
     """The user-facing path of an error: field names and list indices, without pydantic's union tags."""
     path: list[str] = []
     model: type[BaseModel] | None = root
@@ -135,7 +136,7 @@ def format_validation_error(
     """One line per problem: `source:line: field.path: expected ..., got ...`."""
     grouped: dict[tuple, list[str]] = {}
     for error in exc.errors():
-        grouped.setdefault(_field_path(error["loc"], JobSpec), []).append(_describe(error, JobSpec))
+        grouped.setdefault(field_path(error["loc"], JobSpec), []).append(_describe(error, JobSpec))
     problems = []
     for loc, messages in grouped.items():
         field = ".".join(loc) or "(top level)"
@@ -177,8 +178,35 @@ def load_job_spec(path: str | Path, overrides: list[str] | None = None) -> JobSp
         raise SpecError(f"{path}: expected a mapping of sections (model, dataset, training, ...), got a {type(data).__name__}")
     overrides = overrides or []
     data = apply_overrides(data, overrides)
+    _inline_deepspeed_config(data)
     overridden = {tuple(parse_override(o)[0]) for o in overrides}
     return validate_job_spec(data, source=str(path), lines=_key_lines(document) if document else {}, overridden=overridden)
+
+
+def _inline_deepspeed_config(data: dict[str, Any]) -> None:
+    """resources.deepspeed_config given as a path (relative to the current directory) is read here, once,
+    into the spec: spec.json then carries the config itself, and no later reader ever opens a path."""
+    resources = data.get("resources")
+    path = resources.get("deepspeed_config") if isinstance(resources, dict) else None
+    if not isinstance(path, str):
+        return
+    where = f"resources.deepspeed_config {path}"
+    file = Path(path).expanduser()
+    try:
+        if file.stat().st_size > MAX_DEEPSPEED_CONFIG_BYTES:
+            raise SpecError(f"{where}: larger than {MAX_DEEPSPEED_CONFIG_BYTES // 1024} KiB; expected a DeepSpeed JSON config")
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{where}: not UTF-8 text (byte {exc.start}); expected a DeepSpeed JSON config") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{where}: line {exc.lineno} column {exc.colno}: {exc.msg}; expected a JSON object") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    resources["deepspeed_config"] = config
 
 
 def validate_job_spec(

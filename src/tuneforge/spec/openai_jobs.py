@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from tuneforge.spec.api import Hyperparameters, JobCreateRequest
 from tuneforge.spec.hyperparameters import LEARNING_RATES
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
-from tuneforge.spec.loader import format_validation_error
+from tuneforge.spec.loader import field_path, format_validation_error
 EXTENSION = "tuneforge"
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
@@ -95,8 +95,10 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
             spec.training.learning_rate = LEARNING_RATES[spec.adapter.type] * multiplier
         return spec
     except ValidationError as exc:
-        first = tuple(str(part) for part in exc.errors()[0]["loc"])
+        first = field_path(exc.errors()[0]["loc"], JobSpec)  # without pydantic's union tags
         param = _PARAM_OF_FIELD.get(first) or f"{EXTENSION}.{'.'.join(first)}"
+        if first[:2] == ("training", "seed") and request.seed is None:
+            param = f"{EXTENSION}.training.seed"
         if first[:2] == ("training", "num_epochs") and hyper and _given(hyper.n_epochs):
             param = f"{where}.n_epochs"
         if first[:2] == ("training", "batch_size") and hyper and _given(hyper.batch_size):

@@ -51,3 +51,29 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_a_job_file_with_overrides_is_planned_as_train_reads_it(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {base_model: llama-3-8b}\ndataset: {path: train.jsonl, max_seq_length: 2048}\n"
+                   "adapter: {type: lora, rank: 16}\nresources: {gpu_type: a100-80gb}\n"
+                   "training: {per_device_batch_size: 4}\n")
+    assert main(["plan", str(job), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "llama-3-8b", "--gpu", "a100-80gb", "--batch", "4", "--json"]) == 0
+    from_flags = json.loads(capsys.readouterr().out)
+    assert from_file["memory_bytes"] == from_flags["memory_bytes"]
+    # Dotted overrides and shortcut flags set the same fields.
+    assert main(["plan", str(job), "resources.num_gpus=8", "resources.strategy=fsdp", "--json"]) == 0
+    dotted = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(job), "--gpus", "8", "--strategy", "fsdp", "--json"]) == 0
+    flagged = json.loads(capsys.readouterr().out)
+    assert dotted["setup"] == flagged["setup"] and dotted["setup"]["strategy"] == "fsdp_full_shard"
+    assert dotted["memory_bytes"]["weights"] < from_file["memory_bytes"]["weights"]
+
+
+def test_a_bad_job_file_names_the_line(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {base_model: llama-3-8b}\ndataset: {path: t.jsonl}\ntraining:\n  learnin_rate: 1e-4\n")
+    assert main(["plan", str(job)]) == 2
+    assert "job.yaml:4: training.learnin_rate: unknown field; did you mean 'learning_rate'?" in capsys.readouterr().err

@@ -57,3 +57,50 @@ def test_errors_name_the_request_parameter():
     assert error_of(metadata={f"k{i}": "v" for i in range(17)}).param == "metadata"
     assert error_of(integrations=[{"type": "wandb"}]).param == "integrations"
     assert "learning_rate" in str(error_of(tuneforge={"training": {"learnin_rate": 1}}))
+
+
+def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_for():
+    """Walk JobSpec: a field that takes free text or a free-form object could carry a path or a command
+    from a request. Each one must be owned by an OpenAI field that takes an id or a registered name, be
+    pattern-bounded, or be checked by content; a new one fails here until it is classified."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from tuneforge.spec.job import JobSpec
+    from tuneforge.spec.openai_jobs import _OWNED
+
+    owned = {".".join(path) for path in _OWNED}
+    pattern_bounded = {"name", "adapter.target_modules"}
+    checked_by_content = {"resources.deepspeed_config"}  # launch/deepspeed.py refuse_locations
+
+    def free_form(annotation) -> bool:
+        if annotation in (str, dict) or typing.get_origin(annotation) is dict:
+            return True
+        return any(free_form(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+    found = set()
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+            elif free_form(annotation):
+                found.add(prefix + name)
+
+    walk(JobSpec, "")
+    assert found <= owned | pattern_bounded | checked_by_content, found - (owned | pattern_bounded | checked_by_content)
+    assert owned == {"method", "name", "model.base_model", "dataset.path", "dataset.validation_path"}
+
+
+def test_a_request_cannot_point_the_base_model_or_data_at_a_path():
+    base = {"model": "tiny-llama", "training_file": "file-abc"}
+    for extension, param in (({"model": {"base_model": "/etc"}}, "tuneforge.model.base_model"),
+                             ({"dataset": {"validation_path": "/etc/passwd"}}, "tuneforge.dataset.validation_path")):
+        with pytest.raises(RequestError) as caught:
+            job_spec_from_request(JobCreateRequest.model_validate({**base, "tuneforge": extension}))
+        assert caught.value.param == param
+    with pytest.raises(RequestError) as caught:
+        job_spec_from_request(JobCreateRequest.model_validate({**base, "model": "/root/models/llama"}))
+    assert caught.value.code == "model_not_found"

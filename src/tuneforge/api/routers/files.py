@@ -1,42 +1,52 @@
-"""/v1/files: upload (validated and stored content-addressed), list, retrieve, delete, content; and the
-native dataset report of a file (/v1/files/{id}/validation)."""
+"""/v1/files: upload (streamed into the content-addressed store; validated afterwards by the scheduler),
+list, retrieve, delete, content; and the native dataset report of a file (/v1/files/{id}/validation)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+import anyio
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from tuneforge.api.dependencies import Caller, Config, Db, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import dataset_report, file_object, page
+from tuneforge.api.uploads import Upload, receive_upload
 from tuneforge.db import files as file_rows
-from tuneforge.registry.artifacts import UploadTooLarge
-from tuneforge.registry.datasets import inspect_dataset
-from tuneforge.spec.api import ACTIVE_STATUSES, DatasetReport, FileDeleted, FileObject, ListObject
+from tuneforge.spec.api import DatasetReport, FileDeleted, FileObject, ListObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
+UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)}},
+}}}}}
 
 
-@router.post("", response_model=FileObject)
-def upload_file(caller: Caller, db: Db, store: Store, config: Config,
-                file: UploadFile = File(...), purpose: str = Form(...)) -> FileObject:
-    if purpose not in PURPOSES:
-        raise ApiError(400, f"purpose {purpose!r} is not supported; expected one of {', '.join(PURPOSES)}", param="purpose")
-    filename = (file.filename or "upload.jsonl").replace("/", "_")[:255]
+@router.post("", response_model=FileObject, openapi_extra=UPLOAD_FORM)
+async def upload_file(request: Request, caller: Caller, db: Db, store: Store, config: Config) -> FileObject:
+    """Upload a file. It is "uploaded" until the scheduler has validated it, then "processed" or "error"
+    (with the reason in status_details and every problem in /v1/files/{id}/validation)."""
+    upload = await receive_upload(request, store, max_bytes=config.max_upload_bytes)
     try:
-        with store.staging(file.file, filename=filename, max_bytes=config.max_upload_bytes) as staged:
-            report = inspect_dataset(staged.path, display_name=filename)
-            store.commit(staged)
-    except UploadTooLarge as exc:
-        raise ApiError(413, str(exc), param="file", code="file_too_large") from None
+        if upload.purpose is None:
+            raise ApiError(400, "purpose: required parameter is missing", param="purpose")
+        if upload.purpose not in PURPOSES:
+            raise ApiError(400, f"purpose {upload.purpose!r} is not supported; expected one of {', '.join(PURPOSES)}",
+                           param="purpose")
+        return await anyio.to_thread.run_sync(_store_upload, db, store, caller.tenant_id, upload)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(upload.discard)
+
+
+def _store_upload(db, store, tenant_id: str, upload: Upload) -> FileObject:
+    store.commit(upload.staged)  # the blob first: a row never names bytes that are not there
     with db.session() as session:
         row = file_rows.create_file(
-            session, tenant_id=caller.tenant_id, filename=filename, purpose=purpose, size=staged.size,
-            sha256=staged.sha256, report=report.model_dump(mode="json"), status="processed" if report.valid else "error",
-            status_details=None if report.valid else report.summary[:2000],
+            session, tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, size=upload.staged.size,
+            sha256=upload.staged.sha256, report={}, status=file_rows.UPLOADED, status_details=None,
         )
         return file_object(row)
 
@@ -64,14 +74,11 @@ def get_file(file_id: str, caller: Caller, db: Db) -> FileObject:
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, caller: Caller, db: Db, store: Store) -> FileDeleted:
+def delete_file(file_id: str, caller: Caller, db: Db) -> FileDeleted:
+    """Delete the file. Its bytes stay while anything refers to them (another tenant's copy of the same
+    content, a job that may still run on it); the scheduler's collector removes them afterwards."""
     with db.session() as session:
-        row = _file(session, caller, file_id)
-        last_copy = file_rows.delete_file(session, file=row)
-        in_use = file_rows.file_in_use(session, file_id=file_id, active_statuses=ACTIVE_STATUSES)
-        sha256 = row.sha256
-    if last_copy and not in_use:
-        store.delete(sha256)  # after the commit: a failed delete leaves a blob, never a row without one
+        file_rows.delete_file(session, file=_file(session, caller, file_id))
     return FileDeleted(id=file_id)
 
 

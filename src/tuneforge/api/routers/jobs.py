@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
@@ -16,20 +15,15 @@ from sqlalchemy.exc import IntegrityError
 from tuneforge.api.auth import Principal
 from tuneforge.api.dependencies import Caller, Db
 from tuneforge.api.errors import ApiError, not_found
+from tuneforge.api.streams import EventStreams, SlotStreamingResponse
 from tuneforge.api.objects import checkpoint_object, event_object, job_object, metric_point, page
 from tuneforge.db import files as file_rows
 from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db.session import Database
 from tuneforge.scheduler import states
-from tuneforge.scheduler.admission import (
-    admit_job,
-    capacity_problem,
-    deepspeed_problem,
-    live_inventories,
-    memory_plan,
-    memory_problem,
-)
+from tuneforge.scheduler.admission import live_inventories
+from tuneforge.scheduler.submission import check_submission, submit_job
 from tuneforge.spec.api import (
     TERMINAL_STATUSES,
     FineTuningJob,
@@ -41,8 +35,8 @@ from tuneforge.spec.job import JobSpec
 from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-STREAM_POLL_SECONDS = 0.5
 STREAM_KEEPALIVE_SECONDS = 15.0
+STREAM_BATCH = 500  # events per read; a stream that is behind reads again at once
 
 
 def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
@@ -80,52 +74,46 @@ def _replay(session, caller: Principal, key: str, digest: str) -> FineTuningJob 
 def create_job(body: JobCreateRequest, caller: Caller, db: Db,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> FineTuningJob:
     digest = _request_hash(body)
+    # Read and check first (the planner runs outside any transaction), then one short write transaction.
+    with db.read_session() as session:
+        if idempotency_key and (replayed := _replay(session, caller, idempotency_key, digest)):
+            return replayed
+        spec = _spec_for(body, session, caller)
+        inventories = live_inventories(session)
+    problem = check_submission(spec, inventories).problem
+    if problem:
+        raise ApiError(400, problem.message, param=problem.param, code=problem.code)
     try:
         with db.session() as session:
-            if idempotency_key and (replayed := _replay(session, caller, idempotency_key, digest)):
-                return replayed
-            spec = _spec_for(body, session, caller)
-            problem = capacity_problem(spec, live_inventories(session))
-            if problem:
-                raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_capacity")
-            problem = memory_problem(memory_plan(spec))
-            if problem:
-                raise ApiError(400, problem, param="tuneforge.resources", code="insufficient_memory")
-            problem = deepspeed_problem(spec)
-            if problem:
-                raise ApiError(400, problem, param="tuneforge.resources.strategy", code="invalid_strategy")
-            job = job_rows.create_job(
+            job = submit_job(
                 session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
                 validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
                 idempotency_key=idempotency_key, request_hash=digest,
             )
-            event_rows.add_event(session, job_id=job.id, message=f"Validating training file: {body.training_file}",
-                                 data={"kind": "status", "status": job.status})
+            return job_object(job)
     except IntegrityError:
         # Two retries with the same key raced; the other one created the job.
-        with db.session() as session:
+        with db.read_session() as session:
             replayed = _replay(session, caller, idempotency_key or "", digest)
             if replayed is None:
                 raise
             return replayed
-    with db.session() as session:
-        admit_job(session, job=job)
-    with db.session() as session:
-        return job_object(job_rows.get_job(session, tenant_id=caller.tenant_id, job_id=job.id))
 
 
 @router.post("/plan", response_model=JobPlan)
 def plan_job(body: JobCreateRequest, caller: Caller, db: Db) -> JobPlan:
     """tuneforge: what a job request would ask for and whether the workers can hold it; creates nothing."""
-    with db.session() as session:
+    with db.read_session() as session:
         spec = _spec_for(body, session, caller)
         inventories = live_inventories(session)
-    memory = memory_plan(spec)
-    problem = capacity_problem(spec, inventories) or memory_problem(memory)
+    check = check_submission(spec, inventories)
     resources = spec.resources
+    # The capacity view shows what the cluster offers, never which hosts or processes offer it.
+    capacity = [{"executor": inventory["executor"], "nodes": inventory["nodes"]} for inventory in inventories]
     return JobPlan(
         spec=spec.model_dump(mode="json"), gpus=resources.num_gpus * resources.num_nodes, gpu_type=resources.gpu_type,
-        fits=problem is None, reason=problem, capacity=inventories, memory=memory,
+        fits=check.problem is None, reason=check.problem.message if check.problem else None, capacity=capacity,
+        memory=check.memory,
     )
 
 
@@ -196,7 +184,8 @@ def list_checkpoints(job_id: str, caller: Caller, db: Db, after: str | None = No
 
 
 @router.get("/{job_id}/metrics", response_model=ListObject)
-def list_metrics(job_id: str, caller: Caller, db: Db, after_step: int | None = None) -> ListObject:
+def list_metrics(job_id: str, caller: Caller, db: Db,
+                 after_step: int | None = Query(None, ge=0, le=2**31 - 1)) -> ListObject:
     """tuneforge: the job's metrics series (train loss, learning rate, tokens/s, validation metrics) by step."""
     with db.session() as session:
         _job(session, caller, job_id)
@@ -204,32 +193,33 @@ def list_metrics(job_id: str, caller: Caller, db: Db, after_step: int | None = N
 
 
 @router.get("/{job_id}/events/stream")
-def stream_events(job_id: str, caller: Caller, db: Db, after: str | None = None,
+def stream_events(job_id: str, request: Request, caller: Caller, db: Db, after: str | None = None,
                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
-    """tuneforge: Server-Sent Events, oldest first, from `after` (or Last-Event-ID) until the job finishes."""
+    """tuneforge: Server-Sent Events, oldest first, from `after` (or Last-Event-ID) until the job finishes;
+    at most TUNEFORGE_MAX_STREAMS_PER_KEY open per API key."""
     with db.session() as session:
         _job(session, caller, job_id)
         anchor = after or last_event_id
         start = (event_rows.event_seq(session, job_id=job_id, event_id=anchor) or 0) if anchor else 0
-    return StreamingResponse(_sse(db, job_id, start), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    streams: EventStreams = request.app.state.streams
+    release = streams.claim_slot(caller.key_id)
+    return SlotStreamingResponse(_sse(streams, job_id, start), release=release, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _sse(db: Database, job_id: str, seq: int) -> Iterator[str]:
-    last_sent = time.monotonic()
-    while True:
-        with db.session() as session:
-            rows = event_rows.events_since(session, job_id=job_id, after_seq=seq)
-            status = job_rows.get_job_any_tenant(session, job_id=job_id).status
-        for row in rows:
-            seq = row.seq
-            yield f"id: {row.id}\nevent: fine_tuning.job.event\ndata: {event_object(row).model_dump_json()}\n\n"
-            last_sent = time.monotonic()
-        if not rows and status in TERMINAL_STATUSES:
-            yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
-            return
-        if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if not rows:
-            time.sleep(STREAM_POLL_SECONDS)
+async def _sse(streams: EventStreams, job_id: str, seq: int) -> AsyncIterator[str]:
+    # Async, so an open stream holds no thread: it sleeps until the process's poller sees news for its job.
+    subscription = streams.subscribe(job_id, seq)
+    try:
+        while True:
+            rows, status = await streams.read(job_id, after_seq=subscription.seq, limit=STREAM_BATCH)
+            for row in rows:
+                subscription.seq = row.seq
+                yield f"id: {row.id}\nevent: fine_tuning.job.event\ndata: {event_object(row).model_dump_json()}\n\n"
+            if not rows and (status is None or status in TERMINAL_STATUSES):
+                yield f"event: done\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            if len(rows) < STREAM_BATCH and not await subscription.wait(STREAM_KEEPALIVE_SECONDS):
+                yield ": keep-alive\n\n"
+    finally:
+        streams.unsubscribe(subscription)

@@ -1,4 +1,5 @@
-"""/v1/models: the built-in base models and the tenant's fine-tuned models; delete a fine-tuned model."""
+"""/v1/models: the built-in base models and the tenant's fine-tuned models; delete a fine-tuned model
+(its row, and its adapter and its job's checkpoints on disk)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from tuneforge.api.dependencies import Caller, Db
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import model_object
 from tuneforge.db import models as model_rows
-from tuneforge.registry.models import BASE_MODEL_OWNER, base_models
+from tuneforge.home import tuneforge_home
+from tuneforge.registry.models import BASE_MODEL_OWNER, base_models, remove_model_files
 from tuneforge.spec.api import ListObject, ModelDeleted, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -44,4 +46,7 @@ def delete_model(model_id: str, caller: Caller, db: Db) -> ModelDeleted:
         if row is None:
             raise not_found("model", model_id, param="model")
         model_rows.delete_model(session, model=row)
+        location = row.location
+    # After the commit: a failed removal leaves files behind, never a listed model without them.
+    remove_model_files(location=location, home=tuneforge_home())
     return ModelDeleted(id=model_id)

@@ -1,0 +1,67 @@
+"""One way in for every job: the checks a job must pass before it exists, then its creation and
+admission in one short write transaction.
+
+The checks (capacity, memory plan, strategy) run outside any transaction: they read a snapshot of the
+live workers and call the torch-free planner, so no other tenant's upload or claim ever waits on them.
+`POST /jobs`, `POST /jobs/plan` and the CLI ask the same question, so a plan and a create cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from tuneforge.db import job_events as event_rows
+from tuneforge.db import jobs as job_rows
+from tuneforge.db.tables import Job
+from tuneforge.launch.deepspeed import deepspeed_problem
+from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem
+from tuneforge.spec.job import JobSpec
+
+
+@dataclass(frozen=True)
+class SubmissionProblem:
+    """Why a job cannot be created: the message, the request field at fault and an error code."""
+
+    message: str
+    param: str
+    code: str
+
+
+@dataclass(frozen=True)
+class SubmissionCheck:
+    memory: dict[str, Any] | None  # the planner's per-GPU plan, None for a model it cannot describe
+    problem: SubmissionProblem | None
+
+
+def check_submission(spec: JobSpec, inventories: list[dict[str, Any]]) -> SubmissionCheck:
+    """Can any live worker hold the job, does it fit the GPUs it asks for, can its strategy run? Checks
+    structure only where the answer would need torch (the API process never imports it)."""
+    memory = memory_plan(spec)
+    if problem := capacity_problem(spec, inventories):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_capacity"))
+    if problem := memory_problem(memory):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_memory"))
+    if problem := deepspeed_problem(spec, deepspeed_classes=False):
+        param = "tuneforge.resources.deepspeed_config" if spec.resources.deepspeed_config else "tuneforge.resources.strategy"
+        return SubmissionCheck(memory, SubmissionProblem(problem, param, "invalid_strategy"))
+    return SubmissionCheck(memory, None)
+
+
+def submit_job(session: Session, *, tenant_id: str, spec: JobSpec, model: str, training_file: str,
+               validation_file: str | None, suffix: str | None, metadata: dict[str, str] | None,
+               idempotency_key: str | None, request_hash: str | None) -> Job:
+    """Create the job and admit it (queued, failed with its files' report, or validating_files while a
+    file is still being validated) in the caller's transaction: a job is never left half-admitted."""
+    job = job_rows.create_job(
+        session, tenant_id=tenant_id, spec=spec, model=model, training_file=training_file,
+        validation_file=validation_file, suffix=suffix, metadata=metadata, idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    event_rows.add_event(session, job_id=job.id, message=f"Validating training file: {training_file}",
+                         data={"kind": "status", "status": job.status})
+    admit_job(session, job=job)
+    session.refresh(job)  # admission changed the status with a guarded UPDATE
+    return job
