@@ -17,7 +17,7 @@ def base_weights(model_dir):
 
 
 def test_lora_job_learns_and_writes_a_complete_job_directory(tmp_path, tiny_model_dir):
-    job_dir = make_job_dir(tmp_path, tiny_model_dir, training={"max_steps": 25})
+    job_dir = make_job_dir(tmp_path, tiny_model_dir, training={"max_steps": 25, "batch_size": 8})
     submitted = (job_dir / "spec.json").read_bytes()
     summary = sft.run(job_dir, progress=False)
 

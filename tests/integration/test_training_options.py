@@ -115,10 +115,15 @@ def test_auto_hyperparameters_are_recorded_in_the_resolved_spec(tmp_path, tiny_m
                                                                      "learning_rate": "auto"})
     assert json.loads((job_dir / "spec.json").read_text())["training"]["learning_rate"] == "auto"  # as submitted
     resolved = json.loads((job_dir / "resolved_spec.json").read_text())["training"]
-    assert resolved["learning_rate"] == 2e-4 and resolved["num_epochs"] == 3.0 and resolved["batch_size"] == 8
-    assert resolved["per_device_batch_size"] == 8 and resolved["gradient_accumulation_steps"] == 1
-    plan = [e for e in read_events(job_dir) if e["data"].get("kind") == "plan"][0]["data"]
-    assert plan["learning_rate"] == 2e-4 and plan["batch_size"] == 8
+    events = list(read_events(job_dir))
+    plan = [e for e in events if e["data"].get("kind") == "plan"][0]["data"]
+    examples = [e for e in events if e["data"].get("kind") == "dataset"][0]["data"]["train_examples"]
+    # Packed (auto for Llama): the auto batch of 8 examples (320 of them) is the rows that hold 8 examples.
+    assert resolved["packing"] is True and plan["packed_row_length"] <= 512
+    rows = max(1, round(8 * plan["packed_rows"] / examples))
+    assert resolved["learning_rate"] == 2e-4 and resolved["num_epochs"] == 3.0 and resolved["batch_size"] == rows
+    assert resolved["per_device_batch_size"] == rows and resolved["gradient_accumulation_steps"] == 1
+    assert plan["learning_rate"] == 2e-4 and plan["batch_size"] == rows
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(tmp_path, tiny_model_dir, monkeypatch):

@@ -88,6 +88,8 @@ class Batcher:
         from tuneforge.data.packing import best_fit_decreasing
 
         self.items, self.pad_id, self.packing, self.attention = items, pad_id, packing, attention
+        self.row_length = max_seq_length if packing else None  # the capacity rows are packed to
+        self.row_reason: str | None = None  # why that capacity, for the plan event
         if packing:
             self.units = best_fit_decreasing([len(item.input_ids) for item in items], max_seq_length)
         else:

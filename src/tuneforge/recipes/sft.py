@@ -21,7 +21,7 @@ from torch import nn
 from tuneforge.data.batching import Batcher, StepSchedule
 from tuneforge.data.cache import load_tokenized
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, file_sha256, iter_examples, load_examples, split_indices
-from tuneforge.data.packing import real_token_fraction
+from tuneforge.data.packing import packed_row_length, real_token_fraction
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.templating import PromptRenderer, TokenizedExample, fit_to_length, resolve_template
 from tuneforge.engine import runtime
@@ -92,7 +92,8 @@ def setup(job: RecipeJob) -> Setup:
     prepared = job.prepare(loss, model, total_steps=schedule.total_steps)
     # The data order is a pure function of these and the step: equal values mean an exact resume.
     data_position = {"dataset_sha256": file_sha256(job.spec.dataset.path), "units": len(batcher),
-                     "packing": cfg.packing, "examples_per_step": cfg.batch_size, "seed": cfg.seed}
+                     "packing": cfg.packing, "row_length": batcher.row_length, "examples_per_step": cfg.batch_size,
+                     "seed": cfg.seed}
     describe_plan(job, data, batcher, schedule, trainable, total, packing_off)
     return Setup(data, model, trainable, batcher, schedule, prepared, resume, base_metrics, data_position)
 
@@ -120,6 +121,11 @@ def load_data(job: RecipeJob) -> Data:
     val_ids = val_ids[: spec.evaluation.max_eval_examples or None]
     train_tokens, stats = fit_to_length([train_set[i] for i in train_ids], max_seq_length=data_cfg.max_seq_length,
                                         too_long=data_cfg.too_long, file=data_cfg.path)
+    if len(train_tokens) < MIN_TRAINING_EXAMPLES:
+        raise DataError([DataProblem(data_cfg.path, 0, "too_few_examples", "dataset.max_seq_length",
+                                     f"at least {MIN_TRAINING_EXAMPLES} examples within max_seq_length "
+                                     f"{data_cfg.max_seq_length} (too_long: {data_cfg.too_long})",
+                                     f"{len(train_tokens)} of {len(train_ids)}")])
     val_tokens, _ = fit_to_length([val_set[i] for i in val_ids], max_seq_length=data_cfg.max_seq_length,
                                   too_long="truncate")
     val_examples = []
@@ -158,12 +164,14 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     resolved_spec.json. Returns the batcher and why packing is off (None when it is on)."""
     cfg, max_len = job.spec.training, job.spec.dataset.max_seq_length
     attention = model.config._attn_implementation
-    supported, why_not = packing_support(model.config, attention, max_len)
+    row_length, row_reason = packed_row_length([len(t.input_ids) for t in data.train], max_len, attention)
+    supported, why_not = packing_support(model.config, attention, row_length)
     if cfg.packing is True and not supported:
         raise SpecError(f"training.packing: {why_not}; set it to auto or false")
     packing = supported and cfg.packing in (True, "auto")
-    batcher = Batcher(data.train, data.tokenizer.pad_token_id, packing=packing, max_seq_length=max_len,
+    batcher = Batcher(data.train, data.tokenizer.pad_token_id, packing=packing, max_seq_length=row_length,
                       attention=attention)
+    batcher.row_reason = row_reason if packing else None
     spec = job.spec.model_copy(deep=True)
     spec.dataset.format, spec.dataset.prompt_template = data.format, data.renderer.template
     job.resolve_training(spec, examples=len(data.train), loss_module=loss, batcher=batcher, model_dir=data.model_dir,
@@ -174,7 +182,7 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
 def describe_plan(job: RecipeJob, data: Data, batcher: Batcher, schedule: StepSchedule, trainable: int, total: int,
                   packing_off: str | None) -> None:
     cfg, world = job.spec.training, job.parallel.world_size
-    packed = (f", {len(data.train)} examples packed into {len(batcher)} rows of {job.spec.dataset.max_seq_length} "
+    packed = (f", {len(data.train)} examples packed into {len(batcher)} {batcher.row_reason} "
               f"({real_token_fraction(batcher.unit_lengths(), cfg.per_device_batch_size):.1%} real tokens)"
               if cfg.packing else "")
     job.note(
@@ -186,7 +194,8 @@ def describe_plan(job: RecipeJob, data: Data, batcher: Batcher, schedule: StepSc
         steps_per_epoch=schedule.steps_per_epoch, batch_size=cfg.batch_size,
         per_device_batch_size=cfg.per_device_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs, packing=cfg.packing,
-        packed_rows=len(batcher) if cfg.packing else None, packing_disabled_because=packing_off,
+        packed_rows=len(batcher) if cfg.packing else None, packed_row_length=batcher.row_length if cfg.packing else None,
+        packing_disabled_because=packing_off,
     )
 
 

@@ -3,7 +3,8 @@
 Epochs follow OpenAI's published rule (openai-cookbook, "Data preparation and analysis for chat model
 fine-tuning"): aim at 3 epochs, but at least 100 and at most 25,000 examples seen, within 1-25 epochs.
 The batch grows with the data (about 0.2% of the examples, as OpenAI describes, as a power of two
-within 8-256: small batches waste accelerators, huge ones take too few steps). Learning rates are the
+within 8-256: small batches waste accelerators, huge ones take too few steps). It is counted in
+examples; with packing it becomes the number of rows that hold that many examples. Learning rates are the
 usual ones for the method: 2e-4 for LoRA/QLoRA (the QLoRA paper), 2e-5 for full fine-tuning.
 The micro-batch (per_device_batch_size) needs the hardware and is resolved by the recipe.
 """
@@ -40,7 +41,8 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
                             micro_batch: int | None = None) -> JobSpec:
     """A copy of spec with learning_rate, num_epochs, batch_size and (given micro_batch) the micro-batch
     and accumulation filled in. micro_batch is the per-device micro-batch the hardware allows; num_rows
-    the packed rows when packing (batches then count rows)."""
+    the packed rows when packing (batches then count rows: an auto batch is the rows that hold as many
+    examples as it would unpacked)."""
     training = spec.training.model_copy()
     world = spec.resources.num_gpus * spec.resources.num_nodes
     if training.learning_rate == "auto":
@@ -52,7 +54,12 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
         if micro != "auto" and accum != "auto":
             training.batch_size = micro * accum * world
         else:
-            training.batch_size = auto_batch_size(num_rows or num_examples, world)
+            training.batch_size = auto_batch_size(num_examples, world)
+            if num_rows:
+                # Packed: as many rows as carry that many examples, so a packed job takes as many optimizer
+                # steps of as many examples as an unpacked one (rows counted as examples took ~30x fewer).
+                rows = max(1, round(training.batch_size * num_rows / num_examples))
+                training.batch_size = math.ceil(rows / world) * world
     per_device = math.ceil(training.batch_size / world)
     if micro == "auto" and accum != "auto":
         micro = math.ceil(per_device / accum)

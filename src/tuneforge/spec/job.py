@@ -140,9 +140,10 @@ class TrainingSpec(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, splits, adapter initialization and dropout.")
     packing: bool | Auto = Field(
         "auto",
-        description="Pack several examples into each max_seq_length row, each attending only to itself; auto packs "
-        "where isolation is verified for the model (Llama, Qwen2/3, Mistral families). With packing, batch sizes "
-        "count rows.",
+        description="Pack several examples into each row, each attending only to itself; auto packs where isolation "
+        "is verified for the model (Llama, Qwen2/3, Mistral families). Rows are max_seq_length long with "
+        "flash-attention, else sized from the data (about 4 average examples, at least the longest). With "
+        "packing, batch sizes count rows; an auto batch is the rows holding as many examples as it would unpacked.",
     )
     logging_steps: int = Field(1, gt=0, le=MAX_COUNT, description="Write a metrics event every N optimizer steps.")
 

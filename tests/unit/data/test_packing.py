@@ -25,3 +25,17 @@ def test_best_fit_picks_the_fullest_row_that_fits():
 def test_real_token_fraction():
     assert real_token_fraction([10, 5, 5, 5], 2) == pytest.approx(25 / 30)
     assert real_token_fraction([10, 10], 2, pad_to=20) == pytest.approx(0.5)
+
+
+def test_rows_are_sized_from_the_data_where_the_kernel_computes_the_whole_row():
+    from tuneforge.data.packing import packed_row_length
+
+    short = [60, 70, 80, 90] * 100
+    row, why = packed_row_length(short, 2048, "sdpa")
+    assert row == 320 and "4 average examples" in why  # 4 x 75 tokens, to a multiple of 64
+    assert packed_row_length(short, 2048, "flash_attention_2")[0] == 2048  # varlen costs per example
+    assert packed_row_length(short + [1500], 2048, "eager")[0] == 1536  # never shorter than the longest
+    assert packed_row_length([1800, 1900], 2048, "sdpa")[0] == 2048  # capped at max_seq_length
+    varied = [random.Random(0).randint(40, 110) for _ in range(400)]
+    row = packed_row_length(varied, 2048, "sdpa")[0]
+    assert sum(varied) / (len(best_fit_decreasing(varied, row)) * row) > 0.9  # rows of ~4 examples still fill

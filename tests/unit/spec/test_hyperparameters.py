@@ -38,3 +38,14 @@ def test_batch_sizes_resolve_consistently():
     with pytest.raises(SpecError, match="must equal per_device_batch_size x gradient_accumulation_steps"):
         spec(batch_size=10, per_device_batch_size=4, gradient_accumulation_steps=2)
 
+
+
+def test_a_packed_auto_batch_holds_as_many_examples_as_an_unpacked_one():
+    # 400 short chats packed ~4 to a row: the auto batch of 8 examples becomes 2 rows, not 8 rows (~33 examples).
+    packed = resolve_hyperparameters(spec(), 400, num_rows=100)
+    unpacked = resolve_hyperparameters(spec(), 400)
+    assert unpacked.training.batch_size == 8 and packed.training.batch_size == 2
+    assert packed.training.num_epochs == unpacked.training.num_epochs  # epochs follow the examples too
+    two_gpus = validate_job_spec({"dataset": {"path": "d"}, "resources": {"num_gpus": 2}})
+    assert resolve_hyperparameters(two_gpus, 400, num_rows=100).training.batch_size == 2  # a row per device
+    assert resolve_hyperparameters(spec(), 400, num_rows=400).training.batch_size == 8  # one example per row
