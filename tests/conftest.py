@@ -197,3 +197,23 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.log.close()
+
+
+def post_file(http, path: Path, name: str | None = None) -> dict:
+    """Upload a fine-tune file through the API; the answer comes at once, status "uploaded"."""
+    with open(path, "rb") as handle:
+        response = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (name or path.name, handle)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_validated(http, file_id: str, timeout: float = 60.0, validate=None) -> dict:
+    """The file once the scheduler has validated it (processed or error). `validate` runs the upload
+    validator here, for an app served without a scheduler."""
+    deadline = time.monotonic() + timeout
+    while True:
+        file = http.get(f"/v1/files/{file_id}").json()
+        if file["status"] != "uploaded":
+            return file
+        assert time.monotonic() < deadline, f"{file_id} still uploaded after {timeout} s"
+        validate() if validate else time.sleep(0.1)

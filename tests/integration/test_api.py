@@ -4,11 +4,9 @@ endpoint, idempotency keys, cursor pagination, capacity and method checks at cre
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
-from conftest import EXAMPLE_DATA, ServerProcess, chat, write_jsonl
+from conftest import EXAMPLE_DATA, ServerProcess, chat, post_file, wait_validated, write_jsonl
 
 QUEUED_FOREVER = {"training": {"max_steps": 2}}
 
@@ -27,16 +25,7 @@ class Api:
 
     def upload(self, path, name=None) -> dict:
         """Upload and wait until the scheduler has validated the file (processed or error)."""
-        with open(path, "rb") as handle:
-            response = self.http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (name or path.name, handle)})
-        assert response.status_code == 200, response.text
-        file = response.json()
-        deadline = time.monotonic() + 60
-        while file["status"] == "uploaded" and time.monotonic() < deadline:
-            time.sleep(0.1)
-            file = self.http.get(f"/v1/files/{file['id']}").json()
-        assert file["status"] in ("processed", "error"), file
-        return file
+        return wait_validated(self.http, post_file(self.http, path, name)["id"])
 
     def create(self, body: dict, **headers) -> httpx.Response:
         return self.http.post("/v1/fine_tuning/jobs", json=body, headers=headers)

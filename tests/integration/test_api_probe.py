@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_DATA, ServerProcess
+from conftest import EXAMPLE_DATA, ServerProcess, post_file, wait_validated
 
 
 @pytest.fixture
@@ -32,14 +32,7 @@ def admin(server: ServerProcess) -> httpx.Client:
 
 
 def upload(http: httpx.Client, path: Path = EXAMPLE_DATA / "train.jsonl") -> dict:
-    with open(path, "rb") as handle:
-        response = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (path.name, handle)})
-    assert response.status_code == 200, response.text
-    file = response.json()
-    deadline = time.monotonic() + 60
-    while file["status"] == "uploaded" and time.monotonic() < deadline:  # validated by the scheduler
-        time.sleep(0.2)
-        file = http.get(f"/v1/files/{file['id']}").json()
+    file = wait_validated(http, post_file(http, path)["id"])  # validated by the scheduler
     assert file["status"] == "processed", file
     return file
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from conftest import EXAMPLE_DATA, ServerProcess, free_port
+from conftest import EXAMPLE_DATA, ServerProcess, free_port, post_file, wait_validated
 
 from tuneforge.api.app import create_app
 from tuneforge.api.routers import jobs as jobs_router
@@ -50,12 +50,7 @@ def _client(url: str, secret: str, **options) -> httpx.AsyncClient:
 def _queued_jobs(url: str, secret: str, count: int, validate=None) -> list[str]:
     """`count` queued jobs on one upload; `validate` runs the upload validator when no scheduler does."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as http:
-        with open(EXAMPLE_DATA / "train.jsonl", "rb") as handle:
-            training = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", handle)}).json()
-        deadline = time.monotonic() + 60
-        while training["status"] == "uploaded" and time.monotonic() < deadline:  # the scheduler validates it
-            validate() if validate else time.sleep(0.2)
-            training = http.get(f"/v1/files/{training['id']}").json()
+        training = wait_validated(http, post_file(http, EXAMPLE_DATA / "train.jsonl", "t.jsonl")["id"], validate=validate)
         body = {"model": "tiny-llama", "training_file": training["id"], "tuneforge": QUEUED_FOREVER}
         jobs = [http.post("/v1/fine_tuning/jobs", json=body).json() for _ in range(count)]
     assert all(job["status"] == "queued" for job in jobs), jobs

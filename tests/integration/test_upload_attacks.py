@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_DATA, ServerProcess, chat, write_jsonl
+from conftest import EXAMPLE_DATA, ServerProcess, chat, post_file, wait_validated, write_jsonl
 from sqlalchemy import select
 
 from tuneforge.db import files as file_rows
@@ -58,23 +58,6 @@ def sqlite_url(tmp_path) -> str:
 
 def client(server: ServerProcess, tenant: str = "tenant-a") -> httpx.Client:
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys[tenant]}"}, timeout=30)
-
-
-def post_file(http: httpx.Client, path: Path, name: str | None = None) -> dict:
-    with open(path, "rb") as handle:
-        response = http.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (name or path.name, handle)})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def wait_validated(http: httpx.Client, file_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        file = http.get(f"/v1/files/{file_id}").json()
-        if file["status"] != "uploaded":
-            return file
-        assert time.monotonic() < deadline, f"{file_id} still uploaded after {timeout} s"
-        time.sleep(0.1)
 
 
 def wait_for(predicate, *, timeout: float, what: str, server: ServerProcess | None = None):

@@ -17,7 +17,6 @@ from tuneforge.db import workers as worker_rows
 from tuneforge.db.tables import File, Job
 from tuneforge.registry.datasets import MIN_TRAINING_EXAMPLES
 from tuneforge.scheduler import states
-from tuneforge.launch.deepspeed import deepspeed_problem  # noqa: F401  (the API asks through admission)
 from tuneforge.scheduler.placement import JobRequest, Node, could_ever_fit
 from tuneforge.spec.api import DatasetReport
 from tuneforge.spec.job import JobSpec
