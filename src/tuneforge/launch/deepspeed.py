@@ -179,13 +179,15 @@ def deepspeed_problem(spec, *, deepspeed_classes: bool = True) -> str | None:
     if not deepspeed_installed():
         return f"resources.strategy deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}"
     try:
-        if r.deepspeed_config is not None:
-            refuse_locations(r.deepspeed_config)
         if any(v == "auto" for v in (spec.training.batch_size, spec.training.per_device_batch_size,
                                      spec.training.gradient_accumulation_steps)):
-            return None  # sizes are resolved from the data when the job starts; the recipe checks again then
+            # Sizes are resolved from the data when the job starts (the recipe checks the whole config then);
+            # what the config may name is checked now.
+            if r.deepspeed_config is not None:
+                refuse_locations(r.deepspeed_config)
+            return None
         check_config(config_for(spec), world_size=r.num_gpus * r.num_nodes, source=config_source(spec),
-                     deepspeed_classes=deepspeed_classes)
+                     deepspeed_classes=deepspeed_classes)  # config_for refuses locations itself
     except DeepSpeedConfigError as exc:
         return str(exc)
     return None
