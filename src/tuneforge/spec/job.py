@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuneforge.spec.preference import DpoSpec, RewardModelSpec
+from tuneforge.spec.reinforcement import GrpoSpec, PpoSpec, RolloutSpec
+
 BUILTIN_BASE_MODELS = ("smollm2-135m-instruct", "tiny-llama")
 
 # Every number has an upper bound that the database (32-bit integer columns), numpy (32-bit seeds) and
@@ -29,6 +32,10 @@ Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
+
+Method = Literal["sft", "reward", "dpo", "ppo", "grpo"]
+PREFERENCE_METHODS = ("reward", "dpo")  # train on preference pairs
+RL_METHODS = ("ppo", "grpo")  # sample completions and score them
 
 GpuType = Literal[
     "any", "cpu", "t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"
@@ -233,7 +240,10 @@ class JobSpec(Section):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
         description="Short name for the job (letters, digits, . _ -); used in the job directory name.",
     )
-    method: Literal["sft"] = Field("sft", description="Training method: sft (supervised fine-tuning).")
+    method: Method = Field(
+        "sft", description="Training method: sft (supervised fine-tuning), reward (a reward model on preference pairs), "
+        "dpo (direct preference optimization), ppo or grpo (online RL against a reward model or graders)."
+    )
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model and how it is loaded.")
     dataset: DatasetSpec = Field(..., description="Training and validation data.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="What is trained: LoRA, QLoRA or all weights.")
@@ -242,6 +252,11 @@ class JobSpec(Section):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="What is measured on validation data.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="When checkpoints are written.")
     deploy: DeploySpec = Field(default_factory=DeploySpec, description="Export for serving.")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="method dpo: the preference loss and its reference.")
+    reward: RewardModelSpec = Field(default_factory=RewardModelSpec, description="method reward: the reward model's loss.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="methods ppo and grpo: sampling and the reward.")
+    ppo: PpoSpec = Field(default_factory=PpoSpec, description="method ppo: clipping, value loss, GAE and KL control.")
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="method grpo: group size, clipping and KL.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -260,6 +275,7 @@ class JobSpec(Section):
                 "model.quantization int8 cannot train under resources.strategy fsdp: PyTorch's distributed checkpoint "
                 "cannot save bitsandbytes 8-bit layers; use nf4 (QLoRA, which FSDP supports) or strategy ddp"
             )
+        self._method_consistent()
         training, world = self.training, self.resources.num_gpus * self.resources.num_nodes
         sizes = (training.batch_size, training.per_device_batch_size, training.gradient_accumulation_steps)
         if "auto" not in sizes and sizes[0] != sizes[1] * sizes[2] * world:
@@ -268,3 +284,12 @@ class JobSpec(Section):
                 f"devices = {sizes[1]} x {sizes[2]} x {world}; set one of them to auto"
             )
         return self
+
+    def _method_consistent(self) -> None:
+        fmt = self.dataset.format
+        if self.method in PREFERENCE_METHODS and fmt not in ("auto", "preference"):
+            raise ValueError(f"method {self.method} trains on preference pairs: dataset.format must be preference "
+                             f"(or auto), not {fmt}")
+        if self.method in RL_METHODS and not self.rollout.has_reward():
+            raise ValueError(f"method {self.method} needs a reward: set rollout.reward_model (a reward model) or "
+                             "rollout.graders (string_check, text_similarity, score_model, label_model, multi)")

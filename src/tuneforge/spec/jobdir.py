@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict
 
 from tuneforge.spec.job import JobSpec
 
-RECIPES = {"sft": "tuneforge.recipes.sft"}  # a closed table: a spec names a method, never a module
+RECIPES = {  # a closed table: a spec names a method, never a module
+    "sft": "tuneforge.recipes.sft",
+    "reward": "tuneforge.recipes.reward",
+    "dpo": "tuneforge.recipes.dpo",
+    "ppo": "tuneforge.recipes.ppo",
+    "grpo": "tuneforge.recipes.grpo",
+}
 EXIT_OK = 0
 EXIT_FAILED = 1  # crashed or failed: worth restarting from the last checkpoint
 EXIT_BAD_INPUT = 2  # the spec, the data or the hardware cannot work: restarting cannot help

@@ -11,6 +11,7 @@ dataset.path / validation_path; a worker swaps in local paths when it writes the
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -93,6 +94,7 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
         spec = JobSpec.model_validate(data)
         if multiplier is not None:
             spec.training.learning_rate = LEARNING_RATES[spec.adapter.type] * multiplier
+        refuse_model_paths(spec)
         return spec
     except ValidationError as exc:
         first = field_path(exc.errors()[0]["loc"], JobSpec)  # without pydantic's union tags
@@ -105,6 +107,23 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
             param = f"{where}.batch_size"
         message = format_validation_error(exc, source=EXTENSION).replace("invalid job spec\n  ", "invalid job request: ")
         raise RequestError(message, param=param) from None
+
+
+REGISTERED_MODEL = re.compile(r"^ft:[A-Za-z0-9][A-Za-z0-9:._-]{0,254}$")
+
+
+def refuse_model_paths(spec: JobSpec, *, prefix: str = EXTENSION) -> None:
+    """Reward and judge models in a request are built-in or registered model names, never directories."""
+    named = [("rollout.reward_model", spec.rollout.reward_model)]
+    for i, grader in enumerate(spec.rollout.graders):
+        inner = getattr(grader, "graders", None) or {}
+        named += [(f"rollout.graders.{i}.model", getattr(grader, "model", None))]
+        named += [(f"rollout.graders.{i}.graders.{k}.model", getattr(g, "model", None)) for k, g in inner.items()]
+    for where, model in named:
+        if model is not None and model not in BUILTIN_BASE_MODELS and not REGISTERED_MODEL.match(model):
+            raise RequestError(f"{where}: {model!r} is neither a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "
+                               "nor a registered model id (ft:...); a request cannot name a directory",
+                               param=f"{prefix}.{where}")
 
 
 def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:

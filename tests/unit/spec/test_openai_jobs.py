@@ -73,6 +73,16 @@ def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_fo
     owned = {".".join(path) for path in _OWNED}
     pattern_bounded = {"name", "adapter.target_modules"}
     checked_by_content = {"resources.deepspeed_config"}  # launch/deepspeed.py refuse_locations
+    # Grader templates are rendered into text and never opened; judge and reward models must be
+    # registered names in a request (openai_jobs.refuse_model_paths).
+    grader = "rollout.graders."
+    templates = {grader + f for f in ("input", "reference", "calculate_output", "input.content",
+                                      "graders.input", "graders.reference", "graders.input.content")}
+    model_names = {grader + "model", grader + "graders.model", "rollout.reward_model"}
+    pattern_bounded |= {grader + "name", grader + "graders.name", grader + "endpoint", grader + "graders.endpoint",
+                        grader + "labels", grader + "passing_labels", grader + "graders.labels",
+                        grader + "graders.passing_labels"}
+    checked_by_content |= templates | model_names
 
     def free_form(annotation) -> bool:
         if annotation in (str, dict) or typing.get_origin(annotation) is dict:
@@ -81,12 +91,17 @@ def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_fo
 
     found = set()
 
+    def models_in(annotation) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, f"{prefix}{name}.")
-            elif free_form(annotation):
+            nested = models_in(field.annotation)
+            for sub in nested:  # sections, and the members of lists and unions of models (graders)
+                walk(sub, f"{prefix}{name}.")
+            if not nested and free_form(field.annotation):
                 found.add(prefix + name)
 
     walk(JobSpec, "")
