@@ -48,6 +48,8 @@ class Settings:
     k8s_pvc: str = "tuneforge-home"
     k8s_service_account: str | None = None
     k8s_inventory: str = ""  # the cluster's nodes for placement, e.g. "h100-80gb:8,h100-80gb:8"
+    # What the recipe image can run, e.g. "ddp,fsdp,deepspeed"; empty: what the worker's own environment has.
+    k8s_strategies: str = ""
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:

@@ -32,8 +32,8 @@ def db(database_url):
     database.dispose()
 
 
-def queued_job(db: Database, tenant: str = "t", gpus: int = 1) -> str:
-    spec = validate_job_spec({"dataset": {"path": "file-x"}, "resources": {"num_gpus": gpus}})
+def queued_job(db: Database, tenant: str = "t", gpus: int = 1, strategy: str = "ddp") -> str:
+    spec = validate_job_spec({"dataset": {"path": "file-x"}, "resources": {"num_gpus": gpus, "strategy": strategy}})
     with db.session() as session:
         tenant_rows.ensure_tenant(session, tenant_id=tenant)
         job = job_rows.create_job(session, tenant_id=tenant, spec=spec, model="tiny-llama", training_file="file-x",
@@ -145,6 +145,32 @@ def test_a_job_that_keeps_losing_its_worker_fails(db):
     assert job.status == "failed" and job.error["code"] == "too_many_attempts"
 
 
+def test_a_worker_claims_only_jobs_whose_strategy_it_offers_and_submission_asks_the_workers(db):
+    from tuneforge.scheduler.submission import check_submission
+
+    deepspeed_job = queued_job(db, strategy="deepspeed")
+    ddp_job = queued_job(db)
+    with db.session() as session:
+        mine = claim_next(session, worker_id="no-ds", nodes=CPU_NODE, free=[1000], lease_seconds=60,
+                          now_s=time.time(), strategies=["ddp", "fsdp"])
+        assert mine.job_id == ddp_job
+        assert claim_next(session, worker_id="no-ds", nodes=CPU_NODE, free=[1000], lease_seconds=60,
+                          now_s=time.time(), strategies=["ddp", "fsdp"]) is None  # the deepspeed job waits
+        theirs = claim_next(session, worker_id="ds", nodes=CPU_NODE, free=[1000], lease_seconds=60,
+                            now_s=time.time(), strategies=["ddp", "fsdp", "deepspeed"])
+        assert theirs.job_id == deepspeed_job
+
+    spec = validate_job_spec({"dataset": {"path": "file-x"}, "resources": {"strategy": "deepspeed"}})
+    without = [{"worker": "w", "executor": "local", "nodes": [{"gpu_type": "cpu", "gpus": 4, "strategies": ["ddp", "fsdp"]}]}]
+    problem = check_submission(spec, without).problem
+    assert problem.code == "invalid_strategy" and problem.param == "tuneforge.resources.strategy"
+    assert "deepspeed" in problem.message and "ddp, fsdp" in problem.message
+    with_ds = [*without, {"worker": "v", "executor": "local",
+                          "nodes": [{"gpu_type": "cpu", "gpus": 4, "strategies": ["ddp", "fsdp", "deepspeed"]}]}]
+    assert check_submission(spec, with_ds).problem is None
+    assert check_submission(spec, []).problem is None  # no worker yet: the job waits for one
+
+
 def test_capacity_of_a_job_is_checked_against_free_gpus(db, tmp_path: Path):
     big = queued_job(db, gpus=4)
     small = queued_job(db, gpus=1)
@@ -205,6 +231,9 @@ class _RecordingExecutor:
 
     def inventory(self):
         return list(CPU_NODE)
+
+    def strategies(self):
+        return ["ddp"]
 
     def launch(self, *, job_id, attempt, job_dir, spec, placement, restart=0):
         self.restarts.append(restart)

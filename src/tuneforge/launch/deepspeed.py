@@ -172,11 +172,12 @@ def config_source(spec) -> str:
 
 def deepspeed_problem(spec, *, deepspeed_classes: bool = True) -> str | None:
     """Why a deepspeed job cannot start here, or None (also None for other strategies). The API passes
-    deepspeed_classes=False: it checks structure and locations without importing torch."""
+    deepspeed_classes=False: it checks structure and locations without importing torch, and leaves whether
+    DeepSpeed is installed to the workers, which report it (launch/capabilities.py)."""
     r = spec.resources
     if r.strategy != "deepspeed":
         return None
-    if not deepspeed_installed():
+    if deepspeed_classes and not deepspeed_installed():
         return f"resources.strategy deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}"
     try:
         if any(v == "auto" for v in (spec.training.batch_size, spec.training.per_device_batch_size,

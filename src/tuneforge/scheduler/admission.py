@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 from tuneforge.db import files as file_rows
 from tuneforge.db import workers as worker_rows
 from tuneforge.db.tables import File, Job
+from tuneforge.launch.capabilities import offered
+from tuneforge.launch.deepspeed import INSTALL_HINT
 from tuneforge.registry.datasets import MIN_TRAINING_EXAMPLES
 from tuneforge.scheduler import states
 from tuneforge.scheduler.placement import JobRequest, Node, could_ever_fit
@@ -38,6 +40,21 @@ def live_inventories(session: Session) -> list[dict[str, Any]]:
         {"worker": w.id, "executor": w.executor, "nodes": list(w.inventory)}
         for w in worker_rows.live_workers(session, seen_within_s=WORKER_SEEN_WITHIN_S)
     ]
+
+
+def strategy_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | None:
+    """Why no live worker can run this job's strategy (workers report theirs); None when one can, when no
+    worker is known yet, or when a worker does not say (it predates the report)."""
+    reports = [offered(node) for inventory in inventories for node in inventory["nodes"]]
+    if not reports or any(report is None for report in reports):
+        return None
+    wanted = spec.resources.strategy
+    if any(wanted in report for report in reports):
+        return None
+    have = sorted({s for report in reports for s in report})
+    hint = f" ({INSTALL_HINT})" if wanted == "deepspeed" else ""
+    return (f"no live worker can run resources.strategy {wanted}{hint}; the workers offer "
+            f"{', '.join(have) or 'nothing'}")
 
 
 def capacity_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | None:

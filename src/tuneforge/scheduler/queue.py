@@ -30,6 +30,10 @@ class Claimed:
     gpus: int
 
 
+def strategy_of(spec: dict) -> str:
+    return (spec.get("resources") or {}).get("strategy", "ddp")
+
+
 def request_of_row(job: Job) -> JobRequest:
     return JobRequest(
         job_id=job.id, tenant_id=job.tenant_id, gpus_per_node=job.num_gpus, num_nodes=job.num_nodes,
@@ -46,10 +50,12 @@ def policies_of(session: Session) -> dict[str, TenantPolicy]:
 
 def claim_next(
     session: Session, *, worker_id: str, nodes: Sequence[Node], free: Sequence[int], lease_seconds: float, now_s: float,
-    reserve_after: float = float("inf"),
+    reserve_after: float = float("inf"), strategies: Sequence[str] | None = None,
 ) -> Claimed | None:
-    """Take the job placement picks for these free nodes, or None when nothing can start here now."""
-    candidates = job_rows.queued_candidates(session, now_s=now_s)
+    """Take the job placement picks for these free nodes, or None when nothing can start here now.
+    strategies: what this worker can run (None: anything); a job needing another waits for another worker."""
+    candidates = [job for job in job_rows.queued_candidates(session, now_s=now_s)
+                  if strategies is None or strategy_of(job.spec) in strategies]
     if not candidates:
         return None
     usage = {tenant: Usage(jobs, gpus) for tenant, (jobs, gpus) in job_rows.running_usage(session).items()}

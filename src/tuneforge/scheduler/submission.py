@@ -17,7 +17,7 @@ from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db.tables import Job
 from tuneforge.launch.deepspeed import deepspeed_problem
-from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem
+from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem, strategy_problem
 from tuneforge.spec.job import JobSpec
 
 
@@ -44,6 +44,8 @@ def check_submission(spec: JobSpec, inventories: list[dict[str, Any]]) -> Submis
         return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_capacity"))
     if problem := memory_problem(memory):
         return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_memory"))
+    if problem := strategy_problem(spec, inventories):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources.strategy", "invalid_strategy"))
     if problem := deepspeed_problem(spec, deepspeed_classes=False):
         param = "tuneforge.resources.deepspeed_config" if spec.resources.deepspeed_config else "tuneforge.resources.strategy"
         return SubmissionCheck(memory, SubmissionProblem(problem, param, "invalid_strategy"))

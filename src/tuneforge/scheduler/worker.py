@@ -91,6 +91,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:6]}"
         self.store = LocalArtifactStore(settings.artifacts_dir)
         self.nodes = executor.inventory()
+        self.strategies = executor.strategies()
         self.attempts: dict[str, Attempt] = {}
         self.draining = False
         self._last_seen = 0.0
@@ -135,7 +136,7 @@ class Worker:
 
     def _announce(self, now_s: float) -> None:
         with self.db.session() as session:
-            inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus} for n in self.nodes]
+            inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus, "strategies": self.strategies} for n in self.nodes]
             worker_rows.register_worker(
                 session, worker_id=self.worker_id, hostname=socket.gethostname(), executor=self.executor.kind, inventory=inventory
             )
@@ -145,7 +146,7 @@ class Worker:
         while any(f > 0 for f in self.free()):
             with self.db.session() as session:
                 claimed = claim_next(
-                    session, worker_id=self.worker_id, nodes=self.nodes, free=self.free(),
+                    session, worker_id=self.worker_id, nodes=self.nodes, free=self.free(), strategies=self.strategies,
                     lease_seconds=self.settings.lease_seconds, now_s=now_s, reserve_after=self.settings.reserve_after_seconds,
                 )
                 if claimed is None:

@@ -34,6 +34,9 @@ class Executor(Protocol):
     def inventory(self) -> list[Node]:
         """The nodes this executor can place jobs on."""
 
+    def strategies(self) -> list[str]:
+        """The distributed strategies its recipes can run (launch/capabilities.py), reported with the inventory."""
+
     def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
                restart: int = 0) -> Run | None:
         """Start the recipe; None when it cannot start yet (the previous run still holds the directory).

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tuneforge.launch.capabilities import host_strategies, parse_strategies
 from tuneforge.home import tuneforge_home
 from tuneforge.scheduler.executors import LaunchError
 from tuneforge.launch.commands import RESTART_VARIABLE, recipe_args
@@ -189,6 +190,11 @@ class KubernetesExecutor:
 
     def inventory(self) -> list[Node]:
         return list(self.nodes)
+
+    def strategies(self) -> list[str]:
+        if self.settings.k8s_strategies:  # the recipe image is not necessarily the worker's environment
+            return parse_strategies(self.settings.k8s_strategies, variable="TUNEFORGE_K8S_STRATEGIES")
+        return host_strategies()
 
     def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
                restart: int = 0) -> KubernetesRun:

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tuneforge.launch.capabilities import host_strategies
 from tuneforge.scheduler.executors import LaunchError
 from tuneforge.scheduler.executors.process import signal_group, spawn
 from tuneforge.launch.commands import RESTART_VARIABLE, recipe_command, recipe_environment
@@ -91,6 +92,9 @@ class LocalExecutor:
 
     def inventory(self) -> list[Node]:
         return [Node(self.gpu_type, self.slots)]
+
+    def strategies(self) -> list[str]:
+        return host_strategies()  # the recipes run in this worker's own environment
 
     def launch(self, *, job_id: str, attempt: int, job_dir: Path, spec: JobSpec, placement: dict[str, Any],
                restart: int = 0) -> LocalRun | None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tuneforge.launch.capabilities import host_strategies
 from tuneforge.scheduler.executors import LaunchError
 from tuneforge.launch.commands import RESTART_VARIABLE, recipe_command, recipe_environment
 from tuneforge.scheduler.launch import RECIPE_LOG
@@ -82,6 +83,9 @@ class RayExecutor:
             ray.init(address=address or "auto", ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
         self.gpu_type, self.cpus_per_job = gpu_type or "any", cpus_per_job
         self.node_ids: list[str] = []
+
+    def strategies(self) -> list[str]:
+        return host_strategies()  # Ray runs the recipes in the environment the worker shares with its cluster
 
     def inventory(self) -> list[Node]:
         import ray
