@@ -53,8 +53,13 @@ def test_errors_have_the_openai_shape(server):
     assert_error(a.create({**base, "n_epochs": 3}), 400, param="n_epochs", contains="unknown parameter")
     assert_error(a.create({**base, "model": "gpt-9"}), 400, param="model", code="model_not_found")
     assert_error(a.create({**base, "training_file": "file-missing"}), 400, param="training_file", code="file_not_found")
-    assert_error(a.create({**base, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}), 400,
-                 param="method.type", code="unsupported_method", contains="no DPO recipe")
+    dpo_on_chats = a.create({**base, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}})
+    assert dpo_on_chats.status_code == 200, dpo_on_chats.text
+    assert dpo_on_chats.json()["status"] == "failed" and dpo_on_chats.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+    assert dpo_on_chats.json()["error"]["code"] == "invalid_training_file"
+    assert "preference pairs" in dpo_on_chats.json()["error"]["message"]
+    assert_error(a.create({**base, "method": {"type": "reinforcement", "reinforcement": {
+        "grader": {"type": "python", "name": "p", "source": "import os"}}}}), 400, contains="arbitrary code")
     assert_error(a.create({**base, "tuneforge": {"training": {"learnin_rate": 1e-4}}}), 400,
                  param="tuneforge.training.learnin_rate", contains="did you mean 'learning_rate'")
     assert_error(a.create({**base, "tuneforge": {"dataset": {"path": "/etc/passwd"}}}), 400, param="tuneforge.dataset.path")
@@ -64,8 +69,8 @@ def test_errors_have_the_openai_shape(server):
     with open(EXAMPLE_DATA / "train.jsonl", "rb") as handle:
         assert_error(a.http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("t.jsonl", handle)}), 400,
                      param="purpose")
-    # Nothing of the refused requests was kept.
-    assert a.http.get("/v1/fine_tuning/jobs").json()["data"] == []
+    # Nothing of the refused requests was kept (the DPO job on chat data exists, failed by admission).
+    assert [job["id"] for job in a.http.get("/v1/fine_tuning/jobs").json()["data"]] == [dpo_on_chats.json()["id"]]
 
 
 def test_invalid_training_file_fails_the_job_with_line_level_report(server, tmp_path):

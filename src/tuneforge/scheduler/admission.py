@@ -21,7 +21,7 @@ from tuneforge.registry.datasets import MIN_TRAINING_EXAMPLES
 from tuneforge.scheduler import states
 from tuneforge.scheduler.placement import JobRequest, Node, could_ever_fit
 from tuneforge.spec.api import DatasetReport
-from tuneforge.spec.job import JobSpec
+from tuneforge.spec.job import PREFERENCE_METHODS, JobSpec
 
 WORKER_SEEN_WITHIN_S = 600.0
 
@@ -84,6 +84,11 @@ def file_problem(spec: JobSpec, training: File | None, validation: File | None) 
                 "message": f"training file {training.id} ({training.filename}) has {report.examples} examples; "
                            f"at least {MIN_TRAINING_EXAMPLES} are needed"}
     wanted = spec.dataset.format
+    if spec.method in PREFERENCE_METHODS and report.format != "preference":
+        return {"code": "invalid_training_file", "param": "training_file",
+                "message": f"method {spec.method} trains on preference pairs, but training file {training.id} "
+                           f"({training.filename}) holds {report.format} records (expected prompt / chosen / rejected "
+                           "or input / preferred_output / non_preferred_output)"}
     if wanted != "auto" and wanted != report.format:
         return {"code": "invalid_training_file", "param": "training_file",
                 "message": f"training file {training.id} ({training.filename}) holds {report.format} records, "

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneforge.spec.graders import Grader
+
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 VALIDATING_FILES, QUEUED, RUNNING, PAUSED = "validating_files", "queued", "running", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -108,18 +110,40 @@ class SupervisedMethod(Request):
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Literal["auto"] | float | None = None
+    beta: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = Field(
+        None, description="Strength of the pull toward the reference model (dpo.beta).")
 
 
 class DpoMethod(Request):
     hyperparameters: DpoHyperparameters | None = None
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    compute_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=32)] | None = Field(
+        None, description="Scales the completions sampled per prompt (grpo.num_generations, 8 at 1.0).")
+    eval_interval: Literal["auto"] | Annotated[int, Field(gt=0, le=1_000_000_000)] | None = Field(
+        None, description="Evaluate every N optimizer steps (evaluation.eval_every_steps).")
+    eval_samples: Literal["auto"] | Annotated[int, Field(gt=0, le=1_000_000_000)] | None = Field(
+        None, description="Held-out prompts scored per evaluation (evaluation.max_eval_examples).")
+    reasoning_effort: Literal["default"] | None = Field(
+        None, description="Only default: tuneforge's models have no reasoning-effort setting.")
+
+
+class ReinforcementMethod(Request):
+    grader: Grader = Field(..., description="The reward: a grader in OpenAI's shapes (python is refused).")
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class MethodObject(Request):
-    type: Literal["supervised", "dpo", "reinforcement"]
+    type: Literal["supervised", "dpo", "reinforcement", "reward", "ppo"] = Field(
+        ..., description="OpenAI's supervised, dpo, reinforcement (GRPO), and tuneforge's reward (a reward model) "
+        "and ppo; their settings beyond the hyperparameters go in the tuneforge extension (dpo, reward, rollout, "
+        "ppo, grpo sections).")
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
+    reward: SupervisedMethod | None = None
+    ppo: SupervisedMethod | None = None
 
 
 class JobCreateRequest(Request):

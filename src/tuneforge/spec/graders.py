@@ -106,7 +106,9 @@ class SamplingParams(BaseModel):
 JudgeModel = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
-class _ModelGrader(_Grader):
+class ModelGrader(_Grader):
+    """A grader that asks a judge model (score_model, label_model)."""
+
     model: JudgeModel = Field(
         ..., description="The judge: a built-in base model, a registered model id, a local model directory (job "
         "files only), or a model name served by `endpoint`."
@@ -119,7 +121,7 @@ class _ModelGrader(_Grader):
     sampling_params: SamplingParams | None = None
 
 
-class ScoreModelGrader(_ModelGrader):
+class ScoreModelGrader(ModelGrader):
     type: Literal["score_model"]
     range: Annotated[list[float], Field(min_length=2, max_length=2)] = Field(
         default_factory=lambda: [0.0, 1.0], description="[low, high] of the score the judge gives."
@@ -133,7 +135,7 @@ class ScoreModelGrader(_ModelGrader):
         return self
 
 
-class LabelModelGrader(_ModelGrader):
+class LabelModelGrader(ModelGrader):
     type: Literal["label_model"]
     labels: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=2, max_length=64)]
     passing_labels: Annotated[list[str], Field(min_length=1, max_length=64)]

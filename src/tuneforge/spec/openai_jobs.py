@@ -1,7 +1,9 @@
 """Map an OpenAI fine-tuning job request onto a JobSpec, with errors that name the request parameter.
 
 The OpenAI fields set what they mean (`model` the base model, `training_file` / `validation_file` the
-data, `method.supervised.hyperparameters`, `suffix`, `seed`); "auto" or absent keeps the JobSpec default.
+data, `method` with its hyperparameters, `suffix`, `seed`); "auto" or absent keeps the JobSpec default.
+OpenAI's methods map onto tuneforge's: supervised -> sft, dpo -> dpo (beta), reinforcement -> grpo (its
+grader is the reward); tuneforge adds `reward` (a reward model) and `ppo` as method types.
 Everything else tuneforge can do travels in one extension field, `tuneforge`: a partial JobSpec, e.g.
 {"adapter": {"type": "qlora", "rank": 8}, "training": {"max_steps": 100}, "resources": {"num_gpus": 2}}.
 A setting given both ways is an error rather than a silent choice. The spec keeps file *ids* in
@@ -14,11 +16,12 @@ import copy
 import re
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tuneforge.spec.api import Hyperparameters, JobCreateRequest
+from tuneforge.spec.graders import ModelGrader
 from tuneforge.spec.hyperparameters import LEARNING_RATES
-from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
+from tuneforge.spec.job import BUILTIN_BASE_MODELS, RL_METHODS, JobSpec
 from tuneforge.spec.loader import field_path, format_validation_error
 EXTENSION = "tuneforge"
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -49,7 +52,7 @@ class RequestError(ValueError):
 
 def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
     """The JobSpec a request asks for; raises RequestError naming the parameter at fault."""
-    _check_method(request)
+    method = _method(request)
     _check_metadata(request.metadata)
     if request.integrations:
         raise RequestError("integrations are not supported by tuneforge; leave the list empty", param="integrations")
@@ -68,6 +71,12 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
                 f"{EXTENSION}.{'.'.join(path)} is set by the request field {owner!r}; remove it from {EXTENSION}",
                 param=f"{EXTENSION}.{'.'.join(path)}",
             )
+    data["method"] = method
+    if method == "grpo" and request.method.reinforcement is not None:
+        if _has(data, ("rollout", "graders")):
+            raise RequestError("the reward is method.reinforcement.grader; remove tuneforge.rollout.graders "
+                               "(several graders combine in one multi grader)", param=f"{EXTENSION}.rollout.graders")
+        _set(data, ("rollout", "graders"), [request.method.reinforcement.grader.model_dump(exclude_none=True)])
     _set(data, ("model", "base_model"), request.model)
     _set(data, ("dataset", "path"), request.training_file)
     if request.validation_file:
@@ -84,12 +93,17 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
         if _given(hyper.batch_size):
             # OpenAI's batch_size is the effective batch: examples per optimizer step.
             _set_once(data, ("training", "batch_size"), hyper.batch_size, param=f"{where}.batch_size")
+        _method_hyperparameters(data, hyper, method, where)
         if _given(hyper.learning_rate_multiplier):
             if hyper.learning_rate_multiplier <= 0:
                 raise RequestError("learning_rate_multiplier must be positive", param=f"{where}.learning_rate_multiplier")
             multiplier = hyper.learning_rate_multiplier
             # The rate it multiplies depends on the adapter type, known once the spec is validated.
             _set_once(data, ("training", "learning_rate"), "auto", param=f"{where}.learning_rate_multiplier")
+    if method in RL_METHODS and not (_has(data, ("rollout", "reward_model")) or _has(data, ("rollout", "graders"))):
+        raise RequestError(f"method.type {request.method.type} needs a reward: method.reinforcement.grader, or in "
+                           f"{EXTENSION}.rollout a reward_model (a registered reward model id) or graders",
+                           param=f"{EXTENSION}.rollout" if method == "ppo" else "method.reinforcement")
     try:
         spec = JobSpec.model_validate(data)
         if multiplier is not None:
@@ -112,13 +126,23 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
 REGISTERED_MODEL = re.compile(r"^ft:[A-Za-z0-9][A-Za-z0-9:._-]{0,254}$")
 
 
+def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
+    """(location, model) of every judge model under node: wherever graders sit in the spec."""
+    if isinstance(node, ModelGrader):
+        return [(f"{where}.model", node.model)]
+    if isinstance(node, BaseModel):
+        return [found for name in type(node).model_fields for found in
+                _judge_models(getattr(node, name), f"{where}.{name}" if where else name)]
+    if isinstance(node, (list, tuple)):
+        return [found for i, item in enumerate(node) for found in _judge_models(item, f"{where}.{i}")]
+    if isinstance(node, dict):
+        return [found for key, item in node.items() for found in _judge_models(item, f"{where}.{key}")]
+    return []
+
+
 def refuse_model_paths(spec: JobSpec, *, prefix: str = EXTENSION) -> None:
     """Reward and judge models in a request are built-in or registered model names, never directories."""
-    named = [("rollout.reward_model", spec.rollout.reward_model)]
-    for i, grader in enumerate(spec.rollout.graders):
-        inner = getattr(grader, "graders", None) or {}
-        named += [(f"rollout.graders.{i}.model", getattr(grader, "model", None))]
-        named += [(f"rollout.graders.{i}.graders.{k}.model", getattr(g, "model", None)) for k, g in inner.items()]
+    named = [("rollout.reward_model", spec.rollout.reward_model), *_judge_models(spec, "")]
     for where, model in named:
         if model is not None and model not in BUILTIN_BASE_MODELS and not REGISTERED_MODEL.match(model):
             raise RequestError(f"{where}: {model!r} is neither a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "
@@ -138,33 +162,63 @@ def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+# OpenAI's method types (and tuneforge's own) and the JobSpec method each one runs.
+METHOD_OF_TYPE = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo", "reward": "reward", "ppo": "ppo"}
+TYPE_OF_METHOD = {method: kind for kind, method in METHOD_OF_TYPE.items()}
+DEFAULT_GENERATIONS = 8  # grpo.num_generations at compute_multiplier 1
+
+
 def method_of(spec: JobSpec) -> dict[str, Any]:
-    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters_of(spec)}}
+    """The OpenAI method object a spec amounts to, with its hyperparameters as the job reports them."""
+    kind = TYPE_OF_METHOD[spec.method]
+    hyperparameters = hyperparameters_of(spec)
+    body: dict[str, Any] = {"hyperparameters": hyperparameters}
+    if spec.method == "dpo":
+        hyperparameters["beta"] = spec.dpo.beta
+    if spec.method == "grpo" and len(spec.rollout.graders) == 1:
+        body["grader"] = spec.rollout.graders[0].model_dump(exclude_none=True)
+    return {"type": kind, kind: body}
 
 
-def _check_method(request: JobCreateRequest) -> None:
+def _method(request: JobCreateRequest) -> str:
+    """The JobSpec method the request asks for; settings may only sit under the chosen type."""
     method = request.method
-    if method is None or method.type == "supervised":
-        if method is not None and (method.dpo or method.reinforcement):
-            raise RequestError("method.type is supervised: give settings in method.supervised", param="method")
-        return
-    raise RequestError(
-        f"method.type {method.type!r} is not available yet: this server has no {method.type.upper()} recipe; "
-        "use method.type 'supervised'",
-        param="method.type",
-        code="unsupported_method",
-    )
+    if method is None:
+        return "sft"
+    others = [kind for kind in METHOD_OF_TYPE if kind != method.type and getattr(method, kind) is not None]
+    if others:
+        raise RequestError(f"method.type is {method.type}: give its settings in method.{method.type}, not in "
+                           f"method.{others[0]}", param=f"method.{others[0]}")
+    if method.type == "reinforcement" and method.reinforcement is None:
+        raise RequestError("method.type reinforcement needs method.reinforcement.grader (the reward)",
+                           param="method.reinforcement")
+    return METHOD_OF_TYPE[method.type]
+
+
+def _method_hyperparameters(data: dict, hyper: Hyperparameters, method: str, where: str) -> None:
+    """The hyperparameters only some methods have: DPO's beta, reinforcement's sampling and evaluation."""
+    if _given(getattr(hyper, "beta", None)):
+        _set_once(data, ("dpo", "beta"), hyper.beta, param=f"{where}.beta")
+    if _given(getattr(hyper, "compute_multiplier", None)):
+        generations = min(256, max(2, round(DEFAULT_GENERATIONS * hyper.compute_multiplier)))
+        _set_once(data, ("grpo", "num_generations"), generations, param=f"{where}.compute_multiplier")
+    if _given(getattr(hyper, "eval_interval", None)):
+        _set_once(data, ("evaluation", "eval_every_steps"), hyper.eval_interval, param=f"{where}.eval_interval")
+    if _given(getattr(hyper, "eval_samples", None)):
+        _set_once(data, ("evaluation", "max_eval_examples"), hyper.eval_samples, param=f"{where}.eval_samples")
 
 
 def _hyperparameters(request: JobCreateRequest) -> tuple[Hyperparameters | None, str]:
-    nested = request.method.supervised.hyperparameters if request.method and request.method.supervised else None
+    method = request.method
+    body = getattr(method, method.type) if method is not None else None
+    nested = body.hyperparameters if body is not None else None
+    where = f"method.{method.type}.hyperparameters" if method is not None else "hyperparameters"
     if nested is not None and request.hyperparameters is not None:
-        raise RequestError(
-            "hyperparameters are given twice: use method.supervised.hyperparameters only", param="hyperparameters"
-        )
+        raise RequestError(f"hyperparameters are given twice: use {where} only", param="hyperparameters")
     if nested is not None:
-        return nested, "method.supervised.hyperparameters"
+        return nested, where
     return request.hyperparameters, "hyperparameters"
+
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:

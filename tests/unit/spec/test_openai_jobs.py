@@ -7,7 +7,7 @@ import pytest
 
 from tuneforge.spec.api import JobCreateRequest
 from tuneforge.spec.hyperparameters import LEARNING_RATES
-from tuneforge.spec.openai_jobs import RequestError, hyperparameters_of, job_spec_from_request
+from tuneforge.spec.openai_jobs import RequestError, hyperparameters_of, job_spec_from_request, method_of
 
 
 def spec_of(**fields):
@@ -42,9 +42,39 @@ def test_the_extension_carries_the_rest_of_the_spec():
     assert spec.resources.num_gpus == 2 and spec.resources.priority == 5 and spec.training.packing
 
 
+GRADER = {"type": "string_check", "name": "answer", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+          "operation": "eq"}
+
+
+def test_openai_methods_map_onto_tuneforge_methods_and_back():
+    dpo = spec_of(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 2, "batch_size": 16}}})
+    assert (dpo.method, dpo.dpo.beta, dpo.training.num_epochs, dpo.training.batch_size) == ("dpo", 0.3, 2, 16)
+    assert method_of(dpo) == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": "auto", "beta": 0.3}}}
+    rft = spec_of(method={"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+        "compute_multiplier": 2, "eval_interval": 5, "eval_samples": 20, "reasoning_effort": "default"}}})
+    assert rft.method == "grpo" and rft.rollout.graders[0].reference == "{{item.answer}}"
+    assert (rft.grpo.num_generations, rft.evaluation.eval_every_steps, rft.evaluation.max_eval_examples) == (16, 5, 20)
+    assert method_of(rft)["reinforcement"]["grader"] == GRADER
+    ppo = spec_of(method={"type": "ppo"}, tuneforge={"rollout": {"reward_model": "ft:tiny-llama:rm:abc123"}})
+    assert ppo.method == "ppo" and method_of(ppo)["type"] == "ppo"
+    assert spec_of(method={"type": "reward"}).method == "reward"
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        JobCreateRequest(model="tiny-llama", training_file="f", method={"type": "reinforcement", "reinforcement": {
+            "grader": GRADER, "hyperparameters": {"reasoning_effort": "high"}}})
+    assert error_of(method={"type": "reinforcement", "reinforcement": {"grader": GRADER}},
+                    tuneforge={"rollout": {"graders": [GRADER]}}).param == "tuneforge.rollout.graders"
+
+
 def test_errors_name_the_request_parameter():
-    assert error_of(method={"type": "dpo"}).param == "method.type"
-    assert error_of(method={"type": "dpo"}).code == "unsupported_method"
+    assert error_of(method={"type": "dpo", "supervised": {}}).param == "method.supervised"
+    assert error_of(method={"type": "reinforcement"}).param == "method.reinforcement"
+    assert error_of(method={"type": "ppo"}).param == "tuneforge.rollout"
+    assert error_of(method={"type": "ppo"}, tuneforge={"rollout": {"reward_model": "/models/rm"}}).param == \
+        "tuneforge.rollout.reward_model"
+    judge = {"type": "score_model", "name": "j", "model": "/models/judge", "input": [{"role": "user", "content": "x"}]}
+    assert error_of(method={"type": "ppo"}, tuneforge={"rollout": {"graders": [judge]}}).param == \
+        "tuneforge.rollout.graders.0.model"
     assert error_of(model="llama-9000").param == "model"
     assert error_of(tuneforge={"dataset": {"path": "/etc/passwd"}}).param == "tuneforge.dataset.path"
     assert error_of(tuneforge={"model": {"base_model": "/models/x"}}).param == "tuneforge.model.base_model"
@@ -73,16 +103,13 @@ def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_fo
     owned = {".".join(path) for path in _OWNED}
     pattern_bounded = {"name", "adapter.target_modules"}
     checked_by_content = {"resources.deepspeed_config"}  # launch/deepspeed.py refuse_locations
-    # Grader templates are rendered into text and never opened; judge and reward models must be
-    # registered names in a request (openai_jobs.refuse_model_paths).
-    grader = "rollout.graders."
-    templates = {grader + f for f in ("input", "reference", "calculate_output", "input.content",
-                                      "graders.input", "graders.reference", "graders.input.content")}
-    model_names = {grader + "model", grader + "graders.model", "rollout.reward_model"}
-    pattern_bounded |= {grader + "name", grader + "graders.name", grader + "endpoint", grader + "graders.endpoint",
-                        grader + "labels", grader + "passing_labels", grader + "graders.labels",
-                        grader + "graders.passing_labels"}
-    checked_by_content |= templates | model_names
+    # Wherever graders sit, their templates are rendered into text and never opened, their names and
+    # labels are bounded, and judge and reward models must be registered names in a request
+    # (openai_jobs.refuse_model_paths walks the whole spec for them).
+    grader_fields = {"input": "template", "reference": "template", "content": "template", "calculate_output": "template",
+                     "model": "model name", "name": "bounded", "endpoint": "bounded", "labels": "bounded",
+                     "passing_labels": "bounded"}
+    checked_by_content |= {"rollout.reward_model"}
 
     def free_form(annotation) -> bool:
         if annotation in (str, dict) or typing.get_origin(annotation) is dict:
@@ -102,6 +129,9 @@ def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_fo
             for sub in nested:  # sections, and the members of lists and unions of models (graders)
                 walk(sub, f"{prefix}{name}.")
             if not nested and free_form(field.annotation):
+                if model.__module__ == "tuneforge.spec.graders":
+                    assert name in grader_fields, f"grader field {prefix}{name} is not classified"
+                    continue
                 found.add(prefix + name)
 
     walk(JobSpec, "")
