@@ -60,6 +60,9 @@ def test_errors_have_the_openai_shape(server):
     assert "preference pairs" in dpo_on_chats.json()["error"]["message"]
     assert_error(a.create({**base, "method": {"type": "reinforcement", "reinforcement": {
         "grader": {"type": "python", "name": "p", "source": "import os"}}}}), 400, contains="arbitrary code")
+    assert_error(a.create({**base, "method": {"type": "ppo"}, "tuneforge": {"rollout": {
+        "reward_model": "ft:tiny-llama:tenant-b::abc"}}}), 400, param="tuneforge.rollout.reward_model",
+        code="model_not_found")
     assert_error(a.create({**base, "tuneforge": {"training": {"learnin_rate": 1e-4}}}), 400,
                  param="tuneforge.training.learnin_rate", contains="did you mean 'learning_rate'")
     assert_error(a.create({**base, "tuneforge": {"dataset": {"path": "/etc/passwd"}}}), 400, param="tuneforge.dataset.path")

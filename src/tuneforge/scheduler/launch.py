@@ -7,20 +7,39 @@ The command itself (one process, or torchrun) is tuneforge.launch.commands.recip
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel
+
+from tuneforge.spec.graders import ModelGrader
 from tuneforge.spec.job import JobSpec
+from tuneforge.spec.reinforcement import RolloutSpec
 from tuneforge.spec.jobdir import write_spec
 
 RECIPE_LOG = "recipe.log"
 
 
-def materialize_spec(spec: JobSpec, file_paths: dict[str, Path]) -> JobSpec:
-    """The spec as the recipe reads it: file ids swapped for local paths."""
+def materialize_spec(spec: JobSpec, file_paths: dict[str, Path], model_paths: dict[str, Path] | None = None) -> JobSpec:
+    """The spec as the recipe reads it: file ids and registered model ids (reward and judge models)
+    swapped for local paths."""
     local = spec.model_copy(deep=True)
     local.dataset.path = str(file_paths[spec.dataset.path])
     if spec.dataset.validation_path:
         local.dataset.validation_path = str(file_paths[spec.dataset.validation_path])
+    if model_paths:
+        _swap_models(local, {model_id: str(path) for model_id, path in model_paths.items()})
     return local
+
+
+def _swap_models(node: Any, paths: dict[str, str]) -> None:
+    if isinstance(node, ModelGrader) and node.model in paths:
+        node.model = paths[node.model]
+    if isinstance(node, RolloutSpec) and node.reward_model in paths:
+        node.reward_model = paths[node.reward_model]
+    children = ([getattr(node, name) for name in type(node).model_fields] if isinstance(node, BaseModel)
+                else list(node.values()) if isinstance(node, dict) else list(node) if isinstance(node, list) else [])
+    for child in children:
+        _swap_models(child, paths)
 
 
 def prepare_job_dir(job_dir: Path, spec: JobSpec) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from tuneforge.db import files as file_rows
 from tuneforge.db import jobs as job_rows
+from tuneforge.db import models as model_rows
 from tuneforge.db import workers as worker_rows
 from tuneforge.db.identifiers import new_id
 from tuneforge.db.job_events import add_event, ingest
@@ -49,6 +50,7 @@ from tuneforge.scheduler.tailer import read_new_events
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, PAUSED, RUNNING
 from tuneforge.spec.job import JobSpec
+from tuneforge.spec.openai_jobs import registered_models
 from tuneforge.spec.jobdir import (
     EVENTS_FILE,
     RESOLVED_SPEC_FILE,
@@ -154,6 +156,8 @@ class Worker:
                 spec = JobSpec.model_validate(claimed.spec)
                 ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
                 blobs = {fid: self.store.path_of(row.sha256) for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
+                models = {model_id: row for _, model_id in registered_models(spec)
+                          if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id, model_id=model_id))}
                 row = job_rows.get_job_any_tenant(session, job_id=claimed.job_id)
                 offset, restarts = row.events_offset, row.restarts or 0
             job_dir = self.settings.jobs_dir / claimed.job_id
@@ -167,7 +171,11 @@ class Worker:
                 missing = [fid for fid in ids if fid not in blobs or not blobs[fid].is_file()]
                 if missing:
                     raise LaunchError(f"the data of {', '.join(missing)} is missing from the artifact store")
-                attempt.spec = materialize_spec(spec, blobs)
+                gone = [model_id for _, model_id in registered_models(spec) if model_id not in models]
+                if gone:
+                    raise LaunchError(f"the model {gone[0]} this job uses was deleted")
+                attempt.spec = materialize_spec(spec, blobs, {mid: tuneforge_home() / row.location
+                                                              for mid, row in models.items()})
                 prepare_job_dir(job_dir, attempt.spec)
             except (LaunchError, OSError) as exc:
                 self._launch_failed(attempt, str(exc))

@@ -140,6 +140,12 @@ def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
     return []
 
 
+def registered_models(spec: JobSpec) -> list[tuple[str, str]]:
+    """(where, id) of each registered model the spec names as a reward or judge model."""
+    named = [("rollout.reward_model", spec.rollout.reward_model), *_judge_models(spec, "")]
+    return [(where, model) for where, model in named if model is not None and REGISTERED_MODEL.match(model)]
+
+
 def refuse_model_paths(spec: JobSpec, *, prefix: str = EXTENSION) -> None:
     """Reward and judge models in a request are built-in or registered model names, never directories."""
     named = [("rollout.reward_model", spec.rollout.reward_model), *_judge_models(spec, "")]

@@ -20,6 +20,7 @@ from tuneforge.api.objects import checkpoint_object, event_object, job_object, m
 from tuneforge.db import files as file_rows
 from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
+from tuneforge.db import models as model_rows
 from tuneforge.db.session import Database
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
@@ -32,7 +33,7 @@ from tuneforge.spec.api import (
     ListObject,
 )
 from tuneforge.spec.job import JobSpec
-from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request
+from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request, registered_models
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 STREAM_KEEPALIVE_SECONDS = 15.0
@@ -52,6 +53,10 @@ def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
             raise ApiError(400, f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
         if row.purpose != "fine-tune":
             raise ApiError(400, f"{param}: file {file_id} has purpose {row.purpose!r}, expected 'fine-tune'", param=param)
+    for where, model_id in registered_models(spec):  # reward and judge models: the caller's own
+        if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
+            raise ApiError(400, f"{where}: no model with id {model_id!r}", param=f"tuneforge.{where}",
+                           code="model_not_found")
     return spec
 
 
