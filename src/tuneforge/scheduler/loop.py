@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("tuneforge.scheduler")
+JOIN_GRACE_S = 10.0  # how long a stop waits for the loops to finish their tick
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -28,12 +30,19 @@ def run_until_stopped(run_once: Callable[[], None], *, interval: float, stop: th
         stop.wait(interval)
 
 
-def run_loops(loops: list, *, stop: threading.Event) -> None:
-    """Run each loop's run(stop) in a thread of its own until stop is set (by SIGTERM, in the main thread)."""
+def run_loops(loops: list, *, stop: threading.Event, grace_s: float = JOIN_GRACE_S) -> None:
+    """Run each loop's run(stop) in a thread of its own until stop is set (by SIGTERM, in the main thread).
+
+    Each loop finishes its tick and returns; one stuck past grace_s (a database call that never answers)
+    is left behind, logged, so that a stop request always ends the process (its threads are daemons)."""
     threads = [threading.Thread(target=loop.run, args=(stop,), name=type(loop).__name__, daemon=True) for loop in loops]
     for thread in threads:
         thread.start()
     while not stop.wait(0.5):
         pass
+    deadline = time.monotonic() + grace_s
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        log.warning("stopping with %s still busy after %.0f s", ", ".join(stuck), grace_s)
