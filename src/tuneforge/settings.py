@@ -6,6 +6,8 @@ deployment: where the database is, where artifacts go, which executor runs jobs,
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +20,62 @@ ExecutorKind = Literal["local", "ray", "kubernetes"]
 
 class SettingsError(ValueError):
     """An environment variable with a value tuneforge cannot use."""
+
+
+@dataclass(frozen=True)
+class JudgeEndpoint:
+    """An OpenAI-compatible chat completions server the operator lets judges use, known by its name.
+
+    Requests name the endpoint, never a URL or a key: the key is read from the environment variable
+    `api_key_env` when a judge is built, so it never sits in settings, specs or logs."""
+
+    name: str
+    base_url: str  # as for the OpenAI client: requests go to {base_url}/chat/completions
+    api_key_env: str | None = None  # no key: no Authorization header (a local vLLM, say)
+    timeout_seconds: float = 120.0
+    max_retries: int = 4  # on 429, 5xx and connection errors, with exponential backoff
+    max_concurrency: int = 4  # requests in flight at once
+
+
+JUDGE_ENDPOINT_KEYS = ("base_url", "api_key_env", "timeout_seconds", "max_retries", "max_concurrency")
+
+
+def parse_judge_endpoints(raw: str, *, variable: str = "TUNEFORGE_JUDGE_ENDPOINTS") -> dict[str, JudgeEndpoint]:
+    """{"name": {"base_url": "https://...", "api_key_env": "ENV_VAR_NAME"}, ...} as JudgeEndpoint objects."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{variable}: expected JSON like {{\"name\": {{\"base_url\": ..., \"api_key_env\": ...}}}}, "
+                            f"found invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"{variable}: expected a JSON object of endpoint names, found {type(value).__name__}")
+    endpoints = {}
+    for name, config in value.items():
+        where = f"{variable}: endpoint {name!r}"
+        if not name or not all(c.isalnum() or c in "._-" for c in name) or not name[0].isalnum():
+            raise SettingsError(f"{where}: names are letters, digits, '.', '_' and '-', starting with a letter or digit")
+        if not isinstance(config, dict):
+            raise SettingsError(f"{where}: expected an object with base_url and api_key_env")
+        unknown = sorted(set(config) - set(JUDGE_ENDPOINT_KEYS))
+        if unknown:
+            raise SettingsError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(JUDGE_ENDPOINT_KEYS)}")
+        base_url = config.get("base_url")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise SettingsError(f"{where}: base_url must be an http:// or https:// URL, found {base_url!r}")
+        api_key_env = config.get("api_key_env")
+        if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env.strip()):
+            raise SettingsError(f"{where}: api_key_env must name an environment variable, found {api_key_env!r}")
+        numbers = {}
+        for key, kind, low in (("timeout_seconds", float, 0.0), ("max_retries", int, -1), ("max_concurrency", int, 0)):
+            if key in config:
+                number = config[key]
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= low \
+                        or (kind is int and number != int(number)):
+                    raise SettingsError(f"{where}: {key} must be a {'positive' if low >= 0 else 'non-negative'} "
+                                        f"{'integer' if kind is int else 'number'}, found {number!r}")
+                numbers[key] = kind(number)
+        endpoints[name] = JudgeEndpoint(name=name, base_url=base_url.rstrip("/"), api_key_env=api_key_env, **numbers)
+    return endpoints
 
 
 @dataclass(frozen=True)
@@ -41,6 +99,11 @@ class Settings:
     validation_max_lines: int = 10_000_000  # lines (blank ones included) or records of one upload
     blob_grace_seconds: float = 3600.0  # an unreferenced blob is removed once it is older than this
     max_streams_per_key: int = 20  # open event streams one API key may hold; the next is answered 429
+    # Requests per key: a token bucket refilled at rate_limit_per_minute, holding up to rate_limit_burst
+    # (a tenant's requests_per_minute overrides the rate); shared through Redis when redis_url is set.
+    rate_limit_per_minute: int = 600
+    rate_limit_burst: int = 120
+    redis_url: str | None = None
     reserve_after_seconds: float = 1800.0  # a job waiting this long stops smaller jobs from jumping ahead
     ray_address: str | None = None
     k8s_namespace: str = "default"
@@ -48,6 +111,8 @@ class Settings:
     k8s_pvc: str = "tuneforge-home"
     k8s_service_account: str | None = None
     k8s_inventory: str = ""  # the cluster's nodes for placement, e.g. "h100-80gb:8,h100-80gb:8"
+    # TUNEFORGE_JUDGE_ENDPOINTS: the OpenAI-compatible servers LLM judges may call, by name (see JudgeEndpoint).
+    judge_endpoints: dict[str, JudgeEndpoint] = dataclasses.field(default_factory=dict)
     # What the recipe image can run, e.g. "ddp,fsdp,deepspeed"; empty: what the worker's own environment has.
     k8s_strategies: str = ""
 
@@ -59,6 +124,7 @@ class Settings:
             "database_url": env.get("TUNEFORGE_DATABASE_URL") or f"sqlite:///{home / 'tuneforge.db'}",
             "artifacts_dir": Path(env.get("TUNEFORGE_ARTIFACTS_DIR") or home / "artifacts"),
             "jobs_dir": home / "jobs",
+            "judge_endpoints": parse_judge_endpoints(env.get("TUNEFORGE_JUDGE_ENDPOINTS") or "{}"),
         }
         for field in fields(cls):
             name = f"TUNEFORGE_{field.name.upper()}"

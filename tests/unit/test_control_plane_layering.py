@@ -36,6 +36,8 @@ ALLOWED_MODULES = {
     "engine": {"tuneforge.launch.deepspeed"},
     # The supervisor writes its restart and rank_failed events with the recipe's own (stdlib) event writer.
     "launch": {"tuneforge.engine.events"},
+    # Endpoint judges are the OpenAI-compatible servers the operator named in TUNEFORGE_JUDGE_ENDPOINTS.
+    "evaluation": {"tuneforge.settings"},
 }
 # Files that break their package's rule, and why.
 ALLOWED_IN_FILE = {
