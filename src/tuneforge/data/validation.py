@@ -4,7 +4,11 @@ Memory stays bounded whatever the file size: records are checked one at a time, 
 problems of each kind are kept (with a count of the rest), each example leaves 12 bytes (an 8-byte hash
 and a 4-byte line, sorted at the end to find duplicates), and with InputLimits an untrusted file is
 refused before it can inflate past them or hold more lines or records than they allow. With a tokenizer, examples are tokenized in batches through the same chat
-template and masks as training, for token statistics, too-long examples and padding waste.
+template and masks as training, for token statistics, too-long examples and padding waste. Preference
+files also get pair statistics: reply lengths (characters; tokens with a tokenizer), how often the chosen
+reply is the longer one (a length bias a reward model learns first), ties (chosen and rejected equal up to
+case and spacing; exactly equal ones are identical_pair errors), contradictions (the same two replies
+preferred both ways) and distinct prompts.
 """
 
 from __future__ import annotations
@@ -115,7 +119,33 @@ def _render_stats(stats: dict) -> list[str]:
                    f"(padding waste {1 - padding['padded_real_fraction']:.1%} -> {1 - padding['packed_real_fraction']:.1%})")
     elif "note" in stats:
         out.append(f"  {stats['note']}")
+    pairs = stats.get("pairs")
+    if pairs:
+        def spread(name):
+            d = pairs[name]
+            return f"{name.split('_')[0]} min {d['min']}, p50 {d['p50']}, mean {d['mean']:.1f}, max {d['max']}"
+
+        out.append(f"  pairs {pairs['pairs']} ({pairs['distinct_prompts']} distinct prompts): chosen longer in "
+                   f"{pairs['chosen_longer']:.1%}, identical {pairs['identical']}, ties {pairs['ties']}, "
+                   f"contradictory {pairs['contradictory']}")
+        out.append(f"  reply characters: {spread('chosen_chars')}; {spread('rejected_chars')}")
+        if "chosen_tokens" in pairs:
+            out.append(f"  reply tokens (trained): {spread('chosen_tokens')}; {spread('rejected_tokens')}")
     return out
+
+
+def _spread(values: np.ndarray) -> dict:
+    return {"min": int(values.min()), "p50": int(np.percentile(values, 50)), "mean": float(values.mean()),
+            "max": int(values.max())}
+
+
+def _reply_text(value) -> str:
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def _text_hash(*parts) -> int:
+    text = json.dumps(parts, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def _record_hash(example: Example) -> int:
@@ -173,6 +203,8 @@ def validate_file(
         report.add(DataProblem(str(path), 0, "too_few_examples", "", f"at least {min_examples} examples",
                                str(report.examples)))
     report.stats = tally.stats()
+    if report.format == "preference" and report.examples:
+        report.stats["pairs"] = tally.pair_stats(report, str(path))
     if renderer is None:
         report.stats["note"] = "token statistics need a tokenizer: pass --model"
     elif len(tally.lengths):
@@ -203,6 +235,11 @@ class _Tally:
         self.turns_max = 0
         self.bad_records, self._last_bad_line = 0, None
         self._pending: list[Example] = []
+        # Preference pairs: reply lengths and hashes of (prompt, chosen, rejected) both ways round.
+        self.chosen_chars, self.rejected_chars = array("I"), array("I")
+        self.chosen_tokens, self.rejected_tokens = array("I"), array("I")
+        self.prompt_hashes, self.forward, self.backward = array("q"), array("q"), array("q")
+        self.ties = 0
 
     def consume(self, stream) -> None:
         for item in stream:
@@ -227,12 +264,32 @@ class _Tally:
         self.assistant_messages += sum(1 for m in messages if m["role"] == "assistant")
         self.with_system += messages[0]["role"] == "system"
         self.characters += sum(len(m["content"]) for m in messages)
+        if item.format == "preference":
+            self._pair(item)
         if self.renderer is not None:
             self._pending.append(item)
             if len(self._pending) >= TOKENIZE_BATCH:
                 self._tokenize_pending()
 
+    def _pair(self, item: Example) -> None:
+        record = item.record
+        chosen, rejected = _reply_text(record["chosen"]), _reply_text(record["rejected"])
+        self.chosen_chars.append(len(chosen))
+        self.rejected_chars.append(len(rejected))
+        prompt = json.dumps(record["prompt"], sort_keys=True, ensure_ascii=False)
+        self.prompt_hashes.append(_text_hash(prompt))
+        self.forward.append(_text_hash(prompt, chosen, rejected))
+        self.backward.append(_text_hash(prompt, rejected, chosen))
+        if " ".join(chosen.casefold().split()) == " ".join(rejected.casefold().split()):
+            self.ties += 1
+            self.report.add(DataProblem(self.name, item.line, "tied_pair", "rejected", "a rejected reply that differs "
+                                        "from the chosen one in more than case and spacing", "the same words"),
+                            warning=True)
+
     def _tokenize_pending(self) -> None:
+        if self._pending[0].format == "preference":
+            self._tokenize_pairs()
+            return
         for item in self.renderer.tokenize_stream(self._pending):
             self.lengths.append(len(item.input_ids))
             self.trainable += item.num_label_tokens
@@ -241,6 +298,46 @@ class _Tally:
                                             f"tokens once templated (policy: {self.too_long})",
                                             f"{len(item.input_ids)} tokens"), warning=self.too_long != "error")
         self._pending.clear()
+
+    def _tokenize_pairs(self) -> None:
+        from tuneforge.data.preference import tokenize_pairs
+
+        for pair in tokenize_pairs(self._pending, self.renderer):
+            longest = max(len(pair.chosen), len(pair.rejected))
+            self.lengths.append(longest)
+            self.trainable += pair.chosen.num_label_tokens + pair.rejected.num_label_tokens
+            self.chosen_tokens.append(pair.chosen.num_label_tokens)
+            self.rejected_tokens.append(pair.rejected.num_label_tokens)
+            if longest > self.max_seq_length:
+                self.report.add(DataProblem(self.name, pair.line, "too_long", "", f"both sequences at most "
+                                            f"{self.max_seq_length} tokens once templated (policy: {self.too_long})",
+                                            f"{longest} tokens"), warning=self.too_long != "error")
+        self._pending.clear()
+
+    def pair_stats(self, report: ValidationReport, name: str) -> dict:
+        """Pair statistics; adds a contradictory_pair warning for each pair whose reverse is also in the file."""
+        chosen = np.frombuffer(self.chosen_chars, dtype=np.uint32).astype(np.int64)
+        rejected = np.frombuffer(self.rejected_chars, dtype=np.uint32).astype(np.int64)
+        forward, backward = (np.frombuffer(a, dtype=np.int64) for a in (self.forward, self.backward))
+        reversed_too = np.isin(backward, forward)
+        lines = np.frombuffer(self.lines, dtype=np.uint32)
+        for line in lines[reversed_too][: report.samples_per_kind].tolist():
+            report.add(DataProblem(name, line, "contradictory_pair", "", "one preference between two replies",
+                                   "the same replies preferred the other way round on another line"), warning=True)
+        contradictory = int(reversed_too.sum())
+        report.counts["contradictory_pair"] += max(0, contradictory - report.samples_per_kind)
+        if not report.counts["contradictory_pair"]:
+            del report.counts["contradictory_pair"]
+        stats = {
+            "pairs": len(chosen), "distinct_prompts": int(len(np.unique(np.frombuffer(self.prompt_hashes, np.int64)))),
+            "chosen_chars": _spread(chosen), "rejected_chars": _spread(rejected),
+            "chosen_longer": float((chosen > rejected).mean()), "identical": report.counts.get("identical_pair", 0),
+            "ties": self.ties, "contradictory": contradictory,
+        }
+        if len(self.chosen_tokens):
+            stats["chosen_tokens"] = _spread(np.frombuffer(self.chosen_tokens, dtype=np.uint32).astype(np.int64))
+            stats["rejected_tokens"] = _spread(np.frombuffer(self.rejected_tokens, dtype=np.uint32).astype(np.int64))
+        return stats
 
     def stats(self) -> dict:
         examples = self.report.examples

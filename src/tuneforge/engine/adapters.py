@@ -5,8 +5,10 @@ from __future__ import annotations
 from tuneforge.spec.job import AdapterSpec, JobSpec
 
 
-def make_trainable(model, adapter: AdapterSpec, *, quantized: bool, gradient_checkpointing: bool):
-    """Return the model to train: a PeftModel for lora/qlora, the model itself for full."""
+def make_trainable(model, adapter: AdapterSpec, *, quantized: bool, gradient_checkpointing: bool,
+                   task_type: str = "CAUSAL_LM"):
+    """Return the model to train: a PeftModel for lora/qlora, the model itself for full. task_type SEQ_CLS
+    (a reward model) also trains the classification head whole (PEFT's modules_to_save)."""
     checkpointing_kwargs = {"use_reentrant": False}
     if adapter.type == "full":
         model.requires_grad_(True)
@@ -31,15 +33,15 @@ def make_trainable(model, adapter: AdapterSpec, *, quantized: bool, gradient_che
         use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
 
-def trainable_model(model, spec: JobSpec):
+def trainable_model(model, spec: JobSpec, *, task_type: str = "CAUSAL_LM"):
     """make_trainable with what a job spec says: its adapter, its base's quantization, its checkpointing."""
     return make_trainable(model, spec.adapter, quantized=spec.model.quantization != "none",
-                          gradient_checkpointing=spec.training.gradient_checkpointing)
+                          gradient_checkpointing=spec.training.gradient_checkpointing, task_type=task_type)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -240,7 +240,8 @@ def start_deepspeed(loss_module: torch.nn.Module, optimizer, scheduler, config: 
         # The fused loss reads the LM head's weight without calling the module: ZeRO-3 must gather it
         # for CausalLMLoss's own forward too.
         head = loss_module.base_model().get_output_embeddings()
-        deepspeed.zero.register_external_parameter(loss_module, head.weight)
+        if head is not None:  # a reward model has a score head instead, called as a module
+            deepspeed.zero.register_external_parameter(loss_module, head.weight)
     return engine
 
 

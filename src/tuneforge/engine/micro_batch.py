@@ -35,7 +35,7 @@ def probe_cuda(loss_module, worst_batch, target: int, *, precision, reserve_byte
             reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=precision.device)
             batch = {k: v.to(precision.device) for k, v in worst_batch(micro).items() if k != "tokens" and v is not None}
             with precision.autocast():
-                loss, _, _ = loss_module(**batch)
+                loss = loss_module(**batch)[0]
             loss.backward()
             del reserve, batch, loss
             return micro

@@ -9,7 +9,7 @@ large batch (no per-micro-batch or per-rank mean bias), whatever the loss.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class StepResult:
     loss_units: int  # what the loss counted: label tokens for a causal-LM loss
     grad_norm: float | None
     learning_rate: float  # the rate this step used
+    # What else the loss measured, per unit (a loss module's 4th output: sums, divided like the loss), e.g.
+    # DPO's rewards_margins. Empty for losses that return three values.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def optimizer_step(
@@ -51,6 +54,7 @@ def optimizer_step(
     # DDP and FSDP average gradients over ranks; scaling by world_size turns that average into the sum.
     scale = parallel.world_size / max(units, 1)
     loss_total, correct_total = 0.0, 0
+    extra: dict[str, float] = {}
     for index in range(count):
         real = index < len(batches)
         batch = batches[index] if real else (stand_in or batches[0])
@@ -58,17 +62,22 @@ def optimizer_step(
         inputs = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "tokens" and v is not None}
         with gradient_sync(loss_module, enabled=deepspeed or index == count - 1):
             with precision.autocast():
-                loss_sum, _, correct = loss_module(**inputs)
+                outputs = loss_module(**inputs)
+            loss_sum, correct = outputs[0], outputs[2]
             loss = loss_sum * (scale if real else 0.0)
             if deepspeed:
                 loss_module.backward(loss, scale_wrt_gas=False)  # our scale already covers the whole step
                 loss_module.step()
             else:
                 (scaler.scale(loss) if scaler else loss).backward()
+        # Every pass adds its keys (a stand-in's with 0), so every rank sums the same list below.
+        for name, value in (outputs[3] if len(outputs) > 3 else {}).items():
+            extra[name] = extra.get(name, 0.0) + (float(value) if real else 0.0)
         if real:
             loss_total += float(loss_sum.detach())
             correct_total += int(correct)
-    loss_total, correct_total = parallel.sum([loss_total, float(correct_total)])
+    names = sorted(extra)
+    loss_total, correct_total, *extra_totals = parallel.sum([loss_total, float(correct_total), *(extra[n] for n in names)])
     if deepspeed:
         norm = loss_module.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
@@ -82,6 +91,7 @@ def optimizer_step(
         loss_units=units,
         grad_norm=grad_norm,
         learning_rate=used_rate,
+        metrics={name: total / max(units, 1) for name, total in zip(names, extra_totals)},
     )
 
 
