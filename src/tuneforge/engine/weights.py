@@ -18,7 +18,11 @@ def is_peft(model) -> bool:
 
 
 def save_trainable(model, directory: Path) -> None:
-    """Only the trained weights: the adapter for PEFT models, every weight for full fine-tuning."""
+    """Only the trained weights: the adapter for PEFT models, every weight for full fine-tuning. A model
+    made of parts (RL's policy and value head) saves itself through its own save_trainable."""
+    if hasattr(model, "save_trainable"):
+        model.save_trainable(directory)
+        return
     if is_peft(model):
         from peft import get_peft_model_state_dict
 
@@ -29,6 +33,9 @@ def save_trainable(model, directory: Path) -> None:
 
 
 def load_trainable(model, directory: Path) -> None:
+    if hasattr(model, "load_trainable"):
+        model.load_trainable(directory)
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 

@@ -19,6 +19,10 @@ class _Section(BaseModel):
 
 
 class RolloutSpec(_Section):
+    prompts_per_step: int = Field(
+        8, gt=0, le=1 << 16, description="Prompts sampled per step over all devices (GRPO samples num_generations "
+        "completions of each); a multiple of the number of devices."
+    )
     max_new_tokens: int = Field(64, gt=0, le=8192, description="Longest sampled completion, in tokens.")
     temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts.")
@@ -56,6 +60,10 @@ class GrpoSpec(_Section):
     beta: float = Field(0.04, ge=0.0, le=100.0, description="KL penalty coefficient against the reference; 0 skips it.")
     epsilon: float = Field(0.2, gt=0.0, le=10.0, description="Policy ratio clip.")
     scale_rewards: bool = Field(True, description="Divide group-relative advantages by the group's standard deviation.")
+    num_iterations: int = Field(
+        1, gt=0, le=100, description="Optimizer steps on each batch of completions (TRL's num_iterations); above 1 "
+        "the clipped ratio against the sampling policy matters."
+    )
     loss_type: Literal["grpo", "dr_grpo", "bnpo"] = Field(
         "grpo", description="grpo: mean over each completion's tokens; bnpo: over the batch's tokens; dr_grpo: "
         "over max_new_tokens per completion (no length bias)."

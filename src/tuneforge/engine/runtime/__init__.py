@@ -8,16 +8,16 @@ the out-of-memory back-off of the micro-batch, and the failure event that says w
 
     run_recipe, recipe_main, RecipeJob, INPUT_ERRORS   job.py      a run from start to end
     ResumePoint                                        resume.py   where a run continues from
-    train, TrainingResult, Progress                    loop.py     the shared training loop
+    train, TrainingResult, Progress, Experience        loop.py     the shared training loop (online RL: Experience)
     scalar_metrics, format_metrics                     metrics.py  evaluation results in events
 """
 
 from tuneforge.engine.runtime.job import INPUT_ERRORS, RecipeJob, recipe_main, run_recipe, seed_everything
-from tuneforge.engine.runtime.loop import Progress, TrainingResult, train
+from tuneforge.engine.runtime.loop import Experience, Progress, TrainingResult, train
 from tuneforge.engine.runtime.metrics import format_metrics, scalar_metrics
 from tuneforge.engine.runtime.resume import ResumePoint
 
 __all__ = [
-    "INPUT_ERRORS", "Progress", "RecipeJob", "ResumePoint", "TrainingResult", "format_metrics", "recipe_main",
-    "run_recipe", "scalar_metrics", "seed_everything", "train",
+    "INPUT_ERRORS", "Experience", "Progress", "RecipeJob", "ResumePoint", "TrainingResult", "format_metrics",
+    "recipe_main", "run_recipe", "scalar_metrics", "seed_everything", "train",
 ]
