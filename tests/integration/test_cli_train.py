@@ -68,7 +68,8 @@ def test_smoke_config_runs_end_to_end_from_the_command_line(tmp_path, tuneforge_
     result = run_cli("train", "configs/smoke.yaml", "--job-dir", job_dir, "training.max_steps=12", home=tuneforge_home)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert "eval loss:" in result.stdout
+    assert "evaluation on" in result.stdout and "fine-tuned" in result.stdout  # the report's table
+    assert any(line.split()[:1] == ["loss"] for line in result.stdout.splitlines())
     summary = json.loads((job_dir / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["eval"]["fine_tuned"]["loss"] < summary["eval"]["base"]["loss"]
     spec = json.loads((job_dir / "spec.json").read_text())

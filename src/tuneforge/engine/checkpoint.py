@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -345,14 +346,18 @@ def checkpoint_bytes(path: Path) -> int:
 class CheckpointKeeper:
     """When to checkpoint (every N steps and/or M minutes), and which checkpoints to keep.
 
-    Keeps the newest `keep_last`, the best by validation loss, and the one the run resumed from.
+    Keeps the newest `keep_last`, the best by the objective (checkpoint.best_by: a validation metric or
+    grader and whether lower or higher is better), and the one the run resumed from.
     """
 
     def __init__(self, root: Path, *, every_steps: int | None, every_minutes: float | None, keep_last: int,
-                 resumed_from: Path | None = None, best: dict[str, Any] | None = None):
+                 resumed_from: Path | None = None, best: dict[str, Any] | None = None,
+                 objective: tuple[str, str] | None = ("loss", "min"), save_new_best: bool = False):
         self.root, self.every_steps, self.every_minutes, self.keep_last = root, every_steps, every_minutes, keep_last
         self.resumed_from = resumed_from
-        self.best = best  # {"step": N, "valid_loss": x}
+        self.objective = objective  # (metric or grader name, "min" or "max"), None: no best
+        self.save_new_best = save_new_best  # checkpoint a new best when it is measured, not only on schedule
+        self.best = _best_record(best)  # {"step": N, "metric": name, "value": x, "direction": "min" | "max"}
         self.last_saved_step: int | None = None
         self._last_time = time.monotonic()
 
@@ -361,19 +366,45 @@ class CheckpointKeeper:
         by_time = bool(self.every_minutes) and time.monotonic() - self._last_time >= self.every_minutes * 60
         return by_steps or by_time
 
+    def improves(self, metrics: dict[str, Any]) -> bool:
+        """Whether these metrics (valid_NAME: the validation at this step) beat the best so far."""
+        if self.objective is None:
+            return False
+        name, direction = self.objective
+        value = metrics.get(f"valid_{name}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best["value"] if direction == "min" else value > self.best["value"]
+
+    def new_best_to_save(self, metrics: dict[str, Any]) -> bool:
+        """Whether to checkpoint now, off schedule: these metrics are a new best and bests are saved at once."""
+        return self.save_new_best and self.improves(metrics)
+
+    def best_path(self) -> Path | None:
+        return self.root / checkpoint_name(self.best["step"]) if self.best else None
+
     def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict[str, Any], parallel=None,
              sharded: bool = False) -> tuple[Path, bool]:
         """Commit a checkpoint, prune old ones; returns (path, whether it is the best so far)."""
-        valid_loss = trainer_state.get("metrics", {}).get("valid_loss")
-        is_best = valid_loss is not None and (self.best is None or valid_loss < self.best["valid_loss"])
+        metrics = trainer_state.get("metrics", {})
+        is_best = self.improves(metrics)
         if is_best:
-            self.best = {"step": step, "valid_loss": valid_loss}
+            name, direction = self.objective
+            self.best = {"step": step, "metric": name, "value": float(metrics[f"valid_{name}"]), "direction": direction}
         path = save_training_checkpoint(self.root, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                         scaler=scaler, trainer_state={**trainer_state, "best": self.best},
                                         parallel=parallel, sharded=sharded)
-        best_path = self.root / checkpoint_name(self.best["step"]) if self.best else None
         if parallel is None or parallel.is_main:
-            prune_checkpoints(self.root, self.keep_last, protect={self.resumed_from, best_path})
+            prune_checkpoints(self.root, self.keep_last, protect={self.resumed_from, self.best_path()})
         self.last_saved_step = step
         self._last_time = time.monotonic()
         return path, is_best
+
+
+def _best_record(best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The best-checkpoint record, including the {"step", "valid_loss"} of checkpoints written before best_by."""
+    if best and "valid_loss" in best and "value" not in best:
+        return {"step": best["step"], "metric": "loss", "value": best["valid_loss"], "direction": "min"}
+    return best

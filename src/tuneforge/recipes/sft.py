@@ -27,12 +27,15 @@ from tuneforge.data.templating import PromptRenderer, TokenizedExample, fit_to_l
 from tuneforge.engine import runtime
 from tuneforge.engine.adapters import parameter_counts, trainable_model
 from tuneforge.engine.base_models import needs_import, resolve_base_model
+from tuneforge.engine.checkpoint import checkpoint_name, restore_training_checkpoint
 from tuneforge.engine.distributed import Prepared
 from tuneforge.engine.loss import CausalLMLoss
 from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packing_support
 from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, format_metrics, scalar_metrics
+from tuneforge.evaluation.report import build_report
+from tuneforge.evaluation.runner import eval_metrics
 from tuneforge.evaluation.runner import evaluate as run_metrics
-from tuneforge.spec.jobdir import EvalMetrics, Evaluation, JobSummary
+from tuneforge.spec.jobdir import CHECKPOINTS_DIR, REPORT_FILE, Evaluation, JobSummary, write_report
 from tuneforge.spec.loader import SpecError
 
 EVAL_BATCH = 8
@@ -70,8 +73,9 @@ def run(job_dir: Path, *, progress: bool = True) -> JobSummary:
 def sft(job: RecipeJob) -> JobSummary:
     s = setup(job)
     training = train(job, s)
+    output_step = choose_output(job, s, training)
     output = save(job, s)
-    return evaluate(job, s, training, output)
+    return evaluate(job, s, training, output, output_step)
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def load_data(job: RecipeJob) -> Data:
     val_tokens, _ = fit_to_length([val_set[i] for i in val_ids], max_seq_length=data_cfg.max_seq_length,
                                   too_long="truncate")
     val_examples = []
-    if "exact_match" in spec.evaluation.metrics and val_ids:
+    if spec.evaluation.needs_generation() and val_ids:
         source, _ = load_examples(data_cfg.validation_path or data_cfg.path, data_format)
         val_examples = [source[i] for i in val_ids]
     job.note(
@@ -150,8 +154,9 @@ def load_model(job: RecipeJob, data: Data, resume: ResumePoint) -> tuple[nn.Modu
     job.phase("model_load_s")
     base_metrics = resume.saved.get("base_metrics", {})
     if spec.evaluation.eval_before_training and data.val and resume.path is None:
-        base_metrics = scalar_metrics(_metrics(job, data, model, CausalLMLoss(model)), keep_samples=True)
-        job.note(f"base model: {format_metrics(base_metrics)}", kind="eval", model="base", step=0,
+        # Kept whole (per-example values, every answer) in each checkpoint: the report needs it after a resume.
+        base_metrics = _metrics(job, data, model, CausalLMLoss(model), details=True)
+        job.note(f"base model: {format_metrics(scalar_metrics(base_metrics))}", kind="eval", model="base", step=0,
                  metrics=scalar_metrics(base_metrics))
     job.phase("base_eval_s")
     model = trainable_model(model, spec)
@@ -215,19 +220,44 @@ def save(job: RecipeJob, s: Setup) -> str:
     return job.publish(s.model, s.data.tokenizer, s.prepared, full=job.spec.adapter.type == "full")
 
 
-def evaluate(job: RecipeJob, s: Setup, training: TrainingResult, output: str) -> JobSummary:
-    """Score the fine-tuned model, then the summary (written last: its presence means success)."""
-    final = {}
-    if s.data.val:
-        final = scalar_metrics(_metrics(job, s.data, s.model, s.prepared.eval_module()), keep_samples=True)
-    evaluation = Evaluation(base=EvalMetrics(**s.base_metrics), fine_tuned=EvalMetrics(**final))
+def choose_output(job: RecipeJob, s: Setup, training: TrainingResult) -> int:
+    """checkpoint.output best: the best checkpoint's weights go back into the model, to be saved and
+    evaluated as the job's output. Returns the step whose weights the output is."""
+    best = training.best
+    if job.spec.checkpoint.output != "best" or best is None or best.step == training.steps:
+        if job.spec.checkpoint.output == "best" and best is None:
+            job.note("checkpoint.output best: no checkpoint was scored during training; the output is the last step",
+                     level="warning", kind="best_checkpoint")
+        return training.steps
+    p = s.prepared
+    restore_training_checkpoint(job.job_dir / CHECKPOINTS_DIR / checkpoint_name(best.step), model=p.state_module,
+                                optimizer=p.optimizer, scheduler=p.scheduler, scaler=p.scaler, parallel=job.parallel)
+    job.note(f"the output is the best checkpoint: step {best.step} of {training.steps} ({best.metric}={best.value:.4f})",
+             kind="best_checkpoint", step=best.step, metric=best.metric, value=best.value)
+    return best.step
+
+
+def evaluate(job: RecipeJob, s: Setup, training: TrainingResult, output: str, output_step: int) -> JobSummary:
+    """Score the output model, the report (base vs fine-tuned, DIR/evaluation.json), then the summary
+    (written last: its presence means success)."""
+    spec = job.spec.evaluation
+    final = _metrics(job, s.data, s.model, s.prepared.eval_module(), details=True) if s.data.val else {}
+    evaluation = Evaluation(base=eval_metrics(s.base_metrics, spec), fine_tuned=eval_metrics(final, spec))
+    report = REPORT_FILE if final else None
+    if final and job.parallel.is_main:
+        data = job.spec.dataset
+        write_report(job.job_dir, build_report(
+            spec, base=s.base_metrics or None, fine_tuned=final, examples=len(s.data.val),
+            dataset=data.validation_path or f"{data.path} (validation split)", base_model=job.spec.model.base_model,
+            fine_tuned_model=f"{output}/ (step {output_step})"))
     return job.finish(training, s.prepared, evaluation=evaluation, trainable_parameters=s.trainable_parameters,
-                      output=output)
+                      output=output, output_step=output_step, report=report)
 
 
-def _metrics(job: RecipeJob, data: Data, model: nn.Module, loss_module: nn.Module) -> dict:
+def _metrics(job: RecipeJob, data: Data, model: nn.Module, loss_module: nn.Module, *, details: bool = False) -> dict:
     return run_metrics(model, loss_module, data.tokenizer, data.renderer, data.val_examples, data.val,
-                       job.spec.evaluation, batch_size=EVAL_BATCH, precision=job.precision, parallel=job.parallel)
+                       job.spec.evaluation, batch_size=EVAL_BATCH, precision=job.precision, parallel=job.parallel,
+                       details=details)
 
 
 def main(argv: list[str] | None = None) -> int:

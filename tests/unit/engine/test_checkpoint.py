@@ -75,9 +75,9 @@ def test_keeper_keeps_the_newest_the_best_and_the_resumed_from(tmp_path):
                                  trainer_state={"metrics": {"valid_loss": valid_loss}})
         assert is_best == (step in (2, 4))
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 8, 10]  # the best (4) survives
-    assert keeper.best == {"step": 4, "valid_loss": 1.0}
+    assert keeper.best == {"step": 4, "metric": "loss", "value": 1.0, "direction": "min"}
 
     state = restore_training_checkpoint(tmp_path / "step-000004", model=model, optimizer=optimizer,
                                         scheduler=scheduler, scaler=None)
-    assert state["step"] == 4 and state["best"] == {"step": 4, "valid_loss": 1.0}
+    assert state["step"] == 4 and state["best"] == {"step": 4, "metric": "loss", "value": 1.0, "direction": "min"}
     assert torch.equal(model.weight.data, torch.full((2, 4), 4.0))
