@@ -1,0 +1,345 @@
+"""The playground: an OpenAI-compatible server for trying a model before deploying it with vLLM.
+
+`/v1/chat/completions` (streaming too) and `/v1/completions` on transformers generation, `/v1/models`; one base
+model with any number of PEFT adapters loaded beside it, the request's `model` picking one (PEFT `set_adapter`,
+or no adapter for the base's own name). Prompts go through the model's own chat template and generation stops at
+its EOS. Requests run one at a time (the active adapter is the model's state): this is for trying a model, not a
+production engine. Parameters it does not implement are refused with a 400 naming them, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.export.source import ExportError, resolve_source
+
+MAX_NEW_TOKENS = 4096
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": bool}
+    seed: int | None = None
+    n: Literal[1] = 1
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise ValueError("only text content parts are supported")
+        return "".join(part.get("text", "") for part in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[_Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+
+
+class CompletionRequest(_Request):
+    prompt: str
+    echo: bool = False
+
+
+@dataclass
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop (EOS or a stop string) or length
+
+
+class Playground:
+    """The loaded base model, its adapters and its tokenizer."""
+
+    def __init__(self, model_path: Path, *, adapters: dict[str, Path] | None = None, name: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_source(model_path)
+        adapters = dict(adapters or {})
+        if source.kind == "adapter":  # an adapter or a job with one: serve its base too, under the base's name
+            adapters = {name or source.name: source.path, **adapters}
+            base_dir, self.base_name = source.base_dir, source.base_dir.name
+        else:
+            base_dir, self.base_name = source.path, name or source.name
+        if self.base_name in adapters:
+            raise ExportError(f"the adapter name {self.base_name!r} is also the base model's name; choose another")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        # The adapter's tokenizer holds the chat template the job trained with (the base may have none).
+        first = next(iter(adapters.values()), None)
+        tokenizer_dir = first if first is not None and (first / "tokenizer_config.json").is_file() else base_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(self.device).eval()
+        self.adapters = list(adapters)
+        if adapters:
+            from peft import PeftModel
+
+            names = iter(adapters.items())
+            first_name, first_path = next(names)
+            model = PeftModel.from_pretrained(model, _adapter_dir(first_path), adapter_name=first_name)
+            for adapter_name, path in names:
+                model.load_adapter(_adapter_dir(path), adapter_name=adapter_name)
+            model.eval()
+        self.model = model
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def chat_prompt(self, messages: list[_Message]) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, request: _Request, prompt: str, max_new_tokens: int, on_text=None, *,
+                 special_tokens: bool = False) -> Generated:
+        """Generate for prompt with request's model and sampling; on_text(piece) gets the text as it comes.
+        special_tokens: let the tokenizer add its BOS (raw completions; a chat template writes its own)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if request.model not in self.model_names:
+            raise LookupError(request.model)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens).to(self.device)
+        stops = request.stops()
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self._eos_ids(), pad_token_id=self.tokenizer.pad_token_id)
+        if request.temperature > 0:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        with self.lock:
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            result: dict = {}
+
+            def run() -> None:
+                try:
+                    with torch.no_grad(), self._adapter(request.model):
+                        result["ids"] = self.model.generate(**inputs, streamer=streamer, **kwargs)
+                except BaseException as exc:  # re-raised in the request's thread
+                    result["error"] = exc
+                    streamer.on_finalized_text("", stream_end=True)
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            text, sent = "", 0
+            for piece in streamer:
+                text += piece
+                cut = _first_stop(text, stops)
+                safe = cut if cut is not None else len(text) - max((len(s) for s in stops), default=1) + 1
+                if on_text and safe > sent:
+                    on_text(text[sent:safe])
+                    sent = safe
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        new = result["ids"][0, inputs["input_ids"].shape[1]:].tolist()
+        cut = _first_stop(text, stops)
+        final = text[:cut] if cut is not None else text
+        if on_text and len(final) > sent:
+            on_text(final[sent:])
+        ended = bool(new) and new[-1] in self._eos_ids()
+        finish = "stop" if ended or cut is not None or len(new) < max_new_tokens else "length"
+        return Generated(final, int(inputs["input_ids"].shape[1]), len(new), finish)
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(configured) if isinstance(configured, list) else {configured}
+        return sorted(i for i in ids if i is not None)
+
+    def _adapter(self, name: str):
+        from contextlib import nullcontext
+
+        if not self.adapters:
+            return nullcontext()
+        if name == self.base_name:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return nullcontext()
+
+
+def _adapter_dir(path: Path) -> Path:
+    source = resolve_source(path)
+    if source.kind != "adapter":
+        raise ExportError(f"--adapter {path}: not a PEFT adapter (or a job with one)")
+    return source.path
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+# ---- the HTTP app ----------------------------------------------------------------------------------
+
+
+def create_app(playground: Playground):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="tuneforge playground", version="1")
+
+    def error(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())[1:])
+        what = "is not supported by the playground" if first.get("type") == "extra_forbidden" else first.get("msg")
+        return error(400, f"{field}: {what}", param=field or None)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": playground.created,
+                                            "owned_by": "tuneforge"} for name in playground.model_names]}
+
+    def unknown_model(name: str):
+        return error(404, f"The model {name!r} does not exist; this playground serves "
+                     f"{', '.join(playground.model_names)}", param="model", code="model_not_found")
+
+    def respond(request: _Request, prompt: str, max_new: int, kind: str, echo_prefix: str = ""):
+        if request.model not in playground.model_names:
+            return unknown_model(request.model)
+        ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+
+        def usage(g: Generated) -> dict:
+            return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                    "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+        if not request.stream:
+            try:
+                g = playground.generate(request, prompt, max_new, special_tokens=kind != "chat")
+            except ValueError as exc:
+                return error(400, str(exc))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason}
+                      if kind == "chat" else
+                      {"index": 0, "text": echo_prefix + g.text, "finish_reason": g.finish_reason, "logprobs": None})
+            return {"id": ident, "object": obj, "created": created, "model": request.model, "choices": [choice],
+                    "usage": usage(g)}
+
+        import queue
+
+        pieces: queue.Queue = queue.Queue()
+
+        def chunk(delta: dict | str, finish: str | None = None, extra: dict | None = None) -> str:
+            choice = ({"index": 0, "delta": delta, "finish_reason": finish} if kind == "chat" else
+                      {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None})
+            body = {"id": ident, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                    "model": request.model, "choices": [choice], **(extra or {})}
+            return f"data: {json.dumps(body)}\n\n"
+
+        def work() -> None:
+            try:
+                g = playground.generate(request, prompt, max_new, on_text=lambda text: pieces.put(("text", text)),
+                                        special_tokens=kind != "chat")
+                pieces.put(("done", g))
+            except BaseException as exc:  # noqa: BLE001 - reported in the stream
+                pieces.put(("error", exc))
+
+        threading.Thread(target=work, daemon=True).start()
+
+        def events():
+            if kind == "chat":
+                yield chunk({"role": "assistant", "content": ""})
+            elif echo_prefix:
+                yield chunk(echo_prefix)
+            while True:
+                what, value = pieces.get()
+                if what == "text":
+                    yield chunk({"content": value} if kind == "chat" else value)
+                elif what == "done":
+                    yield chunk({} if kind == "chat" else "", value.finish_reason)
+                    if (request.stream_options or {}).get("include_usage"):
+                        body = {"id": ident, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                                "model": request.model, "choices": [], "usage": usage(value)}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    break
+                else:
+                    yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatRequest):
+        if request.model not in playground.model_names:
+            return unknown_model(request.model)
+        try:
+            prompt = playground.chat_prompt(request.messages)
+        except ValueError as exc:
+            return error(400, str(exc), param="messages")
+        max_new = request.max_completion_tokens or request.max_tokens or 256
+        return respond(request, prompt, max_new, "chat")
+
+    @app.post("/v1/completions")
+    def completions(request: CompletionRequest):
+        return respond(request, request.prompt, request.max_tokens or 16, "completion",
+                       echo_prefix=request.prompt if request.echo else "")
+
+    return app
+
+
+def parse_adapters(items: list[str]) -> dict[str, Path]:
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ExportError(f"--adapter {item!r}: expected NAME=PATH")
+        if name in adapters:
+            raise ExportError(f"--adapter {name} is given twice")
+        adapters[name] = Path(path).expanduser().resolve()
+    return adapters
+
+
+def run_playground(model: Path, *, adapters: list[str], name: str | None, host: str, port: int) -> int:
+    import uvicorn
+
+    playground = Playground(model, adapters=parse_adapters(adapters), name=name)
+    print(f"playground on http://{host}:{port}/v1 serving {', '.join(playground.model_names)}", flush=True)
+    uvicorn.run(create_app(playground), host=host, port=port, log_level="warning")
+    return 0
