@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, union_all, update
+from sqlalchemy import and_, exists, func, or_, select, union_all, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import JOB, new_id, now
 from tuneforge.db.pagination import keyset_page
-from tuneforge.db.tables import Job, Tenant
+from tuneforge.db.tables import EvalRun, Job, Tenant
 from tuneforge.spec.api import QUEUED, RUNNING, VALIDATING_FILES
 from tuneforge.spec.job import JobSpec
 
@@ -35,9 +35,15 @@ def create_job(
     return job
 
 
+def fine_tuning_only():
+    """Jobs that are not eval runs: eval runs are scheduled like training but shown only by the Evals API."""
+    return ~exists().where(EvalRun.job_id == Job.id)
+
+
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
-    """The tenant's job; another tenant's id answers None, exactly like a missing one."""
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    """The tenant's fine-tuning job; another tenant's id (or an eval run's job) answers None, exactly like
+    a missing one."""
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, fine_tuning_only()))
 
 
 def get_job_any_tenant(session: Session, *, job_id: str) -> Job | None:
@@ -60,8 +66,8 @@ def find_by_idempotency_key(session: Session, *, tenant_id: str, key: str) -> Jo
 def list_jobs(
     session: Session, *, tenant_id: str, limit: int, after: str | None = None, metadata: dict[str, str] | None = None
 ) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    """Fine-tuning jobs, newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
+    query = select(Job).where(Job.tenant_id == tenant_id, fine_tuning_only())
     if metadata:
         # Metadata filters are rare and the JSON operators differ per database: filter the page in Python,
         # reading ahead in batches until the page is full.

@@ -45,6 +45,36 @@ def inspect_dataset(path: Path, *, display_name: str, limits: InputLimits | None
     )
 
 
+def inspect_eval_items(path: Path, *, display_name: str, limits: InputLimits | None = None) -> DatasetReport:
+    """Validate an eval data file (purpose evals): every record an item, or OpenAI's {"item", "sample"}.
+    Items are checked against an eval's item_schema when a run uses the file (they need the eval)."""
+    from tuneforge.data.eval_items import iter_eval_rows
+    from tuneforge.data.reader import InputTooLarge, UnusableInput
+
+    rows = with_sample = 0
+    problems: list[DataProblem] = []
+    try:
+        for row in iter_eval_rows(path, display_name=display_name, limits=limits):
+            if isinstance(row, DataProblem):
+                problems.append(row)
+            else:
+                rows += 1
+                with_sample += row.sample is not None
+    except InputTooLarge as exc:
+        refused = exc.problems[0]
+        return refused_report(display_name, kind="too_large", expected=refused.expected, found=refused.found)
+    except UnusableInput as exc:
+        problems.extend(replace(p, file=display_name) for p in exc.problems)
+    if not rows and not problems:
+        problems.append(DataProblem(display_name, 0, "too_few_examples", "", "at least 1 item", "0"))
+    valid = not problems
+    summary = (f"{display_name}: {rows} eval items ({with_sample} with samples)" if valid else
+               f"{display_name}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems[:20]))
+    return DatasetReport(valid=valid, examples=rows, problems=[_problem(p) for p in problems[:MAX_PROBLEMS_KEPT]],
+                         problems_total=len(problems), stats={"items": rows, "items_with_sample": with_sample},
+                         summary=summary)
+
+
 def refused_report(display_name: str, *, kind: str, expected: str, found: str) -> DatasetReport:
     """The report of a file that passed a validation bound: one whole-file problem that names the file and
     the bound, e.g. "big.jsonl.gz inflates past 4 GiB (expected at most 4 GiB decompressed)"."""
@@ -82,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio-floor-bytes", type=int, default=InputLimits.ratio_floor_bytes)
     parser.add_argument("--max-lines", type=int)
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the scheduler) dies")
+    parser.add_argument("--purpose", default="fine-tune", choices=("fine-tune", "evals"),
+                        help="fine-tune: training data; evals: eval items")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
     limits = InputLimits(max_inflated_bytes=args.max_inflated_bytes, max_ratio=args.max_ratio,
                          ratio_floor_bytes=args.ratio_floor_bytes, max_lines=args.max_lines, max_records=args.max_lines)
-    report = inspect_dataset(args.file, display_name=args.display_name, limits=limits)
+    inspect = inspect_eval_items if args.purpose == "evals" else inspect_dataset
+    report = inspect(args.file, display_name=args.display_name, limits=limits)
     partial = args.output.with_name(args.output.name + ".partial")
     partial.write_text(report.model_dump_json())
     os.replace(partial, args.output)

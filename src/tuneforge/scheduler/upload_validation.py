@@ -126,7 +126,7 @@ class UploadValidator:
             output = folder.path / "report.json"
             with open(folder.path / "validate.log", "wb") as child_log:
                 # No preexec_fn: this process has threads; the child ties itself to us (registry.datasets).
-                child = subprocess.Popen(self._command(link, file.filename, output), stdin=subprocess.DEVNULL,
+                child = subprocess.Popen(self._command(link, file.filename, output, file.purpose), stdin=subprocess.DEVNULL,
                                          stdout=child_log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 bound = self._watch(child)
@@ -146,9 +146,10 @@ class UploadValidator:
         finally:
             folder.remove()
 
-    def _command(self, link: Path, display_name: str, output: Path) -> list[str]:
+    def _command(self, link: Path, display_name: str, output: Path, purpose: str = "fine-tune") -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "tuneforge.registry.datasets", str(link), f"--display-name={display_name}",
+                f"--purpose={purpose}",
                 f"--output={output}", f"--parent-pid={os.getpid()}", f"--max-inflated-bytes={s.validation_max_inflated_bytes}",
                 f"--max-ratio={s.validation_max_ratio}", f"--ratio-floor-bytes={s.validation_ratio_floor_bytes}",
                 f"--max-lines={s.validation_max_lines}"]
