@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _setup_logging() -> None:
@@ -38,10 +39,27 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from tuneforge.api.server import serve
+    import ssl
 
+    from tuneforge.api.server import serve
+    from tuneforge.spec.jobdir import EXIT_BAD_INPUT
+
+    # Refused here, with the files named, rather than as a traceback from inside uvicorn. (Printed here:
+    # under `python -m tuneforge.cli` the UserError class cli.main catches is __main__'s, not this one.)
+    problem = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        problem = "--tls-cert and --tls-key go together: give both (a PEM certificate chain and its private key)"
+    elif args.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            problem = f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: cannot load them ({exc})"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _setup_logging()
-    return serve(host=args.host, port=args.port, worker=not args.no_worker, worker_args=_worker_args(args))
+    return serve(host=args.host, port=args.port, worker=not args.no_worker, worker_args=_worker_args(args),
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, forwarded_allow_ips=args.forwarded_allow_ips)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -88,6 +106,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    import time
+
     from tuneforge.cli import UserError
     from tuneforge.db import tenants as tenant_rows
 
@@ -97,14 +117,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if not args.tenant:
                 raise UserError("keys create needs --tenant NAME")
             _check_tenant_name(args.tenant)
-            key, secret = tenant_rows.create_api_key(session, tenant_id=args.tenant, name=args.name or "", admin=args.admin)
+            scopes = tuple(s for s in (args.scopes or "").replace(",", " ").split()) or None
+            expires_at = int(time.time()) + args.expires_in if args.expires_in else None
+            try:
+                key, secret = tenant_rows.create_api_key(session, tenant_id=args.tenant, name=args.name or "",
+                                                         admin=args.admin, scopes=scopes, expires_at=expires_at)
+            except ValueError as exc:
+                raise UserError(f"--scopes: {exc}") from None
             print(secret)
-            print(f"created {key.id} for tenant {key.tenant_id}{' (admin)' if key.admin else ''}; "
+            print(f"created {key.id} for tenant {key.tenant_id} (scopes: {key.scopes}); "
                   "the key is shown only this once", file=sys.stderr)
         elif args.action == "list":
             for key in tenant_rows.list_api_keys(session, tenant_id=args.tenant):
-                state = "revoked" if key.revoked_at else "active"
-                print(f"{key.id}\t{key.tenant_id}\t{state}\t{'admin' if key.admin else '-'}\t{key.name}")
+                expired = key.expires_at is not None and key.expires_at <= time.time()
+                state = "revoked" if key.revoked_at else "expired" if expired else "active"
+                print(f"{key.id}\t{key.tenant_id}\t{state}\t{key.scopes.replace(' ', ',')}\t{key.hint or '-'}\t{key.name}")
         else:
             if not args.key_id or not tenant_rows.revoke_api_key(session, key_id=args.key_id):
                 raise UserError(f"no active key {args.key_id!r} (tuneforge keys list shows them)")
@@ -128,8 +155,13 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     _, db = _database()
     with db.session() as session:
         tenant = tenant_rows.set_tenant_limits(session, tenant_id=args.tenant, max_running_jobs=args.max_running_jobs,
-                                               max_gpus=args.max_gpus, weight=args.weight)
-        print(f"{tenant.id}: max_running_jobs={tenant.max_running_jobs} max_gpus={tenant.max_gpus} weight={tenant.weight}")
+                                               max_gpus=args.max_gpus, weight=args.weight,
+                                               max_active_jobs=args.max_active_jobs,
+                                               max_storage_bytes=args.max_storage_bytes,
+                                               requests_per_minute=args.requests_per_minute)
+        print(f"{tenant.id}: max_running_jobs={tenant.max_running_jobs} max_gpus={tenant.max_gpus} weight={tenant.weight} "
+              f"max_active_jobs={tenant.max_active_jobs} max_storage_bytes={tenant.max_storage_bytes} "
+              f"requests_per_minute={tenant.requests_per_minute}")
     return 0
 
 
@@ -158,6 +190,11 @@ def add_control_plane_commands(commands) -> None:
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--no-worker", action="store_true", help="run no worker here (workers join with `tuneforge worker`)")
+    server.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    server.add_argument("--tls-key", type=Path, help="the certificate's PEM private key")
+    server.add_argument("--forwarded-allow-ips",
+                        help="reverse proxies whose X-Forwarded-For/-Proto headers are trusted, comma-separated "
+                        "(default 127.0.0.1); the audit log records the client address they report")
     _worker_options(server)
     server.set_defaults(handler=cmd_server)
 
@@ -177,7 +214,9 @@ def add_control_plane_commands(commands) -> None:
     keys.add_argument("key_id", nargs="?", help="the key to revoke")
     keys.add_argument("--tenant", help="tenant (organization / project) the key belongs to")
     keys.add_argument("--name", help="a note to tell keys apart")
-    keys.add_argument("--admin", action="store_true", help="the key may also create keys and set tenant limits")
+    keys.add_argument("--admin", action="store_true", help="add the admin scope: keys, tenants, limits, the audit log")
+    keys.add_argument("--scopes", help="comma-separated, of read,jobs,files,admin (default read,jobs,files)")
+    keys.add_argument("--expires-in", type=int, metavar="SECONDS", help="the key stops working after this long")
     keys.set_defaults(handler=cmd_keys)
 
     tenants = commands.add_parser("tenants", help="set a tenant's limits and fair-share weight")
@@ -185,6 +224,9 @@ def add_control_plane_commands(commands) -> None:
     tenants.add_argument("--max-running-jobs", type=int)
     tenants.add_argument("--max-gpus", type=int)
     tenants.add_argument("--weight", type=float, default=1.0, help="fair-share weight (default 1)")
+    tenants.add_argument("--max-active-jobs", type=int, help="unfinished jobs (validating, queued, running, paused)")
+    tenants.add_argument("--max-storage-bytes", type=int, help="bytes of live uploaded files")
+    tenants.add_argument("--requests-per-minute", type=int, help="request rate of each key (default: the server's)")
     tenants.set_defaults(handler=cmd_tenants)
 
     db = commands.add_parser("db", help="migrate the database (TUNEFORGE_DATABASE_URL) to the current schema")

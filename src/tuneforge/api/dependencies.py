@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tuneforge.api.auth import Principal, authenticate
+from tuneforge.api.auth import Principal, RequireScope
 from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.settings import Settings
@@ -27,4 +27,9 @@ def settings(request: Request) -> Settings:
 Db = Annotated[Database, Depends(database)]
 Store = Annotated[LocalArtifactStore, Depends(artifact_store)]
 Config = Annotated[Settings, Depends(settings)]
-Caller = Annotated[Principal, Depends(authenticate)]
+# The caller, with the scope the route needs. Caller: read for GET, jobs for a change; the others by name.
+Caller = Annotated[Principal, Depends(RequireScope())]
+Reader = Annotated[Principal, Depends(RequireScope("read"))]
+JobsCaller = Annotated[Principal, Depends(RequireScope("jobs"))]
+FilesCaller = Annotated[Principal, Depends(RequireScope("files"))]
+AdminCaller = Annotated[Principal, Depends(RequireScope("admin"))]

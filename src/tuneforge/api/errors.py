@@ -17,9 +17,10 @@ INVALID_REQUEST = "invalid_request_error"
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = INVALID_REQUEST):
+                 type: str = INVALID_REQUEST, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 def not_found(what: str, object_id: str, *, param: str) -> ApiError:
@@ -36,7 +37,7 @@ def error_response(status: int, message: str, *, type: str = INVALID_REQUEST, pa
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {**({"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}), **(exc.headers or {})} or None
         return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

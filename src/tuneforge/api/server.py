@@ -3,7 +3,8 @@
 The API runs in this process (uvicorn); the scheduler (reaper) and the worker run as child processes
 that die with it. When the database has no live admin key it creates one for the tenant `default`, prints it once and
 keeps a copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless TUNEFORGE_ADMIN_KEY names the key to use.
-Everything the server tree creates is private to its user (umask 077; the home is 0700).
+Everything the server tree creates is private to its user (umask 077; the home is 0700). With a
+certificate and key (--tls-cert / --tls-key) the API speaks HTTPS only.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def bootstrap_admin_key(db: Database) -> str | None:
         if tenant_rows.count_api_keys(session, admin_only=True):
             return None
         chosen = os.environ.get("TUNEFORGE_ADMIN_KEY") or None
-        _, secret = tenant_rows.create_api_key(session, tenant_id=ADMIN_TENANT, name="admin (bootstrap)", admin=True,
-                                               secret=chosen)
+        try:
+            _, secret = tenant_rows.create_api_key(session, tenant_id=ADMIN_TENANT, name="admin (bootstrap)",
+                                                   admin=True, secret=chosen)
+        except ValueError as exc:  # a typed key whose checksum is wrong would never authenticate
+            raise SystemExit(f"TUNEFORGE_ADMIN_KEY: {exc}") from None
     if chosen is None:
         path = admin_key_path()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +60,10 @@ def child_commands(*, worker: bool, worker_args: list[str]) -> list[list[str]]:
     return commands
 
 
-def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_level: str = "info") -> int:
+def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_level: str = "info",
+          tls_cert: Path | None = None, tls_key: Path | None = None, forwarded_allow_ips: str | None = None) -> int:
+    """Run the server tree. `forwarded_allow_ips`: the reverse proxies whose X-Forwarded-For / -Proto
+    are believed (uvicorn's setting; default 127.0.0.1, or FORWARDED_ALLOW_IPS)."""
     import uvicorn
 
     from tuneforge.api.app import create_app
@@ -70,8 +77,10 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
     try:
         app = create_app(settings, db=db)
         # Open event streams would hold a graceful shutdown forever: give connections a few seconds.
+        tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)} if tls_cert else {}
+        proxies = {"forwarded_allow_ips": forwarded_allow_ips} if forwarded_allow_ips else {}
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)).run()
+                                      timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, **tls, **proxies)).run()
     finally:
         _stop_children(children)
         db.dispose()

@@ -9,15 +9,17 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from tuneforge.api.dependencies import Caller, Config, Db, Store
+from tuneforge.api.dependencies import Config, Db, FilesCaller, Reader, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import dataset_report, file_object, page
 from tuneforge.api.uploads import Upload, receive_upload
 from tuneforge.db import files as file_rows
+from tuneforge.db import quotas
+from tuneforge.db import tenants as tenant_rows
 from tuneforge.spec.api import DatasetReport, FileDeleted, FileObject, ListObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "evals")  # evals: items of an eval run (validated as eval items, not training data)
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)}},
@@ -25,10 +27,17 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_FORM)
-async def upload_file(request: Request, caller: Caller, db: Db, store: Store, config: Config) -> FileObject:
+async def upload_file(request: Request, caller: FilesCaller, db: Db, store: Store, config: Config) -> FileObject:
     """Upload a file. It is "uploaded" until the scheduler has validated it, then "processed" or "error"
     (with the reason in status_details and every problem in /v1/files/{id}/validation)."""
-    upload = await receive_upload(request, store, max_bytes=config.max_upload_bytes)
+    # The tenant's storage quota bounds the stream like the upload limit does: a 413 as soon as it passes.
+    room = await anyio.to_thread.run_sync(_storage_room, db, caller.tenant_id)
+    try:
+        upload = await receive_upload(request, store, max_bytes=min(config.max_upload_bytes, room))
+    except ApiError as exc:
+        if exc.code == "file_too_large" and room < config.max_upload_bytes:
+            raise _storage_full(caller.tenant_id) from None
+        raise
     try:
         if upload.purpose is None:
             raise ApiError(400, "purpose: required parameter is missing", param="purpose")
@@ -41,9 +50,29 @@ async def upload_file(request: Request, caller: Caller, db: Db, store: Store, co
             await anyio.to_thread.run_sync(upload.discard)
 
 
+def _storage_room(db, tenant_id: str) -> int:
+    """Bytes the tenant may still store (a very large number without a quota)."""
+    with db.read_session() as session:
+        tenant = tenant_rows.get_tenant(session, tenant_id=tenant_id)
+        if tenant is None or tenant.max_storage_bytes is None:
+            return 1 << 62
+        return max(0, tenant.max_storage_bytes - quotas.stored_bytes(session, tenant_id=tenant_id))
+
+
+def _storage_full(tenant_id: str) -> ApiError:
+    return ApiError(413, f"file: this upload would pass tenant {tenant_id!r}'s storage quota (max_storage_bytes); "
+                         "delete files or ask an admin to raise it", param="file", code="storage_quota_exceeded")
+
+
 def _store_upload(db, store, tenant_id: str, upload: Upload) -> FileObject:
-    store.commit(upload.staged)  # the blob first: a row never names bytes that are not there
     with db.session() as session:
+        # Checked again under the tenant's lock: concurrent uploads cannot pass the quota together.
+        tenant_rows.lock_tenant(session, tenant_id=tenant_id)
+        tenant = tenant_rows.get_tenant(session, tenant_id=tenant_id)
+        if tenant is not None and tenant.max_storage_bytes is not None and \
+                quotas.stored_bytes(session, tenant_id=tenant_id) + upload.staged.size > tenant.max_storage_bytes:
+            raise _storage_full(tenant_id)
+        store.commit(upload.staged)  # the blob before the row: a row never names bytes that are not there
         row = file_rows.create_file(
             session, tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, size=upload.staged.size,
             sha256=upload.staged.sha256, report={}, status=file_rows.UPLOADED, status_details=None,
@@ -52,7 +81,7 @@ def _store_upload(db, store, tenant_id: str, upload: Upload) -> FileObject:
 
 
 @router.get("", response_model=ListObject)
-def list_files(caller: Caller, db: Db, after: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
+def list_files(caller: Reader, db: Db, after: str | None = None, limit: int = Query(10_000, ge=1, le=10_000),
                order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> ListObject:
     with db.session() as session:
         rows, more = file_rows.list_files(session, tenant_id=caller.tenant_id, limit=limit, after=after, order=order,
@@ -68,13 +97,13 @@ def _file(session, caller, file_id: str):
 
 
 @router.get("/{file_id}", response_model=FileObject)
-def get_file(file_id: str, caller: Caller, db: Db) -> FileObject:
+def get_file(file_id: str, caller: Reader, db: Db) -> FileObject:
     with db.session() as session:
         return file_object(_file(session, caller, file_id))
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, caller: Caller, db: Db) -> FileDeleted:
+def delete_file(file_id: str, caller: FilesCaller, db: Db) -> FileDeleted:
     """Delete the file. Its bytes stay while anything refers to them (another tenant's copy of the same
     content, a job that may still run on it); the scheduler's collector removes them afterwards."""
     with db.session() as session:
@@ -83,7 +112,7 @@ def delete_file(file_id: str, caller: Caller, db: Db) -> FileDeleted:
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, caller: Caller, db: Db, store: Store) -> FileResponse:
+def file_content(file_id: str, caller: Reader, db: Db, store: Store) -> FileResponse:
     with db.session() as session:
         row = _file(session, caller, file_id)
     if not store.exists(row.sha256):
@@ -92,7 +121,7 @@ def file_content(file_id: str, caller: Caller, db: Db, store: Store) -> FileResp
 
 
 @router.get("/{file_id}/validation", response_model=DatasetReport)
-def file_validation(file_id: str, caller: Caller, db: Db) -> DatasetReport:
+def file_validation(file_id: str, caller: Reader, db: Db) -> DatasetReport:
     """tuneforge: the dataset report of a file -- format, statistics, and every problem by line."""
     with db.session() as session:
         return dataset_report(_file(session, caller, file_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tuneforge.api.dependencies import Caller, Db
+from tuneforge.api.dependencies import Db, JobsCaller, Reader
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import model_object
 from tuneforge.db import models as model_rows
@@ -18,7 +18,7 @@ BASE_MODEL_CREATED = 1_735_689_600  # 2025-01-01: built-in models have no upload
 
 
 @router.get("", response_model=ListObject)
-def list_models(caller: Caller, db: Db) -> ListObject:
+def list_models(caller: Reader, db: Db) -> ListObject:
     base = [ModelObject(id=name, created=BASE_MODEL_CREATED, owned_by=BASE_MODEL_OWNER) for name in base_models()]
     with db.session() as session:
         tuned = [model_object(row) for row in model_rows.list_models(session, tenant_id=caller.tenant_id)]
@@ -26,7 +26,7 @@ def list_models(caller: Caller, db: Db) -> ListObject:
 
 
 @router.get("/{model_id}", response_model=ModelObject)
-def get_model(model_id: str, caller: Caller, db: Db) -> ModelObject:
+def get_model(model_id: str, caller: Reader, db: Db) -> ModelObject:
     if model_id in base_models():
         return ModelObject(id=model_id, created=BASE_MODEL_CREATED, owned_by=BASE_MODEL_OWNER)
     with db.session() as session:
@@ -37,7 +37,7 @@ def get_model(model_id: str, caller: Caller, db: Db) -> ModelObject:
 
 
 @router.delete("/{model_id}", response_model=ModelDeleted)
-def delete_model(model_id: str, caller: Caller, db: Db) -> ModelDeleted:
+def delete_model(model_id: str, caller: JobsCaller, db: Db) -> ModelDeleted:
     if model_id in base_models():
         raise ApiError(403, f"{model_id} is a built-in base model and cannot be deleted", param="model",
                        code="forbidden", type="permission_error")

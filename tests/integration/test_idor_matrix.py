@@ -1,0 +1,175 @@
+"""The IDOR matrix, generated from the server's OpenAPI document: every operation on a route with a path id,
+called by tenant A with tenant B's real object ids, answers 404 with exactly the body a missing id gets,
+and changes nothing of B's; a route whose parent is A's own and whose last id is B's does the same; no
+read by A (lists, A's own objects, lists paged from B's ids) shows any of B's ids. A route with a path
+parameter that has no entry in ROUTES fails the test, named, so a new route cannot go unchecked.
+
+Admin routes take ids of tenants and keys, not of a tenant's objects: A's key (no admin scope) gets the
+same 403 for B's ids as for missing ones."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from conftest import EXAMPLE_DATA, ServerProcess, post_file, wait_validated
+
+# Each route with path parameters -> the kind of object each parameter names, in order.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/files/{file_id}": ("file",),
+    "/v1/files/{file_id}/content": ("file",),
+    "/v1/files/{file_id}/validation": ("file",),
+    "/v1/fine_tuning/jobs/{job_id}": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/cancel": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/pause": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/resume": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/events": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/checkpoints": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/metrics": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/events/stream": ("job",),
+    "/v1/models/{model_id}": ("model",),
+    "/v1/evals/{eval_id}": ("eval",),
+    "/v1/evals/{eval_id}/runs": ("eval",),
+    "/v1/evals/{eval_id}/runs/{run_id}": ("eval", "run"),
+    "/v1/evals/{eval_id}/runs/{run_id}/cancel": ("eval", "run"),
+    "/v1/evals/{eval_id}/runs/{run_id}/output_items": ("eval", "run"),
+    "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}": ("eval", "run", "output_item"),
+    "/v1/tuneforge/tenants/{tenant_id}": ("tenant",),
+    "/v1/tuneforge/tenants/{tenant_id}/limits": ("tenant",),
+    "/v1/tuneforge/keys/{key_id}": ("key",),
+}
+ADMIN_KINDS = {"tenant", "key"}
+ITEM_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+CRITERIA = [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "operation": "eq"}]
+ROWS = [{"item": {"answer": "Paris"}, "sample": {"output_text": "Paris"}}]
+# A valid body for the operations that need one: a body the server refuses would answer 400 before the id.
+BODIES = {
+    ("POST", "/v1/evals/{eval_id}"): {"name": "renamed"},
+    ("POST", "/v1/evals/{eval_id}/runs"): {"data_source": {"type": "jsonl", "source": {"type": "file_content",
+                                                                                     "content": ROWS}}},
+    ("POST", "/v1/evals/{eval_id}/runs/{run_id}"): {"metadata": {"k": "v"}},
+    ("PUT", "/v1/tuneforge/tenants/{tenant_id}/limits"): {"max_gpus": 1},
+}
+MISSING = {"file": "file-000000000000000000000000", "job": "ftjob-000000000000000000000000",
+           "model": "ft:tiny-llama:nobody::missing", "eval": "eval_000000000000000000000000",
+           "run": "evalrun_000000000000000000000000", "output_item": "outputitem_000000000000000000000000",
+           "tenant": "no-such-tenant", "key": "key_000000000000000000000000"}
+
+
+@pytest.fixture
+def server(tmp_path, database_url):
+    (tmp_path / "home").mkdir()
+    process = ServerProcess(tmp_path / "home", database_url, worker=False)
+    yield process
+    process.stop()
+
+
+def client(server: ServerProcess, tenant: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys[tenant]}"}, timeout=30)
+
+
+def objects_of(server: ServerProcess, tenant: str) -> dict[str, str]:
+    """One real object of every kind for the tenant, made through the API (a model and an output item,
+    which only a finished job makes, are written as the worker would)."""
+    from tuneforge.db import evals as eval_rows
+    from tuneforge.db import models as model_rows
+    from tuneforge.db.session import Database
+
+    http = client(server, tenant)
+    file = wait_validated(http, post_file(http, EXAMPLE_DATA / "train.jsonl")["id"])
+    assert file["status"] == "processed", file
+    job = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file["id"],
+                                                  "tuneforge": {"training": {"max_steps": 2}}})
+    assert job.status_code == 200, job.text
+    evaluation = http.post("/v1/evals", json={"name": "e", "testing_criteria": CRITERIA,
+                                              "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA}})
+    assert evaluation.status_code == 200, evaluation.text
+    run = http.post(f"/v1/evals/{evaluation.json()['id']}/runs", json=BODIES[("POST", "/v1/evals/{eval_id}/runs")])
+    assert run.status_code == 200, run.text
+    ids = {"file": file["id"], "job": job.json()["id"], "eval": evaluation.json()["id"], "run": run.json()["id"],
+           "model": f"ft:tiny-llama:{tenant}::idor", "tenant": tenant}
+    db = Database(server.env["TUNEFORGE_DATABASE_URL"])
+    with db.session() as session:
+        model_rows.create_model(session, model_id=ids["model"], tenant_id=tenant, job_id=ids["job"],
+                                base_model="tiny-llama", kind="adapter", location=f"jobs/{ids['job']}/adapter")
+        run_row = eval_rows.get_run(session, tenant_id=tenant, eval_id=ids["eval"], run_id=ids["run"])[0]
+        assert eval_rows.record_run_result(session, job_id=run_row.job_id, result={}, items=[
+            {"index": 0, "status": "pass", "item": ROWS[0]["item"], "sample": ROWS[0]["sample"], "results": []}])
+    db.dispose()
+    items = http.get(f"/v1/evals/{ids['eval']}/runs/{ids['run']}/output_items").json()["data"]
+    ids["output_item"] = items[0]["id"]
+    keys = httpx.get(server.url + "/v1/tuneforge/keys", headers={
+        "Authorization": f"Bearer {(server.home / 'admin-key').read_text().strip()}"}).json()["data"]
+    ids["key"] = next(k["id"] for k in keys if k["tenant"] == tenant)
+    return ids
+
+
+def fill(path: str, values: list[str]) -> str:
+    names = re.findall(r"\{([^}]+)\}", path)
+    for name, value in zip(names, values):
+        path = path.replace("{" + name + "}", value)
+    return path
+
+
+def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_never_leak(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    with_ids = {path: ops for path, ops in spec["paths"].items() if "{" in path}
+    uncovered = sorted(path for path in with_ids if path not in ROUTES)
+    assert not uncovered, f"routes with path ids and no entry in the IDOR matrix (add them to ROUTES): {uncovered}"
+    stale = sorted(path for path in ROUTES if path not in with_ids)
+    assert not stale, f"entries in ROUTES for routes the server does not have: {stale}"
+
+    ours, theirs = objects_of(server, "tenant-a"), objects_of(server, "tenant-b")
+    a = client(server, "tenant-a")
+    assert a.post(f"/v1/fine_tuning/jobs/{ours['job']}/cancel").status_code == 200  # so its event stream ends
+    b_before = {path: client(server, "tenant-b").get(fill(path, [theirs[k] for k in kinds])).text
+                for path, kinds in ROUTES.items() if "get" in with_ids[path] and not path.endswith("/stream")
+                and not kinds[0] in ADMIN_KINDS}
+
+    cells = 0
+    for path, kinds in ROUTES.items():
+        # All of B's ids; and, for nested routes, A's own parents with B's id last.
+        variants = [[theirs[k] for k in kinds]]
+        if len(kinds) > 1:
+            variants.append([ours[k] for k in kinds[:-1]] + [theirs[kinds[-1]]])
+        for method in with_ids[path]:
+            body = BODIES.get((method.upper(), path))
+            for values in variants:
+                missing = [MISSING[k] if v == theirs[k] else v for k, v in zip(kinds, values)]
+                got = a.request(method.upper(), fill(path, values), json=body)
+                expected = a.request(method.upper(), fill(path, missing), json=body)
+                status = 403 if kinds[0] in ADMIN_KINDS else 404
+                assert got.status_code == status, (method, path, values, got.text)
+                assert expected.status_code == status, (method, path, missing, expected.text)
+                text = expected.text
+                for k, v in zip(kinds, values):
+                    text = text.replace(MISSING[k], theirs[k]) if v == theirs[k] else text
+                assert got.text == text, (method, path, got.text, text)
+                cells += 1
+    print(f"IDOR matrix: {len(ROUTES)} routes with path ids, {cells} cells (operation x id combination)")
+
+    # Nothing of B's changed: every read B makes answers as before (cancel, pause, delete... were refused).
+    b = client(server, "tenant-b")
+    for path, before in b_before.items():
+        assert b.get(fill(path, [theirs[k] for k in ROUTES[path]])).text == before, path
+
+    # No read of A's shows B's ids: every GET list, every GET of A's own objects, lists paged from B's ids.
+    leaks = [theirs[k] for k in ("file", "job", "model", "eval", "run", "output_item")]
+    reads = []
+    for path, ops in spec["paths"].items():
+        if "get" not in ops:
+            continue
+        if "{" not in path:
+            reads.append(path)
+            params = {p["name"] for p in ops["get"].get("parameters", []) if p.get("in") == "query"}
+            if "after" in params:
+                reads += [f"{path}?after={value}" for value in leaks]
+        elif ROUTES[path][0] not in ADMIN_KINDS:
+            reads.append(fill(path, [ours[k] for k in ROUTES[path]]))
+    for url in reads:
+        response = a.get(url)
+        assert response.status_code in (200, 403), (url, response.text)
+        assert not [value for value in leaks if value in response.text], (url, response.text[:500])
+    print(f"reads checked for leaks: {len(reads)}")
