@@ -36,9 +36,16 @@ def _preflight(spec) -> None:
     from tuneforge.spec.job import BUILTIN_BASE_MODELS
 
     try:
-        _, data_format = load_examples(spec.dataset.path, spec.dataset.format, min_examples=MIN_TRAINING_EXAMPLES)
-        if spec.dataset.validation_path:
-            load_examples(spec.dataset.validation_path, data_format)
+        if spec.method in ("ppo", "grpo"):  # online RL reads prompts, not replies to imitate
+            from tuneforge.engine.rl.prompts import check_prompts
+
+            check_prompts(spec.dataset.path, min_prompts=MIN_TRAINING_EXAMPLES)
+            if spec.dataset.validation_path:
+                check_prompts(spec.dataset.validation_path)
+        else:
+            _, data_format = load_examples(spec.dataset.path, spec.dataset.format, min_examples=MIN_TRAINING_EXAMPLES)
+            if spec.dataset.validation_path:
+                load_examples(spec.dataset.validation_path, data_format)
     except DataError as exc:
         raise UserError(str(exc)) from None
     if spec.model.base_model not in BUILTIN_BASE_MODELS and not (Path(spec.model.base_model) / "config.json").is_file():
@@ -158,13 +165,123 @@ def _run_recipe(job_dir: Path, spec, *, progress: bool, node_rank: int = 0, rdzv
 
 
 def _print_summary(summary, job_dir: Path) -> None:
-    """summary: the job's JobSummary (spec/jobdir.py)."""
+    """summary: the job's JobSummary (spec/jobdir.py); then the evaluation report's table."""
+    from tuneforge.spec.jobdir import read_report
+
     print(f"done in {summary.wall_time_s:.0f}s: {summary.steps} steps, {summary.tokens_seen:,} tokens")
-    for metric in ("loss", "perplexity", "exact_match"):
-        before, after = getattr(summary.eval.base, metric), getattr(summary.eval.fine_tuned, metric)
-        if after is not None:
-            print(f"  eval {metric}: {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
-    print(f"  {summary.output}: {job_dir / summary.output}")
+    report = read_report(job_dir) if summary.report else None
+    if report is not None:
+        from tuneforge.evaluation.report import format_report
+
+        print(format_report(report))
+    else:
+        for metric in type(summary.eval.fine_tuned).model_fields:
+            before, after = summary.eval.base.value(metric), summary.eval.fine_tuned.value(metric)
+            if after is not None:
+                print(f"  eval {metric}: {'' if before is None else f'{before:.4f} -> '}{after:.4f}")
+    if summary.best_checkpoint is not None:
+        best = summary.best_checkpoint
+        print(f"  best checkpoint: step {best.step} ({best.metric}={best.value:.4f})")
+    step = f" (step {summary.output_step})" if summary.output_step not in (None, summary.steps) else ""
+    print(f"  {summary.output}{step}: {job_dir / summary.output}")
+    if (deployed := summary.deployment) is not None:  # deploy: in the spec (export/deploy.py)
+        print(f"  deploy ({deployed.format} for {deployed.target}): " + (
+            f"{job_dir / deployed.path}\n    {deployed.command}" if deployed.status == "succeeded" else
+            f"failed: {deployed.error}\n    retry with: tuneforge export {job_dir} --target {deployed.target} --out DIR"))
+
+
+def _evaluation_spec(args: argparse.Namespace):
+    """The EvaluationSpec of `tuneforge eval`: --spec's file, then the flags over it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from tuneforge.spec.job import EvaluationSpec
+
+    data: dict = {}
+    if args.spec:
+        try:
+            text = args.spec.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) or {}
+        except OSError as exc:
+            raise UserError(f"--spec {args.spec}: cannot read it ({exc.strerror or exc})") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"--spec {args.spec}: malformed YAML ({exc})") from None
+        if isinstance(data, dict) and set(data) == {"evaluation"}:  # a job file's section works too
+            data = data["evaluation"]
+        if not isinstance(data, dict):
+            raise UserError(f"--spec {args.spec}: expected a mapping of evaluation fields (metrics, graders, ...)")
+    if args.metrics:
+        data["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    for flag, name in (("max_examples", "max_eval_examples"), ("max_new_tokens", "max_new_tokens"),
+                       ("batch_size", "generation_batch_size"), ("samples", "report_samples")):
+        if getattr(args, flag) is not None:
+            data[name] = getattr(args, flag)
+    try:
+        return EvaluationSpec.model_validate(data)
+    except ValidationError as exc:
+        where = f"--spec {args.spec}" if args.spec else "tuneforge eval"
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()]
+        raise UserError(f"{where}: invalid evaluation spec\n  " + "\n  ".join(problems)) from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tuneforge.evaluation.standalone import (
+        EvalInputError,
+        evaluate_model,
+        format_lm_eval,
+        lm_eval_available,
+        resolve_target,
+        run_lm_eval,
+        LM_EVAL_MISSING,
+    )
+    from tuneforge.spec.jobdir import write_json_atomic
+
+    if args.lm_eval_tasks and not lm_eval_available():  # before loading anything
+        raise UserError(LM_EVAL_MISSING)
+    spec = _evaluation_spec(args)
+    try:
+        target = resolve_target(args.model)
+        data = args.data or _job_validation_file(target)
+        if data is not None and not data.is_file():
+            raise UserError(f"--data {data}: no such file")
+        report = None
+        if data is not None:
+            from tuneforge.engine.quiet import quiet_libraries
+            from tuneforge.evaluation.report import format_report
+
+            quiet_libraries()
+            report = evaluate_model(target, data.expanduser().resolve(), spec, base=args.base,
+                                    note=lambda message: print(message, file=sys.stderr))
+            print(format_report(report))
+        lm_eval = None
+        if args.lm_eval_tasks:
+            tasks = [Path(t).expanduser() for t in args.lm_eval_tasks.split(",") if t.strip()]
+            lm_eval = run_lm_eval(target, tasks, limit=spec.max_eval_examples)
+            print(format_lm_eval(lm_eval))
+        if report is None and lm_eval is None:
+            raise UserError("name the data to evaluate on (--data FILE) or lm-evaluation-harness tasks (--lm-eval-tasks)")
+    except EvalInputError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:
+        from tuneforge.engine.runtime import INPUT_ERRORS
+
+        if isinstance(exc, INPUT_ERRORS):  # a model, data file or metric that cannot be used: not a crash
+            raise UserError(str(exc)) from None
+        raise
+    if args.output:
+        value = report.model_dump(mode="json") if report is not None else {}
+        if lm_eval is not None:
+            value["lm_eval"] = lm_eval
+        write_json_atomic(args.output.expanduser().resolve(), value)
+        print(f"report: {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _job_validation_file(target) -> Path | None:
+    """A job's own validation file, when --data is not given."""
+    spec = target.job_spec
+    return Path(spec.dataset.validation_path) if spec is not None and spec.dataset.validation_path else None
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
@@ -210,6 +327,33 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="spec overrides")
     spec.set_defaults(handler=cmd_spec)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a model, adapter, job or checkpoint on a data file (optionally against its base)",
+        description="Score a model on a data file with the metrics and graders asked for, print the table "
+        "(value, sample size, confidence interval; base vs fine-tuned with --base) and a few generations.",
+    )
+    evaluate.add_argument("--model", required=True, metavar="MODEL",
+                          help="a built-in model, a model or adapter directory, a job directory or a checkpoint "
+                          "(JOB_DIR/checkpoints/step-N)")
+    evaluate.add_argument("--data", type=Path, metavar="FILE",
+                          help="evaluation data (any format tuneforge trains on); default: a job's validation file")
+    evaluate.add_argument("--metrics", metavar="A,B,...",
+                          help="comma-separated: loss, perplexity, token_accuracy, rouge1, rouge2, rougeL, bleu, chrf, "
+                          "exact_match, token_f1, accuracy, json_valid, json_schema")
+    evaluate.add_argument("--spec", type=Path, metavar="EVAL.yaml",
+                          help="evaluation fields (metrics, graders, accuracy, json_schema, max_new_tokens, ...), "
+                          "as in a job spec's evaluation section")
+    evaluate.add_argument("--base", action="store_true", help="also evaluate the base model and compare")
+    evaluate.add_argument("--output", type=Path, metavar="report.json", help="write the report as JSON")
+    evaluate.add_argument("--max-examples", type=int, metavar="N", help="evaluate on the first N examples (default 200)")
+    evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="generation budget per answer (default 64)")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", help="prompts generated together (default 16)")
+    evaluate.add_argument("--samples", type=int, metavar="N", help="example generations to show (default 5)")
+    evaluate.add_argument("--lm-eval-tasks", metavar="TASK.yaml,...",
+                          help="also run EleutherAI lm-evaluation-harness on these local task files (when installed)")
+    evaluate.set_defaults(handler=cmd_eval)
+
     from tuneforge.control_plane_cli import add_control_plane_commands
     from tuneforge.data.command import add_data_commands
     from tuneforge.planner.command import add_plan_command
@@ -217,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_plan_command(commands)
     add_control_plane_commands(commands)
+    from tuneforge.export.command import add_export_commands
+
+    add_export_commands(commands)  # export, serve
     return parser
 
 

@@ -101,8 +101,8 @@ class Settings:
     max_streams_per_key: int = 20  # open event streams one API key may hold; the next is answered 429
     # Requests per key: a token bucket refilled at rate_limit_per_minute, holding up to rate_limit_burst
     # (a tenant's requests_per_minute overrides the rate); shared through Redis when redis_url is set.
-    rate_limit_per_minute: int = 600
-    rate_limit_burst: int = 120
+    rate_limit_per_minute: int = 1200
+    rate_limit_burst: int = 200
     redis_url: str | None = None
     reserve_after_seconds: float = 1800.0  # a job waiting this long stops smaller jobs from jumping ahead
     ray_address: str | None = None

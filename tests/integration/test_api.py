@@ -57,7 +57,7 @@ def test_errors_have_the_openai_shape(server):
     assert dpo_on_chats.status_code == 200, dpo_on_chats.text
     assert dpo_on_chats.json()["status"] == "failed" and dpo_on_chats.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
     assert dpo_on_chats.json()["error"]["code"] == "invalid_training_file"
-    assert "preference pairs" in dpo_on_chats.json()["error"]["message"]
+    assert "trains on preference records" in dpo_on_chats.json()["error"]["message"]
     assert_error(a.create({**base, "method": {"type": "reinforcement", "reinforcement": {
         "grader": {"type": "python", "name": "p", "source": "import os"}}}}), 400, contains="arbitrary code")
     assert_error(a.create({**base, "method": {"type": "ppo"}, "tuneforge": {"rollout": {

@@ -28,12 +28,16 @@ ALLOWED = {
     "engine": {"engine", "spec", "data", "planner", "home"},
     "data": {"data", "spec", "home"},
     "launch": {"launch", "spec"},
+    # Exports load models (engine), size serving GPUs (planner's hardware table) and serve the playground.
+    "export": {"export", "spec", "engine", "evaluation", "planner"},
 }
 # Single modules one layer may use although their package sits elsewhere.
 ALLOWED_MODULES = {
     # The DeepSpeed config is built from the spec by torch-free code that the CLI's preflight and the
     # API's admission check too; the engine's distributed preparation starts DeepSpeed with that config.
-    "engine": {"tuneforge.launch.deepspeed"},
+    "engine": {"tuneforge.launch.deepspeed",
+               # A succeeded job runs its spec's deploy: export from the runtime's finish, for every method.
+               "tuneforge.export.deploy"},
     # The supervisor writes its restart and rank_failed events with the recipe's own (stdlib) event writer.
     "launch": {"tuneforge.engine.events"},
     # Endpoint judges are the OpenAI-compatible servers the operator named in TUNEFORGE_JUDGE_ENDPOINTS.

@@ -6,7 +6,21 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from tuneforge.registry.models import fine_tuned_model_id
-from tuneforge.db.tables import File, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric
+from tuneforge.db.tables import (
+    Eval, EvalOutputItem, EvalRun, File, FineTunedModel, Job, JobCheckpoint, JobEvent, JobMetric,
+)
+from tuneforge.spec.evals import (
+    RUN_STATUS,
+    CriterionResult,
+    CustomDataSourceConfig,
+    DataSourceConfigObject,
+    EvalApiError,
+    EvalObject,
+    EvalRunResult,
+    OutputItemObject,
+    ResultCounts,
+    RunObject,
+)
 from tuneforge.spec.api import (
     CheckpointMetrics,
     DatasetReport,
@@ -94,3 +108,44 @@ def page(items: list, has_more: bool) -> ListObject:
     first = getattr(items[0], "id", None) if items else None
     last = getattr(items[-1], "id", None) if items else None
     return ListObject(data=items, has_more=has_more, first_id=first, last_id=last)
+
+
+# ---- evals (spec/evals.py) ------------------------------------------------------------------------
+
+
+def eval_object(row: Eval) -> EvalObject:
+    config = CustomDataSourceConfig.model_validate(row.data_source_config)
+    return EvalObject(id=row.id, created_at=row.created_at, name=row.name, metadata=row.metadata_,
+                      data_source_config=DataSourceConfigObject(schema=config.schema_object()),
+                      testing_criteria=row.testing_criteria)
+
+
+def run_object(run: EvalRun, job: Job) -> RunObject:
+    """The run as OpenAI shows it; its status and error are its job's. Until it completes its counts are
+    zero (the items are counted by the recipe)."""
+    result = EvalRunResult.model_validate(run.result) if run.result else None
+    criteria = [c.get("name", "") for c in (job.spec.get("eval_run") or {}).get("testing_criteria", [])]
+    error = None
+    if job.error:
+        message = str(job.error.get("message", "")).removeprefix("training failed: ")
+        error = EvalApiError(code=str(job.error.get("code") or "failed"), message=message)
+    usage = [u.model_copy(update={"model_name": run.model or u.model_name})
+             for u in (result.per_model_usage if result else [])]
+    return RunObject(
+        id=run.id, eval_id=run.eval_id, created_at=run.created_at, name=run.name, model=run.model,
+        status=RUN_STATUS[job.status], data_source=run.data_source, metadata=run.metadata_, error=error,
+        result_counts=result.result_counts if result else ResultCounts(),
+        per_testing_criteria_results=result.per_testing_criteria_results if result else
+        [CriterionResult(testing_criteria=name) for name in criteria],
+        per_model_usage=usage, report_url=None,
+        tuneforge={"job_id": job.id, "gpu_seconds": round(job.gpu_seconds or 0.0, 3), "started_at": job.started_at,
+                   "finished_at": job.finished_at},
+    )
+
+
+def output_item_object(row: EvalOutputItem, run: EvalRun) -> OutputItemObject:
+    # The recipe names a registered model by its local directory; users see the id they asked for.
+    sample = {**row.sample, "model": run.model} if run.model else row.sample
+    return OutputItemObject(id=row.id, created_at=row.created_at, eval_id=run.eval_id, run_id=run.id, status=row.status,
+                            datasource_item_id=row.datasource_item_id, datasource_item=row.datasource_item,
+                            results=row.results, sample=sample)

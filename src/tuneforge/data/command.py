@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from tuneforge.data.formats import FORMATS
+
 EXIT_OK, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
 
@@ -21,7 +23,7 @@ def add_data_commands(commands) -> None:
     validate = verbs.add_parser("validate", help="check every record; statistics with --model",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     validate.add_argument("file", type=Path)
-    validate.add_argument("--format", default="auto", choices=["auto", "chat", "instruction", "completion", "text", "preference"])
+    validate.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     validate.add_argument("--model", help="base model (built-in name or HF directory) whose tokenizer and template count tokens")
     validate.add_argument("--prompt-template", default="auto", choices=["auto", "chat", "alpaca", "plain"])
     validate.add_argument("--max-seq-length", type=int, default=2048)
@@ -37,6 +39,9 @@ def add_data_commands(commands) -> None:
     convert.add_argument("output", type=Path, help="the output's name sets its type: .jsonl .json .csv .parquet [.gz]")
     convert.add_argument("--to", required=True, choices=["chat", "instruction", "completion", "text", "preference"])
     convert.add_argument("--format", default="auto", help="format of the input (default: detected)")
+    convert.add_argument("--shape", choices=["trl", "openai", "sharegpt"],
+                         help="--to preference only: TRL's prompt/chosen/rejected (default), OpenAI's "
+                              "input/preferred_output/non_preferred_output, or ShareGPT's conversations/chosen/rejected")
     convert.set_defaults(handler=cmd_convert)
 
     split = verbs.add_parser("split", help="a deterministic train / validation split")
@@ -103,6 +108,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+    if args.shape and args.to != "preference":
+        print(f"error: --shape applies to --to preference only, not to --to {args.to}", file=sys.stderr)
+        return EXIT_UNUSABLE
     loaded, failure = _valid_examples(args.input, args.format)
     if failure:
         print(f"error: {failure[0]}", file=sys.stderr)
@@ -111,7 +119,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converted, problems = [], []
     for example in examples:
         try:
-            converted.append(convert(example, args.to, file=str(args.input)))
+            converted.append(convert(example, args.to, file=str(args.input), shape=args.shape))
         except ConversionError as exc:
             problems.append(exc.problem)
     if problems:
@@ -119,7 +127,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
               "\nnothing was written", file=sys.stderr)
         return EXIT_INVALID
     count = write_records(args.output, converted)
-    print(f"{args.output}: {count} {args.to} examples (from {source})")
+    shape = f" ({args.shape or 'trl'} shape)" if args.to == "preference" else ""
+    print(f"{args.output}: {count} {args.to} examples{shape} (from {source})")
     return EXIT_OK
 
 

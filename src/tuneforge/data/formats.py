@@ -5,9 +5,14 @@ chat:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content
 instruction: {"instruction": str, "input"?: str, "output": str}       (Alpaca)
 completion:  {"prompt": str, "completion": str}
 text:        {"text": str}                                            (continued pre-training: loss on all)
-preference:  {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}, or OpenAI's
-             {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
-Extra keys (ids, metadata) are allowed and ignored.
+preference:  TRL's {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages} (or chosen and
+             rejected whole conversations, the prompt their common start), OpenAI's {"input": {"messages": [...]},
+             "preferred_output": [...], "non_preferred_output": [...]}, or ShareGPT's {"conversations": [...],
+             "chosen": {"from": "gpt", "value": ...}, "rejected": {...}}
+prompt:      {"messages": [system / developer / user turns, no assistant reply], ...} or {"prompt": str | messages, ...}
+             (OpenAI's reinforcement fine-tuning rows): what online RL samples from; every other field is kept,
+             graders read it as {{item.field}}
+Extra keys (ids, metadata) are allowed and ignored (a prompt record keeps them all).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any, Literal
 
 from tuneforge.data.problems import DataProblem, json_type, short_repr
 
-Format = Literal["chat", "instruction", "completion", "text", "preference"]
-FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion", "text", "preference")
+Format = Literal["chat", "instruction", "completion", "text", "preference", "prompt"]
+FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion", "text", "preference", "prompt")
+PROMPT_ROLES = ("system", "developer", "user", "assistant")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant", "tool": "tool", "function_response": "tool"}
@@ -28,6 +34,7 @@ FORMAT_FIELDS = {
     "completion": "prompt + completion",
     "text": "text",
     "preference": "prompt + chosen + rejected (or input + preferred_output + non_preferred_output)",
+    "prompt": "messages without an assistant reply, or prompt alone (prompts for ppo / grpo)",
 }
 
 
@@ -51,6 +58,11 @@ class Example:
             return _as_turns(record["prompt"], "user") + _as_turns(record["chosen"], "assistant")
         if self.format == "text":
             raise ValueError("text examples have no conversation; they train on the whole text")
+        if self.format == "prompt":
+            prompt = record["messages"] if "messages" in record else _as_turns(record["prompt"], "user")
+            while prompt and prompt[-1].get("role") == "assistant":  # a reference answer, not the prompt
+                prompt = prompt[:-1]
+            return prompt
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
 
 
@@ -59,16 +71,23 @@ def _as_turns(value: str | list, role: str) -> list[dict[str, Any]]:
 
 
 def detect_format(record: dict[str, Any]) -> Format | None:
-    if "messages" in record or "conversations" in record:
-        return "chat"
+    # Before chat: a ShareGPT preference record holds its prompt as "conversations".
     if "chosen" in record and "rejected" in record or "preferred_output" in record:
         return "preference"
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) and m.get("role") != "assistant"
+                                                       for m in messages):
+        return "prompt"  # a conversation to be continued: what online RL samples from
+    if "messages" in record or "conversations" in record:
+        return "chat"
     if "instruction" in record and "output" in record:
         return "instruction"
     if "prompt" in record and "completion" in record:
         return "completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:
+        return "prompt"
     return None
 
 
@@ -186,6 +205,46 @@ def _openai_preference(record: dict[str, Any], check: _Checker) -> dict[str, Any
     return {"prompt": source["messages"], "chosen": record["preferred_output"], "rejected": record["non_preferred_output"]}
 
 
+def _trl_or_sharegpt_preference(record: dict[str, Any]) -> dict[str, Any]:
+    """ShareGPT's preference shape ({"conversations": [...], "chosen": {"from": "gpt", "value": ...}, "rejected":
+    {...}}) and TRL's implicit-prompt shape (chosen and rejected full conversations, the prompt their common
+    start) as prompt / chosen / rejected; other records unchanged (the validator then says what is wrong)."""
+    if "prompt" not in record and "conversations" in record and isinstance(record["conversations"], list):
+        def reply(value):
+            if isinstance(value, dict) and "from" in value:
+                return sharegpt_to_messages([value])
+            return sharegpt_to_messages(value) if isinstance(value, list) else value
+
+        return {"prompt": sharegpt_to_messages(record["conversations"]), "chosen": reply(record.get("chosen")),
+                "rejected": reply(record.get("rejected"))}
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if ("prompt" not in record and isinstance(chosen, list) and isinstance(rejected, list)
+            and all(isinstance(m, dict) for m in chosen + rejected)):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared:
+            return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    return record
+
+
+def _check_prompt(record: dict[str, Any], check: _Checker) -> dict[str, Any]:
+    """A prompt to sample from: messages (a trailing assistant turn is a reference answer, kept for graders)
+    or a prompt string / messages. The whole record is kept: graders read its other fields."""
+    field = "messages" if "messages" in record else "prompt"
+    value = record.get(field)
+    if value is None:
+        check.add("missing_field", "messages", "a prompt as messages or prompt", f"fields {sorted(record)}")
+    elif isinstance(value, str):
+        check.text(record, field, field)
+    else:
+        _check_messages(value, check, field, need_assistant=False, allowed_roles=PROMPT_ROLES)
+        if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") == "assistant"
+                                                     for m in value):
+            check.add("no_prompt_turn", field, "a system, developer or user turn to answer", "only assistant messages")
+    return dict(record)
+
+
 def validate_record(record: dict[str, Any], fmt: Format, *, file: str, line: int) -> list[DataProblem]:
     """Every problem of one record for the given format; empty when it is usable."""
     return validate_and_normalize(record, fmt, file=file, line=line)[1]
@@ -220,10 +279,13 @@ def validate_and_normalize(record: dict[str, Any], fmt: Format, *, file: str, li
     elif fmt == "text":
         check.text(record, "text", "text")
         normalized = {"text": record.get("text")}
+    elif fmt == "prompt":
+        normalized = _check_prompt(record, check)
     else:
         if "preferred_output" in record:
             normalized = _openai_preference(record, check)
         else:
+            record = _trl_or_sharegpt_preference(record)
             prompt = record.get("prompt")
             if isinstance(prompt, list):
                 _check_messages(prompt, check, "prompt", need_assistant=False)

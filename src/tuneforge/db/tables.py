@@ -1,4 +1,4 @@
-"""SQLAlchemy tables of the control plane: tenants and keys, files, jobs and what they report, models, workers.
+"""SQLAlchemy tables of the control plane: tenants and keys, files, jobs and what they report, models, workers, evals.
 
 Times that users see are integer Unix seconds (as in the OpenAI API); lease deadlines are float seconds.
 Every user-visible row carries tenant_id, and every query that serves a user filters on it.
@@ -26,6 +26,10 @@ class Tenant(Base):
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     max_gpus: Mapped[int | None] = mapped_column(Integer)
     weight: Mapped[float] = mapped_column(Float, default=1.0)
+    # Quotas (None: unlimited): jobs not finished yet, bytes of live files, requests per minute per key.
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -34,9 +38,13 @@ class ApiKey(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")
-    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)  # holds the admin scope (kept for lookups)
     created_at: Mapped[int] = mapped_column(BigInteger)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Space-separated scopes (read jobs files admin); keys made before scopes existed got theirs in 0005.
+    scopes: Mapped[str] = mapped_column(String(64), default="read jobs files", server_default="read jobs files")
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    hint: Mapped[str | None] = mapped_column(String(16))  # the key's first characters, to tell keys apart in lists
 
 
 class File(Base):
@@ -160,3 +168,82 @@ class Worker(Base):
     started_at: Mapped[int] = mapped_column(BigInteger)
     last_seen: Mapped[float] = mapped_column(Float)
     stopped_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class RateLimitBucket(Base):
+    """One token bucket per API key, shared by every API process (updated with one atomic upsert)."""
+
+    __tablename__ = "rate_limit_buckets"
+    key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)  # below 0 after a refused request (see db/quotas.py)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditRecord(Base):
+    """Append-only (triggers refuse UPDATE and DELETE): who did what to which object, and the outcome.
+    Never a secret or a request body."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    tenant_id: Mapped[str | None] = mapped_column(String(63))  # None: the caller was not authenticated
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(160))  # "POST /v1/fine_tuning/jobs/{job_id}/cancel"
+    object_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status answered
+    request_id: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(64))  # the client address (as the proxy reported it)
+    __table_args__ = (Index("ix_audit_log_tenant_seq", "tenant_id", "seq"),)
+
+
+class Eval(Base):
+    """An eval in OpenAI's shape: the item schema its runs' data must match, and its graders."""
+
+    __tablename__ = "evals"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(256))
+    data_source_config: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"type": "custom", "item_schema", ...}
+    testing_criteria: Mapped[list[Any]] = mapped_column(JSON)  # graders (spec/graders.py), as validated
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_evals_tenant_seq", "tenant_id", "seq"),)
+
+
+class EvalRun(Base):
+    """A run of an eval: the job that runs it (method eval; its status is the run's), and once it succeeded
+    the counts the recipe reported."""
+
+    __tablename__ = "eval_runs"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    name: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str | None] = mapped_column(String(255))  # None: a jsonl run (the items carry their samples)
+    data_source: Mapped[dict[str, Any]] = mapped_column(JSON)  # as requested; inline items replaced by their file id
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # spec/evals.py EvalRunResult, once completed
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_eval_runs_eval_seq", "eval_id", "seq"),)
+
+
+class EvalOutputItem(Base):
+    """One graded item of a completed run (copied from the run's output_items.jsonl by the worker)."""
+
+    __tablename__ = "eval_output_items"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    datasource_item_id: Mapped[int] = mapped_column(Integer)  # the item's index in the run's data
+    status: Mapped[str] = mapped_column(String(8))  # pass | fail | error
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    datasource_item: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sample: Mapped[dict[str, Any]] = mapped_column(JSON)
+    results: Mapped[list[Any]] = mapped_column(JSON)
+    __table_args__ = (Index("ix_eval_output_items_run_seq", "run_id", "seq"),)

@@ -21,7 +21,7 @@ from tuneforge.registry.datasets import MIN_TRAINING_EXAMPLES
 from tuneforge.scheduler import states
 from tuneforge.scheduler.placement import JobRequest, Node, could_ever_fit
 from tuneforge.spec.api import DatasetReport
-from tuneforge.spec.job import PREFERENCE_METHODS, JobSpec
+from tuneforge.spec.job import METHOD_FORMATS, JobSpec
 
 WORKER_SEEN_WITHIN_S = 600.0
 
@@ -76,6 +76,11 @@ def file_problem(spec: JobSpec, training: File | None, validation: File | None) 
     if training is None or training.deleted_at is not None:
         return {"code": "invalid_training_file", "param": "training_file", "message": "the training file was deleted"}
     report = DatasetReport.model_validate(training.report)
+    if spec.method == "eval":  # an eval run's items: any number of valid eval items (purpose evals)
+        if training.purpose != "evals" or not report.valid:
+            return {"code": "invalid_file", "param": "data_source.source",
+                    "message": f"file {training.id} ({training.filename}) is not a valid eval data file:\n{report.summary}"}
+        return None
     if not report.valid:
         return {"code": "invalid_training_file", "param": "training_file",
                 "message": f"training file {training.id} is not valid training data:\n{report.summary}"}
@@ -84,11 +89,11 @@ def file_problem(spec: JobSpec, training: File | None, validation: File | None) 
                 "message": f"training file {training.id} ({training.filename}) has {report.examples} examples; "
                            f"at least {MIN_TRAINING_EXAMPLES} are needed"}
     wanted = spec.dataset.format
-    if spec.method in PREFERENCE_METHODS and report.format != "preference":
+    formats = METHOD_FORMATS.get(spec.method)
+    if formats is not None and report.format not in formats:
         return {"code": "invalid_training_file", "param": "training_file",
-                "message": f"method {spec.method} trains on preference pairs, but training file {training.id} "
-                           f"({training.filename}) holds {report.format} records (expected prompt / chosen / rejected "
-                           "or input / preferred_output / non_preferred_output)"}
+                "message": f"method {spec.method} trains on {' or '.join(formats)} records, but training file "
+                           f"{training.id} ({training.filename}) holds {report.format} records"}
     if wanted != "auto" and wanted != report.format:
         return {"code": "invalid_training_file", "param": "training_file",
                 "message": f"training file {training.id} ({training.filename}) holds {report.format} records, "

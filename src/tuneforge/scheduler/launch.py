@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tuneforge.spec.evals import EvalRunSpec
 from tuneforge.spec.graders import ModelGrader
 from tuneforge.spec.job import JobSpec
 from tuneforge.spec.reinforcement import RolloutSpec
@@ -20,8 +21,8 @@ RECIPE_LOG = "recipe.log"
 
 
 def materialize_spec(spec: JobSpec, file_paths: dict[str, Path], model_paths: dict[str, Path] | None = None) -> JobSpec:
-    """The spec as the recipe reads it: file ids and registered model ids (reward and judge models)
-    swapped for local paths."""
+    """The spec as the recipe reads it: file ids and registered model ids (reward and judge models, the
+    model an eval run evaluates) swapped for local paths."""
     local = spec.model_copy(deep=True)
     local.dataset.path = str(file_paths[spec.dataset.path])
     if spec.dataset.validation_path:
@@ -36,6 +37,8 @@ def _swap_models(node: Any, paths: dict[str, str]) -> None:
         node.model = paths[node.model]
     if isinstance(node, RolloutSpec) and node.reward_model in paths:
         node.reward_model = paths[node.reward_model]
+    if isinstance(node, EvalRunSpec) and node.model in paths:
+        node.model = paths[node.model]
     children = ([getattr(node, name) for name in type(node).model_fields] if isinstance(node, BaseModel)
                 else list(node.values()) if isinstance(node, dict) else list(node) if isinstance(node, list) else [])
     for child in children:

@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
+from tuneforge.db import quotas
+from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.tables import Job
 from tuneforge.launch.deepspeed import deepspeed_problem
 from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem, strategy_problem
@@ -26,8 +28,16 @@ class SubmissionProblem:
     """Why a job cannot be created: the message, the request field at fault and an error code."""
 
     message: str
-    param: str
+    param: str | None
     code: str
+
+
+class QuotaExceeded(Exception):
+    """The tenant has as many unfinished jobs as its max_active_jobs allows; nothing was created."""
+
+    def __init__(self, problem: SubmissionProblem):
+        super().__init__(problem.message)
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,17 @@ def submit_job(session: Session, *, tenant_id: str, spec: JobSpec, model: str, t
                validation_file: str | None, suffix: str | None, metadata: dict[str, str] | None,
                idempotency_key: str | None, request_hash: str | None) -> Job:
     """Create the job and admit it (queued, failed with its files' report, or validating_files while a
-    file is still being validated) in the caller's transaction: a job is never left half-admitted."""
+    file is still being validated) in the caller's transaction: a job is never left half-admitted.
+    Raises QuotaExceeded when the tenant is at its max_active_jobs (counted under the tenant's lock, so
+    concurrent creations cannot pass it together)."""
+    tenant_rows.lock_tenant(session, tenant_id=tenant_id)
+    tenant = tenant_rows.get_tenant(session, tenant_id=tenant_id)
+    if tenant is not None and tenant.max_active_jobs is not None:
+        active = quotas.active_jobs(session, tenant_id=tenant_id)
+        if active >= tenant.max_active_jobs:
+            raise QuotaExceeded(SubmissionProblem(
+                f"tenant {tenant_id!r} has {active} unfinished job(s), its quota (max_active_jobs) is "
+                f"{tenant.max_active_jobs}: wait for one to finish, or cancel one", None, "quota_exceeded"))
     job = job_rows.create_job(
         session, tenant_id=tenant_id, spec=spec, model=model, training_file=training_file,
         validation_file=validation_file, suffix=suffix, metadata=metadata, idempotency_key=idempotency_key,

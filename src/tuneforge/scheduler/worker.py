@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.db import evals as eval_rows
 from tuneforge.db import files as file_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db import models as model_rows
@@ -49,6 +50,7 @@ from tuneforge.scheduler.queue import claim_next
 from tuneforge.scheduler.tailer import read_new_events
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, PAUSED, RUNNING
+from tuneforge.spec.evals import read_output_items
 from tuneforge.spec.job import JobSpec
 from tuneforge.spec.openai_jobs import registered_models
 from tuneforge.spec.jobdir import (
@@ -355,6 +357,18 @@ class Worker:
 
     def _succeed(self, session, attempt: Attempt, summary: JobSummary) -> None:
         job = job_rows.get_job_any_tenant(session, job_id=attempt.job_id)
+        if summary.eval_run is not None:  # an eval run: its results, and no model
+            try:
+                items = [record.model_dump(mode="json") for record in read_output_items(attempt.job_dir)]
+            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                states.fail(session, job_id=job.id, attempt=attempt.attempt, error={
+                    "code": "training_failed", "param": None,
+                    "message": self._redact(f"the eval run's output items cannot be read: {exc}", attempt)})
+                return
+            if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=None, trained_tokens=None):
+                eval_rows.record_run_result(session, job_id=job.id, result=summary.eval_run.model_dump(mode="json"),
+                                            items=items)
+            return
         model_id = fine_tuned_model_id(job)
         if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=model_id,
                           trained_tokens=summary.trained_tokens):

@@ -18,7 +18,7 @@ VALIDATING_FILES, QUEUED, RUNNING, PAUSED = "validating_files", "queued", "runni
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 ACTIVE_STATUSES = (VALIDATING_FILES, QUEUED, RUNNING, PAUSED)
-FilePurpose = Literal["fine-tune"]
+FilePurpose = Literal["fine-tune", "evals"]
 EventLevel = Literal["info", "warn", "error"]
 
 
@@ -83,7 +83,7 @@ class DatasetReport(Response):
     status: Literal["uploaded", "processed", "error"] | None = Field(
         None, description="The file's status: uploaded (not validated yet: the report is empty), processed or error.")
     valid: bool
-    format: Literal["chat", "instruction", "completion", "text", "preference"] | None = None
+    format: Literal["chat", "instruction", "completion", "text", "preference", "prompt"] | None = None
     examples: int = 0
     problems: list[DataProblemObject] = Field(default_factory=list)
     problems_total: int = 0
@@ -283,11 +283,29 @@ class ModelDeleted(Response):
 TENANT_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
-class TenantCreateRequest(Request):
+Scope = Literal["read", "jobs", "files", "admin"]
+
+
+class TenantLimits(Request):
+    """A tenant's limits; a PUT replaces them all (a missing field is unlimited, or the default)."""
+
+    max_running_jobs: int | None = Field(None, ge=1, le=1_000_000, description="Jobs running at once.")
+    max_gpus: int | None = Field(None, ge=1, le=1_000_000, description="GPUs held at once.")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Fair-share weight between tenants.")
+    max_active_jobs: int | None = Field(
+        None, ge=1, le=1_000_000, description="Jobs not finished (validating, queued, running, paused); the next "
+        "creation is a 429 quota_exceeded.")
+    max_storage_bytes: int | None = Field(
+        None, ge=1, le=1 << 60, description="Bytes of live files; an upload that would pass it is a 413.")
+    requests_per_minute: int | None = Field(
+        None, ge=1, le=1_000_000, description="Request rate of each of the tenant's keys (default: the server's, "
+        "TUNEFORGE_RATE_LIMIT_PER_MINUTE); past it, 429 with Retry-After.")
+
+
+class TenantCreateRequest(TenantLimits):
+    """A new tenant and its limits (each optional: unlimited, or the default)."""
+
     name: str = Field(..., pattern=TENANT_NAME, description="Tenant name: lowercase letters, digits and dashes.")
-    max_running_jobs: int | None = Field(None, ge=1, le=1_000_000)
-    max_gpus: int | None = Field(None, ge=1, le=1_000_000)
-    weight: float = Field(1.0, gt=0, le=1e6)
 
 
 class TenantObject(Response):
@@ -297,27 +315,53 @@ class TenantObject(Response):
     max_running_jobs: int | None = None
     max_gpus: int | None = None
     weight: float
+    max_active_jobs: int | None = None
+    max_storage_bytes: int | None = None
+    requests_per_minute: int | None = None
 
 
 class KeyCreateRequest(Request):
     tenant: str = Field(..., pattern=TENANT_NAME, description="Tenant (organization / project) name; it must exist.")
     name: str = Field("", max_length=200)
-    admin: bool = False
+    admin: bool = Field(False, description="Shorthand for adding the admin scope.")
+    scopes: list[Scope] | None = Field(
+        None, max_length=4, description="What the key may do: read (every GET), jobs (create and control jobs, "
+        "delete models), files (upload and delete files), admin (tenants, keys, limits, the audit log). "
+        "Default: read, jobs, files.")
+    expires_in: int | None = Field(None, ge=60, le=10 * 366 * 86400,
+                                   description="Seconds until the key stops working (default: never).")
 
 
-class KeyCreated(Response):
+class KeyObject(Response):
+    """A key as lists show it: never the secret, only its first characters (`hint`)."""
+
     object: Literal["tuneforge.api_key"] = "tuneforge.api_key"
     id: str
     tenant: str
     name: str
     admin: bool
+    scopes: list[Scope]
+    hint: str | None = None
+    created_at: int
+    expires_at: int | None = None
+    revoked_at: int | None = None
+
+
+class KeyCreated(KeyObject):
     key: str = Field(..., description="The secret; shown once, stored only as a hash.")
 
 
-class TenantLimits(Request):
-    max_running_jobs: int | None = Field(None, ge=1, le=1_000_000)
-    max_gpus: int | None = Field(None, ge=1, le=1_000_000)
-    weight: float = Field(1.0, gt=0, le=1e6)
+class AuditRecordObject(Response):
+    object: Literal["tuneforge.audit_record"] = "tuneforge.audit_record"
+    id: str
+    created_at: float
+    tenant: str | None = None
+    key_id: str | None = None
+    action: str
+    object_id: str | None = None
+    status: int
+    request_id: str
+    source: str | None = None
 
 
 class ListObject(Response):

@@ -5,7 +5,9 @@ fine-tuning"): aim at 3 epochs, but at least 100 and at most 25,000 examples see
 The batch grows with the data (about 0.2% of the examples, as OpenAI describes, as a power of two
 within 8-256: small batches waste accelerators, huge ones take too few steps). It is counted in
 examples; with packing it becomes the number of rows that hold that many examples. Learning rates are the
-usual ones for the method: 2e-4 for LoRA/QLoRA (the QLoRA paper), 2e-5 for full fine-tuning.
+usual ones for the method (METHOD_LEARNING_RATES): for SFT 2e-4 with LoRA/QLoRA (the QLoRA paper) and 2e-5
+for full fine-tuning; the preference and RL methods take TRL's defaults for full fine-tuning and the rates
+measured with an adapter in bench/rlhf.py and bench/rlhf_online.py.
 The micro-batch (per_device_batch_size) needs the hardware and is resolved by the recipe.
 """
 
@@ -18,7 +20,18 @@ from tuneforge.spec.job import JobSpec
 TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 3, 100, 25_000
 MIN_EPOCHS, MAX_EPOCHS = 1, 25
 MIN_BATCH, MAX_BATCH = 8, 256
-LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # SFT's
+# (method) -> (with an adapter, full fine-tuning). Full: TRL's RewardConfig 1e-4, DPOConfig and GRPOConfig 1e-6.
+# With an adapter: reward and DPO as SFT (bench/rlhf.py trained both at 2e-4-3e-4), PPO/GRPO 5e-5
+# (bench/rlhf_online.py, the shipped configs).
+METHOD_LEARNING_RATES = {"sft": (2e-4, 2e-5), "reward": (2e-4, 1e-4), "dpo": (2e-4, 1e-6), "ppo": (5e-5, 1e-6),
+                         "grpo": (5e-5, 1e-6), "eval": (2e-4, 2e-5)}
+
+
+def default_learning_rate(method: str, adapter_type: str) -> float:
+    """What learning_rate: auto is for a method and adapter type (OpenAI's learning_rate_multiplier scales it)."""
+    with_adapter, full = METHOD_LEARNING_RATES[method]
+    return full if adapter_type == "full" else with_adapter
 
 
 def auto_epochs(num_examples: int) -> float:
@@ -46,7 +59,7 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
     training = spec.training.model_copy()
     world = spec.resources.num_gpus * spec.resources.num_nodes
     if training.learning_rate == "auto":
-        training.learning_rate = LEARNING_RATES[spec.adapter.type]
+        training.learning_rate = default_learning_rate(spec.method, spec.adapter.type)
     if training.num_epochs == "auto":
         training.num_epochs = auto_epochs(num_examples)
     micro, accum = training.per_device_batch_size, training.gradient_accumulation_steps

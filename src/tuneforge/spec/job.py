@@ -8,10 +8,13 @@ paths, so a job spec cannot name code to run.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuneforge.spec.evals import EvalRunSpec
+from tuneforge.spec.graders import MAX_GRADERS, Grader
 from tuneforge.spec.preference import DpoSpec, RewardModelSpec
 from tuneforge.spec.reinforcement import GrpoSpec, PpoSpec, RolloutSpec
 
@@ -33,9 +36,23 @@ PositiveInt = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
 
-Method = Literal["sft", "reward", "dpo", "ppo", "grpo"]
+Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "eval"]  # eval: an eval run (no training, spec/evals.py)
 PREFERENCE_METHODS = ("reward", "dpo")  # train on preference pairs
 RL_METHODS = ("ppo", "grpo")  # sample completions and score them
+# The record formats (data/formats.py) each method trains on: checked against dataset.format here and
+# against an uploaded file's detected format at admission.
+METHOD_FORMATS = {
+    "sft": ("chat", "instruction", "completion", "text", "preference"),  # preference: the chosen reply
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "ppo": ("prompt", "chat"),  # chat: the turns before the last assistant reply are the prompt
+    "grpo": ("prompt", "chat"),
+}
+DEFAULT_METRICS = ("loss", "perplexity")
+# Methods that measure themselves on held-out data (reward: loss, pair accuracy and margin; ppo / grpo:
+# reward, pass rate and KL): of evaluation.metrics they take only these (or the untouched default), and
+# evaluation.graders are sft's and dpo's.
+OWN_METRICS = {"reward": ("loss",), "ppo": (), "grpo": ()}
 
 GpuType = Literal[
     "any", "cpu", "t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"
@@ -78,7 +95,7 @@ class DatasetSpec(Section):
     path: str = Field(
         ..., max_length=4096, description="Training data file: JSONL, JSON array, CSV or Parquet, optionally gzipped."
     )
-    format: Literal["auto", "chat", "instruction", "completion", "text", "preference"] = Field(
+    format: Literal["auto", "chat", "instruction", "completion", "text", "preference", "prompt"] = Field(
         "auto", description="Record format; auto detects it from the fields of the first record."
     )
     max_seq_length: int = Field(2048, gt=0, le=MAX_SEQ_LENGTH, description="Longest tokenized example, after the prompt template.")
@@ -115,7 +132,8 @@ class AdapterSpec(Section):
 
 class TrainingSpec(Section):
     learning_rate: Annotated[float, Field(gt=0, le=10)] | Auto = Field(
-        "auto", description="Peak learning rate; auto: 2e-4 for LoRA and QLoRA, 2e-5 for full fine-tuning."
+        "auto", description="Peak learning rate; auto: with LoRA / QLoRA 2e-4 (sft, reward, dpo) or 5e-5 (ppo, grpo); "
+        "full fine-tuning 2e-5 (sft), 1e-4 (reward), 1e-6 (dpo, ppo, grpo)."
     )
     batch_size: PositiveInt | Auto = Field(
         "auto", description="Examples per optimizer step over all devices (the effective batch); auto grows with the data."
@@ -205,31 +223,262 @@ class ResourcesSpec(Section):
         return self
 
 
-class EvaluationSpec(Section):
-    metrics: list[Literal["loss", "perplexity", "exact_match"]] = Field(
-        default_factory=lambda: ["loss", "perplexity"], max_length=8,
-        description="Metrics on the validation set: loss, perplexity, exact_match (greedy generation vs the reference).",
+LIKELIHOOD_METRICS = ("loss", "perplexity", "token_accuracy")
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "token_f1", "accuracy", "json_valid",
+                      "json_schema")
+EvalMetric = Literal["loss", "perplexity", "token_accuracy", "rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match",
+                     "token_f1", "accuracy", "json_valid", "json_schema"]
+LOWER_IS_BETTER = ("loss", "perplexity")  # every other metric and every grader score: higher is better
+MAX_JSON_SCHEMA_BYTES = 64 * 1024
+
+
+def _local_refs_only(value: Any, where: str = "") -> None:
+    """A JSON schema may refer to its own parts ("#/definitions/x"), never to a file or a URL."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "$ref" and not (isinstance(item, str) and item.startswith("#")):
+                raise ValueError(f"json_schema{where}.$ref {item!r}: only references inside the schema (#/...) are "
+                                 "allowed; a job spec never names a file or a URL")
+            _local_refs_only(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _local_refs_only(item, f"{where}[{index}]")
+
+
+class AccuracySpec(Section):
+    """How the accuracy metric reads the answer out of an output: exactly one of choices or regex."""
+
+    choices: Annotated[str, Field(min_length=2, max_length=26, pattern=r"^[A-Z]+$")] | None = Field(
+        None, description='Choice letters, e.g. "ABCD": the answer is the letter the output names; the reference '
+        "is a letter."
     )
-    eval_every_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Evaluate every N optimizer steps; empty: only at the end.")
-    eval_before_training: bool = Field(True, description="Also evaluate the base model, so the summary shows the gain.")
+    regex: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="A Python regular expression with one group: the answer in the output."
+    )
+    extract_reference: bool = Field(
+        False, description="regex: read the reference's answer with the regex too (e.g. GSM8K's '#### 42')."
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if pattern.groups != 1:
+            raise ValueError(f"needs exactly one capturing group (the answer), found {pattern.groups}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_extractor(self) -> AccuracySpec:
+        if (self.regex is None) == (self.choices is None):
+            raise ValueError('set exactly one of choices (e.g. "ABCD") or regex (a pattern with one group)')
+        if self.choices is not None and len(set(self.choices)) != len(self.choices):
+            raise ValueError(f"choices must be distinct letters, got {self.choices!r}")
+        if self.extract_reference and self.regex is None:
+            raise ValueError("extract_reference applies to regex only")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The accuracy metric's options (evaluation/metrics.py AccuracyOptions)."""
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class EvaluationSpec(Section):
+    metrics: Annotated[list[EvalMetric], Field(max_length=len(EvalMetric.__args__))] = Field(
+        default_factory=lambda: ["loss", "perplexity"],
+        description="Metrics on the validation set. Likelihood (teacher-forced, on the trained tokens): loss, "
+        "perplexity, token_accuracy. Generated (greedy answers vs the reference): rouge1, rouge2, rougeL, bleu, chrf, "
+        "exact_match, token_f1, accuracy (with evaluation.accuracy), json_valid, json_schema (with json_schema).",
+    )
+    graders: Annotated[list[Grader], Field(max_length=MAX_GRADERS)] = Field(
+        default_factory=list,
+        description="More criteria in OpenAI's grader shapes (string_check, text_similarity, score_model, label_model, "
+        "multi), scored on each generated answer; {{item.reference}} is the reference answer. Each grader's mean "
+        "score is reported under its name.",
+    )
+    accuracy: AccuracySpec | None = Field(
+        None, description='accuracy: how the answer is read from an output: {choices: "ABCD"} (the letter it names) '
+        "or {regex: PATTERN with one group, extract_reference: false}.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="json_schema: the JSON Schema each answer must match (an object; $ref only inside it)."
+    )
+    eval_every_steps: int | None = Field(
+        None, gt=0, le=MAX_COUNT,
+        description="Evaluate the metrics and graders every N optimizer steps and at the last; empty: only at the end.",
+    )
+    eval_before_training: bool = Field(True, description="Also evaluate the base model, so the report shows the gain.")
     max_eval_examples: int | None = Field(200, gt=0, le=MAX_COUNT, description="Evaluate on at most this many validation examples.")
     max_new_tokens: int = Field(64, gt=0, le=MAX_SEQ_LENGTH, description="Generation budget per example for generated metrics.")
+    generation_batch_size: int = Field(
+        16, gt=0, le=4096, description="Prompts generated together (left-padded, sorted by length, KV cache)."
+    )
+    report_samples: int = Field(
+        5, ge=0, le=100, description="Example generations shown side by side (base vs fine-tuned) in the report."
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if len(json.dumps(value, default=str)) > MAX_JSON_SCHEMA_BYTES:
+            raise ValueError(f"the JSON schema is larger than {MAX_JSON_SCHEMA_BYTES // 1024} KiB")
+        _local_refs_only(value)
+        return value
+
+    @model_validator(mode="after")
+    def _options_match_metrics(self) -> EvaluationSpec:
+        if "json_schema" in self.metrics and self.json_schema is None:
+            raise ValueError("metric json_schema needs evaluation.json_schema (the schema answers must match)")
+        if "accuracy" in self.metrics and self.accuracy is None:
+            raise ValueError('metric accuracy needs evaluation.accuracy: choices (e.g. "ABCD") or regex (one group)')
+        names = [g.name for g in self.graders]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"grader names must be unique: {', '.join(repeated)} appear more than once")
+        clashing = sorted(set(names) & set(EvalMetric.__args__))
+        if clashing:
+            raise ValueError(f"grader names {', '.join(clashing)} are metric names; rename the graders")
+        return self
+
+    def metric_options(self, name: str) -> dict[str, Any] | None:
+        """What evaluation/metrics.py's score(name, ...) takes as options, from these fields."""
+        if name == "accuracy" and self.accuracy is not None:
+            return self.accuracy.options()
+        if name == "json_schema":
+            return {"schema": self.json_schema}
+        return None
+
+    def generated(self) -> list[str]:
+        """The metrics that need generated answers."""
+        return [m for m in self.metrics if m in GENERATION_METRICS]
+
+    def needs_generation(self) -> bool:
+        return bool(self.generated() or self.graders)
+
+    def measured(self) -> list[str]:
+        """Every name a result can carry: the metrics (loss brings token_accuracy), then the graders."""
+        names = list(self.metrics)
+        if "loss" in names and "token_accuracy" not in names:
+            names.insert(names.index("loss") + 1, "token_accuracy")
+        return names + [g.name for g in self.graders]
 
 
 class CheckpointSpec(Section):
     every_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Save a checkpoint every N optimizer steps.")
     every_minutes: float | None = Field(30.0, gt=0, le=525_600, description="Save a checkpoint every M minutes of training.")
-    keep_last: int = Field(2, ge=1, le=1000, description="Newest checkpoints to keep (plus the best by validation loss).")
+    keep_last: int = Field(2, ge=1, le=1000, description="Newest checkpoints to keep (plus the best and the one resumed from).")
     max_restarts: int = Field(
         2, ge=0, le=100, description="Restarts from the last checkpoint after a crash, kill or out-of-memory before the job fails."
     )
+    best_by: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="The metric or grader name (one of evaluation.metrics or evaluation.graders) that marks the "
+        "best checkpoint, measured every evaluation.eval_every_steps; a new best is saved at once and always kept. "
+        "Empty: the validation loss when it is measured.",
+    )
+    best_direction: Literal["auto", "min", "max"] = Field(
+        "auto", description="Whether a lower (min) or higher (max) best_by is better; auto: min for loss and "
+        "perplexity, max for every other metric and grader."
+    )
+    output: Literal["last", "best"] = Field(
+        "last", description="What the job outputs (and evaluates at the end): the weights after the last step, or the "
+        "best checkpoint's (needs evaluation.eval_every_steps)."
+    )
+
+    def objective(self, evaluation: EvaluationSpec) -> tuple[str, str] | None:
+        """(metric or grader name, min or max) that picks the best checkpoint, or None when nothing does."""
+        name = self.best_by or ("loss" if "loss" in evaluation.metrics else None)
+        if name is None:
+            return None
+        if self.best_direction != "auto":
+            return name, self.best_direction
+        return name, "min" if name in LOWER_IS_BETTER else "max"
+
+    def check_against(self, evaluation: EvaluationSpec) -> None:
+        """best_by names something the evaluation measures; output best has something to pick by."""
+        if self.best_by is not None and self.best_by not in evaluation.measured():
+            raise ValueError(f"checkpoint.best_by {self.best_by!r} is not measured: expected one of "
+                             f"evaluation.metrics or evaluation.graders ({', '.join(evaluation.measured())})")
+        if self.output == "best":
+            if self.objective(evaluation) is None:
+                raise ValueError("checkpoint.output best needs checkpoint.best_by (or loss in evaluation.metrics)")
+            if evaluation.eval_every_steps is None:
+                raise ValueError("checkpoint.output best needs evaluation.eval_every_steps: checkpoints are compared "
+                                 "by the metrics measured during training")
 
 
 class DeploySpec(Section):
-    target: Literal["none", "vllm", "tgi", "playground"] = Field(
-        "none", description="Where the result will be served; decides the export layout."
+    """Run `tuneforge export` on the job's output when it succeeds, into DIR/export (export/deploy.py)."""
+
+    target: Literal["none", "vllm", "sglang", "tgi", "llama.cpp"] = Field(
+        "none", description="Export the result for this server when the job succeeds (none: no export)."
     )
-    merge_adapter: bool = Field(False, description="Also write the base model with the adapter merged in.")
+    format: Literal["auto", "adapter", "merged", "gguf"] = Field(
+        "auto", description="auto: gguf for llama.cpp, merged for full fine-tuning or merge_adapter, else the adapter."
+    )
+    merge_adapter: bool = Field(
+        False, description="Export the adapter merged into its full-precision base (format merged) instead of the adapter."
+    )
+    fallback: Literal["none", "merged"] = Field(
+        "none", description="When the adapter breaks a rule of the server (DoRA, bias, rank...): fail the export or merge it."
+    )
+    gguf_type: Literal["f16", "q8_0"] | None = Field(
+        None, description="llama.cpp only: GGUF tensor type, f16 (when empty) or q8_0."
+    )
+    gpu_type: Literal["t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"] | None = Field(
+        None, description="vllm / sglang / tgi: the serving GPU, for the tensor-parallel size of the commands (h100-80gb when empty)."
+    )
+
+    def export_format(self, adapter: AdapterSpec) -> str:
+        """The format deploy exports (target is not none)."""
+        if self.format != "auto":
+            return self.format
+        if self.target == "llama.cpp":
+            return "gguf"
+        return "merged" if self.merge_adapter or adapter.type == "full" else "adapter"
+
+    def check_against(self, adapter: AdapterSpec, *, method: str = "sft") -> None:
+        """Refuse at submission what the export would refuse after training."""
+        if self.target == "none":
+            if self.format != "auto" or self.merge_adapter or self.fallback != "none" or self.gguf_type or self.gpu_type:
+                raise ValueError("deploy.format, merge_adapter, fallback, gguf_type and gpu_type need a deploy.target")
+            return
+        if method == "reward":
+            raise ValueError("deploy: a reward model scores text and is not served for generation; set deploy.target none")
+        fmt = self.export_format(adapter)
+        if self.merge_adapter and fmt == "adapter":
+            raise ValueError("deploy.merge_adapter true contradicts deploy.format adapter")
+        if self.gguf_type is not None and fmt != "gguf":
+            raise ValueError(f"deploy.gguf_type applies to format gguf (deploy.target llama.cpp), not {fmt}")
+        if self.gpu_type is not None and fmt == "gguf":
+            raise ValueError("deploy.gpu_type sizes vLLM / SGLang / TGI commands; llama.cpp takes none")
+        if self.fallback != "none" and fmt != "adapter":
+            raise ValueError(f"deploy.fallback applies to adapter exports; this deploy exports {fmt}")
+        if (fmt == "gguf") != (self.target == "llama.cpp"):
+            raise ValueError(f"deploy.format {fmt} does not serve on deploy.target {self.target}: llama.cpp loads gguf, "
+                             "vllm / sglang / tgi load an adapter or a merged model")
+        if fmt == "adapter" and adapter.type == "full":
+            raise ValueError("deploy.format adapter: adapter.type full trains every weight and has no adapter; "
+                             "use format merged (or auto)")
+        if fmt == "adapter" and self.fallback == "none" and adapter.use_dora:
+            raise ValueError(f"deploy.target {self.target} does not load DoRA adapters (adapter.use_dora): set "
+                             "deploy.format merged or deploy.fallback merged")
+        if fmt == "adapter" and self.fallback == "none" and self.target == "vllm" and adapter.rank > 512:
+            raise ValueError(f"deploy.target vllm serves LoRA ranks up to 512 (--max-lora-rank); adapter.rank is "
+                             f"{adapter.rank}: set deploy.format merged or deploy.fallback merged")
+        if fmt == "adapter" and self.fallback == "none" and self.target == "sglang" and adapter.use_rslora:
+            raise ValueError("deploy.target sglang scales adapters by alpha / r and would serve an rsLoRA adapter "
+                             "(adapter.use_rslora) at the wrong strength: set deploy.format merged or deploy.fallback merged")
 
 
 class JobSpec(Section):
@@ -242,7 +491,8 @@ class JobSpec(Section):
     )
     method: Method = Field(
         "sft", description="Training method: sft (supervised fine-tuning), reward (a reward model on preference pairs), "
-        "dpo (direct preference optimization), ppo or grpo (online RL against a reward model or graders)."
+        "dpo (direct preference optimization), ppo or grpo (online RL against a reward model or graders); eval: an "
+        "eval run (the Evals API schedules it; nothing is trained)."
     )
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model and how it is loaded.")
     dataset: DatasetSpec = Field(..., description="Training and validation data.")
@@ -257,6 +507,8 @@ class JobSpec(Section):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="methods ppo and grpo: sampling and the reward.")
     ppo: PpoSpec = Field(default_factory=PpoSpec, description="method ppo: clipping, value loss, GAE and KL control.")
     grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="method grpo: group size, clipping and KL.")
+    eval_run: EvalRunSpec = Field(default_factory=EvalRunSpec, description="method eval: the model an eval run asks, "
+                                  "the prompt of each item (dataset.path holds the items) and the graders.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -276,6 +528,8 @@ class JobSpec(Section):
                 "cannot save bitsandbytes 8-bit layers; use nf4 (QLoRA, which FSDP supports) or strategy ddp"
             )
         self._method_consistent()
+        self.checkpoint.check_against(self.evaluation)
+        self.deploy.check_against(self.adapter, method=self.method)
         training, world = self.training, self.resources.num_gpus * self.resources.num_nodes
         sizes = (training.batch_size, training.per_device_batch_size, training.gradient_accumulation_steps)
         if "auto" not in sizes and sizes[0] != sizes[1] * sizes[2] * world:
@@ -287,9 +541,42 @@ class JobSpec(Section):
 
     def _method_consistent(self) -> None:
         fmt = self.dataset.format
-        if self.method in PREFERENCE_METHODS and fmt not in ("auto", "preference"):
-            raise ValueError(f"method {self.method} trains on preference pairs: dataset.format must be preference "
-                             f"(or auto), not {fmt}")
+        formats = METHOD_FORMATS.get(self.method)
+        if formats is not None and fmt != "auto" and fmt not in formats:
+            raise ValueError(f"method {self.method} trains on {' or '.join(formats)} records: dataset.format must be "
+                             f"{' or '.join(formats)} (or auto), not {fmt}")
+        evaluation = self.evaluation
+        own_metrics = OWN_METRICS.get(self.method)
+        if own_metrics is not None and (evaluation.graders or tuple(evaluation.metrics) != DEFAULT_METRICS
+                                        and not set(evaluation.metrics) <= set(own_metrics)):
+            own = ("loss, reward_accuracy and reward_margin on held-out pairs" if self.method == "reward" else
+                   "mean reward, pass rate and KL on held-out prompts (its graders are rollout.graders)")
+            raise ValueError(f"method {self.method} measures {own}: evaluation.metrics and evaluation.graders apply to "
+                             "sft and dpo; leave them at their defaults")
+        if self.method in RL_METHODS:
+            world = self.resources.num_gpus * self.resources.num_nodes
+            if self.training.batch_size != "auto":
+                raise ValueError(f"training.batch_size: an optimizer step of method {self.method} trains on the "
+                                 "completions of rollout.prompts_per_step prompts; leave it auto and set "
+                                 "rollout.prompts_per_step")
+            if self.resources.strategy != "ddp":
+                raise ValueError(f"resources.strategy {self.resources.strategy}: method {self.method} samples from the "
+                                 "policy with whole weights on every device; use ddp")
+            if self.rollout.prompts_per_step % world:
+                raise ValueError(f"rollout.prompts_per_step {self.rollout.prompts_per_step} must be a multiple of the "
+                                 f"{world} devices")
+        if self.method == "dpo" and self.dpo.reference == "adapter_disabled" and self.adapter.type == "full":
+            raise ValueError("dpo.reference adapter_disabled needs an adapter (lora or qlora); full fine-tuning has none "
+                             "to disable: use precomputed (or auto)")
+        if self.method == "dpo" and "token_accuracy" in evaluation.metrics:
+            raise ValueError("evaluation.metrics token_accuracy is not measured by method dpo: use loss (with the "
+                             "preference margin and accuracy), perplexity (of the chosen replies) or generated metrics")
+        if self.method == "eval" and not self.eval_run.testing_criteria:
+            raise ValueError("method eval needs eval_run.testing_criteria (the graders that score each item)")
+        if self.method == "eval" and self.resources.num_gpus * self.resources.num_nodes != 1:
+            raise ValueError("method eval runs in one process: resources.num_gpus and num_nodes must be 1")
+        if self.method != "eval" and not self.eval_run.is_default():
+            raise ValueError(f"eval_run applies to method eval only, not {self.method}; remove it")
         if self.method in RL_METHODS and not self.rollout.has_reward():
             raise ValueError(f"method {self.method} needs a reward: set rollout.reward_model (a reward model) or "
                              "rollout.graders (string_check, text_similarity, score_model, label_model, multi)")

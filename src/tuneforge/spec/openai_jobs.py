@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tuneforge.spec.api import Hyperparameters, JobCreateRequest
 from tuneforge.spec.graders import ModelGrader
-from tuneforge.spec.hyperparameters import LEARNING_RATES
+from tuneforge.spec.hyperparameters import default_learning_rate
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, RL_METHODS, JobSpec
 from tuneforge.spec.loader import field_path, format_validation_error
 EXTENSION = "tuneforge"
@@ -91,8 +91,10 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
         if _given(hyper.n_epochs):
             _set_once(data, ("training", "num_epochs"), float(hyper.n_epochs), param=f"{where}.n_epochs")
         if _given(hyper.batch_size):
-            # OpenAI's batch_size is the effective batch: examples per optimizer step.
-            _set_once(data, ("training", "batch_size"), hyper.batch_size, param=f"{where}.batch_size")
+            # OpenAI's batch_size is the effective batch: examples per optimizer step (for online RL the
+            # prompts of a step, each sampled one or num_generations times).
+            target = ("rollout", "prompts_per_step") if method in RL_METHODS else ("training", "batch_size")
+            _set_once(data, target, hyper.batch_size, param=f"{where}.batch_size")
         _method_hyperparameters(data, hyper, method, where)
         if _given(hyper.learning_rate_multiplier):
             if hyper.learning_rate_multiplier <= 0:
@@ -107,12 +109,12 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
     try:
         spec = JobSpec.model_validate(data)
         if multiplier is not None:
-            spec.training.learning_rate = LEARNING_RATES[spec.adapter.type] * multiplier
+            spec.training.learning_rate = default_learning_rate(spec.method, spec.adapter.type) * multiplier
         refuse_model_paths(spec)
         return spec
     except ValidationError as exc:
         first = field_path(exc.errors()[0]["loc"], JobSpec)  # without pydantic's union tags
-        param = _PARAM_OF_FIELD.get(first) or f"{EXTENSION}.{'.'.join(first)}"
+        param = _PARAM_OF_FIELD.get(first) or ".".join((EXTENSION, *first))  # a whole-spec rule: the extension
         if first[:2] == ("training", "seed") and request.seed is None:
             param = f"{EXTENSION}.training.seed"
         if first[:2] == ("training", "num_epochs") and hyper and _given(hyper.n_epochs):
@@ -141,8 +143,10 @@ def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
 
 
 def registered_models(spec: JobSpec) -> list[tuple[str, str]]:
-    """(where, id) of each registered model the spec names as a reward or judge model."""
-    named = [("rollout.reward_model", spec.rollout.reward_model), *_judge_models(spec, "")]
+    """(where, id) of each registered model the spec names as a reward or judge model, or as the model an
+    eval run evaluates."""
+    named = [("rollout.reward_model", spec.rollout.reward_model), ("eval_run.model", spec.eval_run.model),
+             *_judge_models(spec, "")]
     return [(where, model) for where, model in named if model is not None and REGISTERED_MODEL.match(model)]
 
 
@@ -163,8 +167,8 @@ def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:
     epochs, rate = training.num_epochs, training.learning_rate
     return {
         "n_epochs": epochs if epochs == "auto" else (int(epochs) if float(epochs).is_integer() else epochs),
-        "batch_size": training.batch_size,
-        "learning_rate_multiplier": rate if rate == "auto" else round(rate / LEARNING_RATES[spec.adapter.type], 6),
+        "batch_size": spec.rollout.prompts_per_step if spec.method in RL_METHODS else training.batch_size,
+        "learning_rate_multiplier": rate if rate == "auto" else round(rate / default_learning_rate(spec.method, spec.adapter.type), 6),
     }
 
 

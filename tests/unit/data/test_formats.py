@@ -101,3 +101,23 @@ def test_text_and_preference_formats():
     assert problems == [] and result["prompt"] == [{"role": "user", "content": "2+2?"}]
     broken = dict(openai, preferred_output=[{"role": "user", "content": "4"}])
     assert [(p.kind, p.field) for p in normalized(broken, "preference")[1]] == [("unknown_role", "preferred_output[0].role")]
+
+
+def test_prompt_records_are_what_online_rl_samples_from_and_keep_their_fields():
+    from tuneforge.data.formats import Example, detect_format, validate_and_normalize
+
+    openai_rft = {"messages": [{"role": "developer", "content": "Answer with a number."},
+                               {"role": "user", "content": "2+2?"}], "reference_answer": "4"}
+    assert detect_format(openai_rft) == "prompt"
+    assert detect_format({"prompt": "2+2?", "answer": "4"}) == "prompt"
+    assert detect_format({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) == "chat"
+    normalized, problems = validate_and_normalize(openai_rft, "prompt", file="p.jsonl", line=1)
+    assert problems == [] and normalized["reference_answer"] == "4"  # graders read it as {{item.reference_answer}}
+    reference = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a reference"}]}
+    assert Example(1, "prompt", reference).as_messages() == [{"role": "user", "content": "q"}]
+    _, problems = validate_and_normalize({"messages": [{"role": "assistant", "content": "a"}]}, "prompt",
+                                         file="p.jsonl", line=3)
+    assert [(p.line, p.kind, p.field) for p in problems] == [(3, "no_prompt_turn", "messages")]
+    _, problems = validate_and_normalize({"messages": [{"role": "robot", "content": "a"}]}, "prompt", file="p.jsonl",
+                                         line=4)
+    assert problems[0].kind == "unknown_role" and problems[0].field == "messages[0].role"

@@ -122,3 +122,28 @@ def test_qlora_means_a_4bit_base_and_full_forbids_quantization():
 def test_spec_round_trips_through_json():
     spec = validate_job_spec({"dataset": {"path": "d"}, "training": {"max_steps": 3}})
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_each_method_names_the_data_and_metrics_it_takes():
+    from tuneforge.spec.job import JobSpec
+
+    def problem(**fields) -> str:
+        with pytest.raises(ValueError) as caught:
+            JobSpec.model_validate({"dataset": {"path": "d.jsonl", **fields.pop("dataset", {})}, **fields})
+        return str(caught.value)
+
+    grader = {"type": "string_check", "name": "g", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}
+    rollout = {"graders": [grader]}
+    assert "preference records" in problem(method="dpo", dataset={"format": "chat"})
+    assert "prompt or chat records" in problem(method="grpo", rollout=rollout, dataset={"format": "preference"})
+    assert "prompt" in problem(method="sft", dataset={"format": "prompt"})
+    assert "evaluation.metrics" in problem(method="grpo", rollout=rollout, evaluation={"metrics": ["exact_match"]})
+    assert "rollout.graders" in problem(method="ppo", rollout=rollout, evaluation={"graders": [grader]})
+    assert "reward_accuracy" in problem(method="reward", evaluation={"metrics": ["perplexity"]})
+    assert "token_accuracy" in problem(method="dpo", evaluation={"metrics": ["token_accuracy"]})
+    assert "precomputed" in problem(method="dpo", adapter={"type": "full"}, dpo={"reference": "adapter_disabled"})
+    # What each method does take.
+    JobSpec.model_validate({"method": "reward", "dataset": {"path": "d", "format": "preference"},
+                            "evaluation": {"metrics": ["loss"]}})
+    JobSpec.model_validate({"method": "grpo", "dataset": {"path": "d", "format": "prompt"}, "rollout": rollout})
+    JobSpec.model_validate({"method": "dpo", "dataset": {"path": "d"}, "evaluation": {"metrics": ["loss", "rouge1"]}})

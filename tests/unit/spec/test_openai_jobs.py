@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.spec.api import JobCreateRequest
-from tuneforge.spec.hyperparameters import LEARNING_RATES
+from tuneforge.spec.hyperparameters import LEARNING_RATES, default_learning_rate
 from tuneforge.spec.openai_jobs import RequestError, hyperparameters_of, job_spec_from_request, method_of
 
 
@@ -28,6 +28,10 @@ def test_openai_fields_map_onto_the_spec_and_auto_keeps_defaults():
     assert spec.dataset.validation_path == "file-2" and spec.name == "my-model" and spec.training.seed == 9
     assert spec.training.num_epochs == 2 and spec.training.batch_size == "auto"  # resolved by the recipe
     assert spec.training.learning_rate == pytest.approx(LEARNING_RATES["lora"] / 2)
+    grpo = spec_of(method={"type": "reinforcement", "reinforcement": {"grader": {
+        "type": "string_check", "name": "g", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"},
+        "hyperparameters": {"learning_rate_multiplier": 2}}})
+    assert grpo.training.learning_rate == pytest.approx(2 * default_learning_rate("grpo", "lora")) == pytest.approx(1e-4)
     assert hyperparameters_of(spec) == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
     full = spec_of(tuneforge={"adapter": {"type": "full"}}, method={"type": "supervised", "supervised": {
         "hyperparameters": {"batch_size": 16, "learning_rate_multiplier": 2}}})
@@ -110,6 +114,14 @@ def test_no_request_can_name_a_server_path_every_free_form_field_is_accounted_fo
                      "model": "model name", "name": "bounded", "endpoint": "bounded", "labels": "bounded",
                      "passing_labels": "bounded"}
     checked_by_content |= {"rollout.reward_model"}
+    # Evaluation options: best_by must name a measured metric or grader, the accuracy regex only ever
+    # matches answers, a JSON schema's $ref may point only inside it (spec/job.py validators).
+    pattern_bounded |= {"evaluation.accuracy.choices"}
+    checked_by_content |= {"checkpoint.best_by", "evaluation.accuracy.regex", "evaluation.json_schema"}
+    # Eval runs (method eval; a fine-tuning request cannot set eval_run): the model is a built-in or the
+    # caller's registered id (api/routers/evals.py), the item schema's $ref only points inside it.
+    pattern_bounded |= {"eval_run.eval_id", "eval_run.input_reference"}
+    checked_by_content |= {"eval_run.model", "eval_run.item_schema"}
 
     def free_form(annotation) -> bool:
         if annotation in (str, dict) or typing.get_origin(annotation) is dict:

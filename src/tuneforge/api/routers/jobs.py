@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 
 from tuneforge.api.auth import Principal
-from tuneforge.api.dependencies import Caller, Db
+from tuneforge.api.dependencies import Db, JobsCaller, Reader
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.streams import EventStreams, SlotStreamingResponse
 from tuneforge.api.objects import checkpoint_object, event_object, job_object, metric_point, page
@@ -24,7 +24,7 @@ from tuneforge.db import models as model_rows
 from tuneforge.db.session import Database
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
-from tuneforge.scheduler.submission import check_submission, submit_job
+from tuneforge.scheduler.submission import QuotaExceeded, check_submission, submit_job
 from tuneforge.spec.api import (
     TERMINAL_STATUSES,
     FineTuningJob,
@@ -76,7 +76,7 @@ def _replay(session, caller: Principal, key: str, digest: str) -> FineTuningJob 
 
 
 @router.post("", response_model=FineTuningJob)
-def create_job(body: JobCreateRequest, caller: Caller, db: Db,
+def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> FineTuningJob:
     digest = _request_hash(body)
     # Read and check first (the planner runs outside any transaction), then one short write transaction.
@@ -96,6 +96,9 @@ def create_job(body: JobCreateRequest, caller: Caller, db: Db,
                 idempotency_key=idempotency_key, request_hash=digest,
             )
             return job_object(job)
+    except QuotaExceeded as exc:
+        raise ApiError(429, exc.problem.message, param=exc.problem.param, code=exc.problem.code,
+                       type="rate_limit_error") from None
     except IntegrityError:
         # Two retries with the same key raced; the other one created the job.
         with db.read_session() as session:
@@ -106,7 +109,7 @@ def create_job(body: JobCreateRequest, caller: Caller, db: Db,
 
 
 @router.post("/plan", response_model=JobPlan)
-def plan_job(body: JobCreateRequest, caller: Caller, db: Db) -> JobPlan:
+def plan_job(body: JobCreateRequest, caller: JobsCaller, db: Db) -> JobPlan:
     """tuneforge: what a job request would ask for and whether the workers can hold it; creates nothing."""
     with db.read_session() as session:
         spec = _spec_for(body, session, caller)
@@ -123,7 +126,7 @@ def plan_job(body: JobCreateRequest, caller: Caller, db: Db) -> JobPlan:
 
 
 @router.get("", response_model=ListObject)
-def list_jobs(request: Request, caller: Caller, db: Db, after: str | None = None,
+def list_jobs(request: Request, caller: Reader, db: Db, after: str | None = None,
               limit: int = Query(20, ge=1, le=100)) -> ListObject:
     metadata = {key[len("metadata["):-1]: value for key, value in request.query_params.items()
                 if key.startswith("metadata[") and key.endswith("]")}
@@ -140,7 +143,7 @@ def _job(session, caller: Principal, job_id: str):
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
-def get_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+def get_job(job_id: str, caller: Reader, db: Db) -> FineTuningJob:
     with db.session() as session:
         return job_object(_job(session, caller, job_id))
 
@@ -156,22 +159,22 @@ def _act(db: Database, caller: Principal, job_id: str, action, verb: str, allowe
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+def cancel_job(job_id: str, caller: JobsCaller, db: Db) -> FineTuningJob:
     return _act(db, caller, job_id, states.cancel, "cancelled", "validating, queued, running or paused")
 
 
 @router.post("/{job_id}/pause", response_model=FineTuningJob)
-def pause_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+def pause_job(job_id: str, caller: JobsCaller, db: Db) -> FineTuningJob:
     return _act(db, caller, job_id, states.pause, "paused", "queued or running")
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJob)
-def resume_job(job_id: str, caller: Caller, db: Db) -> FineTuningJob:
+def resume_job(job_id: str, caller: JobsCaller, db: Db) -> FineTuningJob:
     return _act(db, caller, job_id, states.resume, "resumed", "paused")
 
 
 @router.get("/{job_id}/events", response_model=ListObject)
-def list_events(job_id: str, caller: Caller, db: Db, after: str | None = None,
+def list_events(job_id: str, caller: Reader, db: Db, after: str | None = None,
                 limit: int = Query(20, ge=1, le=1000)) -> ListObject:
     with db.session() as session:
         _job(session, caller, job_id)
@@ -180,7 +183,7 @@ def list_events(job_id: str, caller: Caller, db: Db, after: str | None = None,
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListObject)
-def list_checkpoints(job_id: str, caller: Caller, db: Db, after: str | None = None,
+def list_checkpoints(job_id: str, caller: Reader, db: Db, after: str | None = None,
                      limit: int = Query(10, ge=1, le=100)) -> ListObject:
     with db.session() as session:
         job = _job(session, caller, job_id)
@@ -189,7 +192,7 @@ def list_checkpoints(job_id: str, caller: Caller, db: Db, after: str | None = No
 
 
 @router.get("/{job_id}/metrics", response_model=ListObject)
-def list_metrics(job_id: str, caller: Caller, db: Db,
+def list_metrics(job_id: str, caller: Reader, db: Db,
                  after_step: int | None = Query(None, ge=0, le=2**31 - 1)) -> ListObject:
     """tuneforge: the job's metrics series (train loss, learning rate, tokens/s, validation metrics) by step."""
     with db.session() as session:
@@ -198,7 +201,7 @@ def list_metrics(job_id: str, caller: Caller, db: Db,
 
 
 @router.get("/{job_id}/events/stream")
-def stream_events(job_id: str, request: Request, caller: Caller, db: Db, after: str | None = None,
+def stream_events(job_id: str, request: Request, caller: Reader, db: Db, after: str | None = None,
                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """tuneforge: Server-Sent Events, oldest first, from `after` (or Last-Event-ID) until the job finishes;
     at most TUNEFORGE_MAX_STREAMS_PER_KEY open per API key."""

@@ -214,7 +214,7 @@ class RecipeJob:
         return output.name
 
     def finish(self, training, prepared: Prepared, *, evaluation: Evaluation, trainable_parameters: int, output: str,
-               method: str | None = None) -> JobSummary:
+               method: str | None = None, output_step: int | None = None, report: str | None = None) -> JobSummary:
         """The fine-tuned model's scores as an event, then the summary, written last (its presence means
         success), and the `succeeded` event."""
         scores = evaluation.fine_tuned.model_dump(exclude={"samples"}, exclude_none=True)
@@ -229,11 +229,15 @@ class RecipeJob:
             epochs=round(training.epochs, 4), train_loss=training.train_loss,
             train_loss_last_10_mean=training.last_10_mean, tokens_seen=progress.tokens_seen,
             trained_tokens=progress.trained_tokens, trainable_parameters=trainable_parameters, eval=evaluation,
-            best_checkpoint=training.best, output=output, train_seconds=round(progress.train_seconds, 2),
+            best_checkpoint=training.best, output=output, output_step=output_step, report=report,
+            train_seconds=round(progress.train_seconds, 2),
             wall_time_s=round(time.time() - self.started, 2), world_size=self.parallel.world_size,
             strategy=self.strategy, ranks=[RankMemory(**rank) for rank in ranks],
         )
         if self.parallel.is_main:
+            from tuneforge.export.deploy import run_deploy
+
+            summary.deployment = run_deploy(self.job_dir, self.spec, output, self.note)  # deploy: in the spec
             write_summary(self.job_dir, summary)
             self.events.emit("job succeeded", kind="status", status="succeeded", summary=summary.scalars())
         # Every rank leaves together: one that tears its process group down while another still uses it
