@@ -1,7 +1,7 @@
 """Preference and RL methods on the project's synthetic preference task, before vs after, with time and memory.
 
-    .venv/bin/python bench/rlhf.py [--model smollm2-135m-instruct|tiny] [--methods reward,dpo] [--train 128]
-                                   [--val 64] [--epochs 1]
+    .venv/bin/python bench/rlhf.py [--model smollm2-135m-instruct|tiny] [--methods reward,dpo,ppo,grpo]
+                                   [--train 128] [--val 64] [--epochs 1] [--online-steps N]
 
 The task is examples/preference (prefer the correct ISO 8601 date for a date in words over a wrong one: another
 format, the day or year off by one, month and day swapped). Each method is one row of METHODS, a function that
@@ -12,8 +12,11 @@ returns the held-out metrics of the base and the trained model from the job's ty
     dpo     held-out chosen-over-rejected log-prob margin and preference accuracy, and exact match of greedy
             answers against the correct date (the task metric)
 
-Later methods (ppo, grpo) add a row function that takes the same arguments. `--model tiny` builds a 2-layer
-Llama from a config (seconds; numbers only show the plumbing). Run it alone on the machine for timings.
+    ppo     held-out greedy mean reward, grader pass rate and KL to the reference, on the prompt task
+    grpo    (examples/rl: end the reply with "Answer: <word>"; bench/rlhf_online.py runs these two alone)
+
+`--model tiny` builds a 2-layer Llama from a config (seconds; numbers only show the plumbing; PPO / GRPO then
+reward a reply containing "a", which a random tiny model can learn). Run it alone on the machine for timings.
 """
 
 from __future__ import annotations
@@ -96,7 +99,29 @@ def dpo_row(args, model: str, train: Path, val: Path, work: Path) -> dict:
     ]}
 
 
-METHODS = {"reward": reward_row, "dpo": dpo_row}  # ppo, grpo: one row function each
+def online_row(method: str):
+    """PPO and GRPO on the project's prompt task (examples/rl, bench/rlhf_online.py): held-out greedy reward,
+    grader pass rate and KL to the reference, before and after."""
+
+    def row(args, model: str, train: Path, val: Path, work: Path) -> dict:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import rlhf_online
+
+        steps = args.online_steps or (30 if args.model == "tiny" else 20)
+        result = rlhf_online.run(method, args.model if args.model == "tiny" else model, steps, work)
+        base, tuned = result["base"], result["tuned"]
+        summary = {"steps": result["steps"], "wall_time_s": result["seconds"],
+                   "ranks": [{"peak_memory_bytes": result["peak_rss_gb"] * 1e9}]}
+        return {"summary": summary, "metrics": [
+            ("held-out mean reward", base.mean_reward, tuned.mean_reward),
+            ("held-out pass rate", base.pass_rate, tuned.pass_rate),
+            ("KL to reference (nats)", base.kl_to_reference, tuned.kl_to_reference),
+        ]}
+
+    return row
+
+
+METHODS = {"reward": reward_row, "dpo": dpo_row, "ppo": online_row("ppo"), "grpo": online_row("grpo")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=3e-4)
     parser.add_argument("--dpo-lr", type=float, default=2e-4)
+    parser.add_argument("--online-steps", type=int, default=None, help="ppo / grpo steps (tiny: 30, else 20)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     os.environ.setdefault("TUNEFORGE_HOME", str(Path.home() / ".tuneforge"))
