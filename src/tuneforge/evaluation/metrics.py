@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneforge.spec.job import one_group_pattern
+
 
 @dataclass(frozen=True)
 class MetricScore:
@@ -76,15 +78,7 @@ class AccuracyOptions(_Options):
     @field_validator("regex")
     @classmethod
     def _one_group(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression ({exc})") from None
-        if pattern.groups != 1:
-            raise ValueError(f"needs exactly one capturing group (the answer), found {pattern.groups}")
-        return value
+        return value if value is None else one_group_pattern(value)  # the same check as the job spec's
 
     @field_validator("choices")
     @classmethod

@@ -245,6 +245,17 @@ def _local_refs_only(value: Any, where: str = "") -> None:
             _local_refs_only(item, f"{where}[{index}]")
 
 
+def one_group_pattern(value: str) -> str:
+    """An answer extractor: a valid regular expression with exactly one capturing group (the answer)."""
+    try:
+        pattern = re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    if pattern.groups != 1:
+        raise ValueError(f"needs exactly one capturing group (the answer), found {pattern.groups}")
+    return value
+
+
 class AccuracySpec(Section):
     """How the accuracy metric reads the answer out of an output: exactly one of choices or regex."""
 
@@ -262,15 +273,7 @@ class AccuracySpec(Section):
     @field_validator("regex")
     @classmethod
     def _one_group(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
-        if pattern.groups != 1:
-            raise ValueError(f"needs exactly one capturing group (the answer), found {pattern.groups}")
-        return value
+        return value if value is None else one_group_pattern(value)
 
     @model_validator(mode="after")
     def _one_extractor(self) -> AccuracySpec:
