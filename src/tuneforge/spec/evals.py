@@ -71,16 +71,18 @@ Metadata = Annotated[dict[str, str] | None, Field(description="Up to 16 key-valu
 # ---- item schemas ---------------------------------------------------------------------------------
 
 
-def _local_refs_only(value: Any, where: str) -> None:
+def local_refs_only(value: Any, where: str) -> None:
+    """A JSON schema (where: its name in errors) may refer to its own parts ("#/definitions/x"), never to a
+    file or a URL: the server never fetches one."""
     if isinstance(value, dict):
         for key, item in value.items():
             if key == "$ref" and not (isinstance(item, str) and item.startswith("#")):
                 raise ValueError(f"{where}.$ref {item!r}: only references inside the schema (#/...) are allowed; "
-                                 "the server never fetches a file or a URL")
-            _local_refs_only(item, f"{where}.{key}")
+                                 "a job spec never names a file or a URL")
+            local_refs_only(item, f"{where}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _local_refs_only(item, f"{where}[{index}]")
+            local_refs_only(item, f"{where}[{index}]")
 
 
 def check_item_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +92,7 @@ def check_item_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
     if len(json.dumps(schema, default=str)) > MAX_ITEM_SCHEMA_BYTES:
         raise ValueError(f"the item schema is larger than {MAX_ITEM_SCHEMA_BYTES // 1024} KiB")
-    _local_refs_only(schema, "item_schema")
+    local_refs_only(schema, "item_schema")
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:

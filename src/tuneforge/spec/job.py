@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tuneforge.spec.evals import EvalRunSpec
+from tuneforge.spec.evals import EvalRunSpec, local_refs_only
 from tuneforge.spec.graders import MAX_GRADERS, Grader
 from tuneforge.spec.preference import DpoSpec, RewardModelSpec
 from tuneforge.spec.reinforcement import GrpoSpec, PpoSpec, RolloutSpec
@@ -232,19 +232,6 @@ LOWER_IS_BETTER = ("loss", "perplexity")  # every other metric and every grader 
 MAX_JSON_SCHEMA_BYTES = 64 * 1024
 
 
-def _local_refs_only(value: Any, where: str = "") -> None:
-    """A JSON schema may refer to its own parts ("#/definitions/x"), never to a file or a URL."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "$ref" and not (isinstance(item, str) and item.startswith("#")):
-                raise ValueError(f"json_schema{where}.$ref {item!r}: only references inside the schema (#/...) are "
-                                 "allowed; a job spec never names a file or a URL")
-            _local_refs_only(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _local_refs_only(item, f"{where}[{index}]")
-
-
 def one_group_pattern(value: str) -> str:
     """An answer extractor: a valid regular expression with exactly one capturing group (the answer)."""
     try:
@@ -336,7 +323,7 @@ class EvaluationSpec(Section):
             return None
         if len(json.dumps(value, default=str)) > MAX_JSON_SCHEMA_BYTES:
             raise ValueError(f"the JSON schema is larger than {MAX_JSON_SCHEMA_BYTES // 1024} KiB")
-        _local_refs_only(value)
+        local_refs_only(value, "json_schema")
         return value
 
     @model_validator(mode="after")
