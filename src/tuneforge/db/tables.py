@@ -247,3 +247,21 @@ class EvalOutputItem(Base):
     sample: Mapped[dict[str, Any]] = mapped_column(JSON)
     results: Mapped[list[Any]] = mapped_column(JSON)
     __table_args__ = (Index("ix_eval_output_items_run_seq", "run_id", "seq"),)
+
+
+# ---- registry: model names, versions, lineage, aliases (issue 13; migration 0006) ----
+
+
+# ---- storage: object-store locations, encryption keys (issues 13, 15; migration 0007) ----
+
+
+# ---- uploads: OpenAI's Uploads API (issue 13; migration 0008) ----
+
+
+# ---- cost: prices, estimates, budgets, usage (issue 16; migration 0009) ----
+
+
+# ---- sweeps (issue 18; migration 0010) ----
+
+
+# ---- monitoring: alerts (issue 16; migration 0011) ----

