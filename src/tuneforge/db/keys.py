@@ -1,0 +1,94 @@
+"""Data access for storage: tenant key versions, stored objects (with their wrapped data keys) and links."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from tuneforge.db.identifiers import now
+from tuneforge.db.tables import ObjectLink, StoredObject, TenantKey
+
+OBJECT = "obj_"
+
+
+def add_key_version(session: Session, *, tenant_id: str, version: int) -> TenantKey:
+    row = TenantKey(tenant_id=tenant_id, version=version, created_at=now())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def current_key_version(session: Session, *, tenant_id: str) -> int | None:
+    """The newest live version: what new data keys are wrapped under."""
+    return session.scalar(select(TenantKey.version).where(TenantKey.tenant_id == tenant_id, TenantKey.retired_at.is_(None))
+                          .order_by(TenantKey.version.desc()).limit(1))
+
+
+def highest_key_version(session: Session, *, tenant_id: str) -> int:
+    """The highest version ever recorded for the tenant, retired ones included (0: none)."""
+    return session.scalar(select(func.max(TenantKey.version)).where(TenantKey.tenant_id == tenant_id)) or 0
+
+
+def live_key_versions(session: Session, *, tenant_id: str) -> list[int]:
+    return list(session.scalars(select(TenantKey.version).where(TenantKey.tenant_id == tenant_id,
+                                                                TenantKey.retired_at.is_(None)).order_by(TenantKey.version)))
+
+
+def retire_key_versions(session: Session, *, tenant_id: str, versions: list[int]) -> None:
+    if versions:
+        session.execute(update(TenantKey).where(TenantKey.tenant_id == tenant_id, TenantKey.version.in_(versions),
+                                                TenantKey.retired_at.is_(None)).values(retired_at=now()))
+
+
+def drop_object(session: Session, *, obj: StoredObject) -> None:
+    """Forget an object whose bytes are gone from the store (its links go with it)."""
+    session.execute(delete(ObjectLink).where(ObjectLink.object_id == obj.id))
+    session.delete(obj)
+    session.flush()
+
+
+def find_object(session: Session, *, tenant_id: str, address: str) -> StoredObject | None:
+    return session.scalar(select(StoredObject).where(StoredObject.tenant_id == tenant_id, StoredObject.address == address))
+
+
+def add_object(session: Session, *, object_id: str, tenant_id: str, address: str, location: str, size: int,
+               encrypted: bool, key_version: int | None, wrapped_key: str | None) -> StoredObject:
+    row = StoredObject(id=object_id, tenant_id=tenant_id, address=address, location=location, bytes=size,
+                       encrypted=encrypted, key_version=key_version, wrapped_key=wrapped_key, created_at=now())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def objects_wrapped_under_older(session: Session, *, tenant_id: str, version: int, limit: int = 500) -> list[StoredObject]:
+    """The tenant's encrypted objects whose data key is still wrapped under a version before `version`."""
+    return list(session.scalars(select(StoredObject).where(
+        StoredObject.tenant_id == tenant_id, StoredObject.encrypted.is_(True), StoredObject.key_version < version)
+        .order_by(StoredObject.seq).limit(limit)))
+
+
+def rewrap_object(session: Session, *, object_id: str, old_version: int, version: int, wrapped_key: str) -> bool:
+    """Swap in a data key re-wrapped under `version`, if nobody did it meanwhile."""
+    result = session.execute(update(StoredObject).where(StoredObject.id == object_id, StoredObject.key_version == old_version)
+                             .values(key_version=version, wrapped_key=wrapped_key))
+    return result.rowcount == 1
+
+
+def link_object(session: Session, *, owner: str, name: str, tenant_id: str, kind: str, object_id: str) -> None:
+    """Point owner/name at an object (again: a re-published output replaces the old link)."""
+    row = session.get(ObjectLink, (owner, name))
+    if row is None:
+        session.add(ObjectLink(owner=owner, name=name, tenant_id=tenant_id, kind=kind, object_id=object_id, created_at=now()))
+    elif row.tenant_id == tenant_id:
+        row.kind, row.object_id = kind, object_id
+    else:
+        raise ValueError(f"{owner} belongs to another tenant")
+    session.flush()
+
+
+def linked_objects(session: Session, *, tenant_id: str, owner: str) -> dict[str, tuple[str, StoredObject]]:
+    """name -> (kind, object) of what the tenant's owner (a file id, a job id) has in the store."""
+    rows = session.execute(select(ObjectLink.name, ObjectLink.kind, StoredObject).join(
+        StoredObject, StoredObject.id == ObjectLink.object_id).where(
+        ObjectLink.owner == owner, ObjectLink.tenant_id == tenant_id, StoredObject.tenant_id == tenant_id))
+    return {name: (kind, obj) for name, kind, obj in rows}

@@ -1,0 +1,77 @@
+"""`tuneforge storage rotate-key|shred|fetch-outputs|register-dataset`: the object store, as its operator.
+
+These talk to the database and the store this machine's TUNEFORGE_* variables name (TUNEFORGE_STORE_URL,
+TUNEFORGE_KEYS_DIR). Rotation re-wraps every data key of the tenant under a new key version; shredding
+destroys the tenant's keys, after which its objects cannot be read by anyone; register-dataset makes an
+s3:// object a tenant's file without copying it (docs/storage.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    from tuneforge.cli import UserError
+    from tuneforge.control_plane_cli import _check_tenant_name, _database
+    from tuneforge.registry.storage.jobs import StoreUnavailable, fetch_outputs
+    from tuneforge.registry.storage.tenant_store import open_tenant_store
+
+    settings, db = _database()
+    _check_tenant_name(args.tenant)
+    store = open_tenant_store(db, settings)
+    if store is None:
+        raise UserError("no object store is configured (TUNEFORGE_STORE_URL=s3://bucket/prefix or file:///folder)")
+    if args.action in ("rotate-key", "shred") and store.keys is None:
+        raise UserError("encryption at rest is off (TUNEFORGE_ENCRYPT_AT_REST=false): there are no tenant keys")
+    if args.action == "rotate-key":
+        version = store.rotate(args.tenant)
+        print(f"tenant {args.tenant}: data keys re-wrapped under key version {version}; older versions destroyed",
+              file=sys.stderr)
+    elif args.action == "shred":
+        if not args.yes:
+            raise UserError(f"shred destroys every key of tenant {args.tenant}: its stored datasets and models become "
+                            "unreadable for good. Add --yes to do it")
+        store.shred(args.tenant)
+        print(f"tenant {args.tenant}: keys destroyed; its objects in the store can no longer be read", file=sys.stderr)
+    elif args.action == "register-dataset":
+        from tuneforge.registry.storage.registered import NotRegistrable, register_dataset_uri
+
+        if not args.uri:
+            raise UserError("register-dataset needs --uri s3://bucket/key")
+        try:
+            row = register_dataset_uri(store, tenant_id=args.tenant, uri=args.uri, purpose=args.purpose)
+        except (NotRegistrable, StoreUnavailable, LookupError) as exc:
+            raise UserError(str(exc)) from None
+        print(row.id)
+        print(f"registered {args.uri} as {row.id} of tenant {args.tenant}: {row.status} "
+              f"({(row.report or {}).get('summary', '')}); it stays where it is", file=sys.stderr)
+    else:
+        if not args.job or not args.out:
+            raise UserError("fetch-outputs needs --job JOB_ID and --out DIR")
+        try:
+            names = fetch_outputs(store, tenant_id=args.tenant, job_id=args.job, dest=args.out)
+        except (StoreUnavailable, LookupError, ValueError) as exc:
+            raise UserError(f"{args.job}: {exc}") from None
+        if not names:
+            raise UserError(f"{args.job}: tenant {args.tenant} has no published outputs of that job")
+        for name in names:
+            print(name)
+    return 0
+
+
+def add_storage_command(commands) -> None:
+    storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; fetch a job's published outputs; "
+                                  "register a dataset from s3:// without copying",
+                                  description="The object store's encryption keys (TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR).")
+    storage.add_argument("action", choices=("rotate-key", "shred", "fetch-outputs", "register-dataset"))
+    storage.add_argument("--tenant", required=True)
+    storage.add_argument("--yes", action="store_true", help="shred: confirm that the tenant's data is to become unreadable")
+    storage.add_argument("--job", help="fetch-outputs: the job whose outputs to fetch")
+    storage.add_argument("--out", type=Path, help="fetch-outputs: where to write them (decrypted)")
+    storage.add_argument("--uri", help="register-dataset: the s3://bucket/key of a dataset to use where it lies")
+    storage.add_argument("--purpose", default="fine-tune", choices=("fine-tune", "evals"),
+                         help="register-dataset: what the file is for (default fine-tune)")
+    storage.set_defaults(handler=cmd_storage)
