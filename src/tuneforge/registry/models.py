@@ -1,34 +1,102 @@
-"""Fine-tuned models: naming and registering what a succeeded job produced, and the built-in base models."""
+"""Fine-tuned models: naming and registering what a succeeded job produced (as a version of a model name,
+with its lineage), resolving what a job trains from, the deletion rules, and the base models.
+
+A job's base model may be a built-in model, a base model an admin registered, a fine-tuned model id of
+the caller's tenant (ft:...), or a registry reference, NAME@vN or NAME:ALIAS. References are pinned to
+the ft: id at submission, so a moved alias never changes what a queued job trains from.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
-from tuneforge.db.tables import FineTunedModel, Job
-from tuneforge.spec.job import BUILTIN_BASE_MODELS
+from tuneforge.db.tables import FineTunedModel, Job, JobCheckpoint, ModelVersion
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.lineage import job_lineage
+from tuneforge.registry.retention import apply_retention
+from tuneforge.registry.versions import materialize, store_directory
+from tuneforge.spec.api import ACTIVE_STATUSES
+from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
+from tuneforge.spec.openai_jobs import REGISTERED_MODEL, registered_models
 
 BASE_MODEL_OWNER = "tuneforge"
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+ALIAS = NAME
+CHECKPOINT_SUFFIX = ":ckpt-step-"
+MAX_LINEAGE_DEPTH = 32  # adapters trained on adapters: a chain this long is a loop, not a lineage
 log = logging.getLogger("tuneforge.registry")
 
 
+class RegistryError(LookupError):
+    """A reference or a request the registry cannot serve; status is the HTTP status it maps to."""
+
+    def __init__(self, message: str, *, status: int = 404, code: str = "model_not_found"):
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
 def fine_tuned_model_id(job: Job) -> str:
-    """OpenAI's shape, ft:BASE:ORG:SUFFIX:ID, with the job's id as the unique part."""
-    return f"ft:{job.model}:{job.tenant_id}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')}"
+    """OpenAI's shape, ft:BASE:ORG:SUFFIX:ID, with the job's id as the unique part. A job that continued
+    training a fine-tuned model names the root base, as OpenAI does."""
+    base = ((job.spec or {}).get("model") or {}).get("base_model") or job.model
+    if base.startswith("ft:"):
+        base = base.split(":")[1]
+    elif base not in BUILTIN_BASE_MODELS and not NAME.fullmatch(base):
+        base = job.model
+    return f"ft:{base}:{job.tenant_id}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')}"
 
 
-def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path, output: str) -> FineTunedModel:
-    """Record the adapter (or full model) a job wrote as a model of the job's tenant."""
+def model_name_of(job: Job) -> str:
+    """The registry name a job's output is a version of: its suffix (spec name), else its base model's."""
+    wanted = ((job.spec or {}).get("name") or job.suffix or "").lower()
+    name = re.sub(r"[^a-z0-9-]+", "-", wanted).strip("-")[:64].strip("-")
+    if not name:
+        name = re.sub(r"[^a-z0-9-]+", "-", fine_tuned_model_id(job).split(":")[1].lower()).strip("-")[:64] or "model"
+    return name
+
+
+def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path, output: str,
+                        store: LocalArtifactStore | None = None) -> FineTunedModel:
+    """Record the adapter (or full model) a job wrote as a model of the job's tenant and, with a store, as
+    the next version of its model name: files into the store (deduplicated), manifest, lineage; then the
+    checkpoint retention policy."""
     location = os.path.relpath(job_dir / output, home)
-    return model_rows.create_model(
+    kind = "model" if output == "model" else "adapter"
+    model = model_rows.create_model(
         session, model_id=fine_tuned_model_id(job), tenant_id=job.tenant_id, job_id=job.id, base_model=job.model,
-        kind="model" if output == "model" else "adapter", location=location,
+        kind=kind, location=location,
     )
+    if store is not None:
+        manifest, digest = store_directory(store, job_dir / output)
+        version_rows.create_version(
+            session, tenant_id=job.tenant_id, name=model_name_of(job), model_id=model.id, job_id=job.id, kind=kind,
+            manifest=manifest, manifest_sha256=digest,
+            lineage=job_lineage(session, job=job, job_dir=job_dir, output=job_dir / output),
+        )
+        apply_retention(session, job_id=job.id, job_dir=job_dir,
+                        keep_last=JobSpec.model_validate(job.spec).checkpoint.keep_last, best_step=_best_step(job_dir))
+    return model
+
+
+def _best_step(job_dir: Path) -> int | None:
+    from tuneforge.spec.jobdir import read_summary
+
+    try:
+        summary = read_summary(job_dir)
+    except ValueError:
+        return None
+    return summary.best_checkpoint.step if summary and summary.best_checkpoint else None
 
 
 def remove_model_files(*, location: str, home: Path) -> bool:
@@ -47,3 +115,186 @@ def remove_model_files(*, location: str, home: Path) -> bool:
 
 def base_models() -> tuple[str, ...]:
     return BUILTIN_BASE_MODELS
+
+
+def all_base_models(session: Session) -> list[str]:
+    """The built-in base models and those an admin registered."""
+    return [*BUILTIN_BASE_MODELS, *(row.name for row in version_rows.list_base_models(session))]
+
+
+# ---- references -------------------------------------------------------------------------------------
+
+
+def parse_version(text: str) -> int:
+    match = re.fullmatch(r"v?([0-9]{1,9})", text)
+    if not match:
+        raise RegistryError(f"version {text!r}: expected v1, v2, ... (or the number)", status=400, code="invalid_value")
+    return int(match.group(1))
+
+
+def find_version(session: Session, *, tenant_id: str, name: str, ref: str) -> ModelVersion:
+    """A version of name by number (v2, 2) or alias (production)."""
+    if re.fullmatch(r"v?[0-9]{1,9}", ref):
+        version = version_rows.get_version(session, tenant_id=tenant_id, name=name, version=parse_version(ref))
+    else:
+        version = version_rows.alias_target(session, tenant_id=tenant_id, name=name, alias=ref)
+    if version is None or version.deleted_at is not None:
+        raise RegistryError(f"model {name!r} has no version or alias {ref!r}")
+    return version
+
+
+def resolve_base_reference(session: Session, *, tenant_id: str, ref: str) -> str:
+    """The pinned base model of a job: a built-in or registered base model name, or an ft: model id."""
+    if ref in BUILTIN_BASE_MODELS:
+        return ref
+    if ref.startswith("ft:"):
+        if CHECKPOINT_SUFFIX in ref:
+            raise RegistryError(f"{ref}: training from a checkpoint is not supported; train from the model itself",
+                                status=400, code="invalid_value")
+        if model_rows.get_model(session, tenant_id=tenant_id, model_id=ref) is None:
+            raise RegistryError(f"no model with id {ref!r}")
+        return ref
+    name, sep, version_or_alias = ref.partition("@v") if "@v" in ref else ref.partition(":")
+    if sep:
+        return find_version(session, tenant_id=tenant_id, name=name,
+                            ref=f"v{version_or_alias}" if sep == "@v" else version_or_alias).model_id
+    if version_rows.get_base_model(session, name=ref) is not None:
+        return ref
+    raise RegistryError(f"model {ref!r} is not available on this server; expected one of "
+                        f"{', '.join(all_base_models(session))}, a fine-tuned model id (ft:...) or NAME@vN / NAME:ALIAS")
+
+
+def lineage_chain(session: Session, *, version: ModelVersion) -> list[dict[str, Any]]:
+    """The version, the version it was trained from, and so on, ending with the base model: newest first."""
+    chain: list[dict[str, Any]] = []
+    row: ModelVersion | None = version
+    while row is not None and len(chain) < MAX_LINEAGE_DEPTH:
+        lineage = row.lineage
+        base = lineage.get("base_model") or {}
+        chain.append({"name": row.name, "version": f"v{row.version}", "model": row.model_id, "kind": row.kind,
+                      "manifest_sha256": row.manifest_sha256, "job_id": row.job_id, "base_model": base,
+                      "datasets": lineage.get("datasets"), "seed": lineage.get("seed"), "created_at": row.created_at})
+        row = (version_rows.version_of_model(session, tenant_id=version.tenant_id, model_id=base["ref"])
+               if base.get("kind") == "version" else None)
+        if row is None and base:
+            chain.append({"base_model": base})
+    return chain
+
+
+def find_reference(session: Session, *, tenant_id: str, ref: str) -> ModelVersion:
+    """A version by NAME@vN, NAME:ALIAS or NAME (its newest version)."""
+    name, sep, rest = ref.partition("@") if "@" in ref else ref.partition(":")
+    if sep:
+        return find_version(session, tenant_id=tenant_id, name=name, ref=rest)
+    versions = version_rows.list_versions(session, tenant_id=tenant_id, name=name)
+    if not versions:
+        raise RegistryError(f"no model named {name!r}")
+    return versions[-1]
+
+
+# ---- what a worker writes out for a job to train from -----------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files come from: a name the recipe resolves itself (a built-in model), a directory,
+    or a manifest in the store; an adapter also names the base it applies to."""
+
+    as_is: str | None = None
+    directory: Path | None = None
+    manifest: dict[str, Any] | None = None
+    base: ModelSource | None = None
+
+
+def model_source(session: Session, *, tenant_id: str, base_model: str, home: Path, depth: int = 0) -> ModelSource:
+    """How to materialize a job's pinned base model, following an adapter's lineage to its base."""
+    if depth > MAX_LINEAGE_DEPTH:
+        raise RegistryError(f"the lineage of {base_model} is deeper than {MAX_LINEAGE_DEPTH} models")
+    registered = version_rows.get_base_model(session, name=base_model) if NAME.fullmatch(base_model) else None
+    if registered is not None:
+        return ModelSource(manifest=registered.manifest)
+    if not REGISTERED_MODEL.match(base_model):  # a built-in model (or a spec from the CLI's own door)
+        return ModelSource(as_is=base_model)
+    version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=base_model)
+    if version is None:
+        row = model_rows.get_model(session, tenant_id=tenant_id, model_id=base_model)
+        if row is None:
+            raise RegistryError(f"the model {base_model} this job trains from was deleted")
+        return ModelSource(directory=home / row.location)  # registered before versions: the adapter's own base
+    base = None
+    if version.kind == "adapter":
+        base = model_source(session, tenant_id=tenant_id, base_model=version.lineage["base_model"]["ref"], home=home,
+                            depth=depth + 1)
+    return ModelSource(manifest=version.manifest, base=base)
+
+
+def materialize_source(store: LocalArtifactStore, source: ModelSource, root: Path) -> str:
+    """What model.base_model becomes in the recipe's spec: a built-in name or a local directory."""
+    if source.as_is is not None:
+        return source.as_is
+    if source.directory is not None:
+        return str(source.directory)
+    base = materialize_source(store, source.base, root) if source.base is not None else None
+    return str(materialize(store, source.manifest, root, base=base))
+
+
+# ---- deletion ---------------------------------------------------------------------------------------
+
+
+def uses_model(spec: dict[str, Any], model_id: str) -> bool:
+    """Whether a job's spec trains from model_id or uses it as a reward, judge or evaluated model."""
+    try:
+        parsed = JobSpec.model_validate(spec)
+    except ValueError:
+        return False
+    return any(found == model_id for _, found in registered_models(parsed))
+
+
+def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None:
+    """Delete a fine-tuned model and its version, unless an alias or a job not finished yet uses it
+    (RegistryError 409 naming them). Its files go after the commit (remove_model_files)."""
+    version = version_rows.version_of_model(session, tenant_id=model.tenant_id, model_id=model.id)
+    if version is not None:
+        blockers = version_rows.deletion_blockers(session, version=version, active_statuses=ACTIVE_STATUSES,
+                                                  uses_model=uses_model)
+    else:
+        blockers = [f"job {job_id} ({status}) uses it" for job_id, status, spec in session.execute(
+            select(Job.id, Job.status, Job.spec).where(Job.tenant_id == model.tenant_id,
+                                                       Job.status.in_(ACTIVE_STATUSES))) if uses_model(spec, model.id)]
+    if blockers:
+        label = f"{version.name} v{version.version}" if version is not None else model.id
+        raise RegistryError(f"{label} cannot be deleted: {'; '.join(blockers)}", status=409, code="model_in_use")
+    if version is not None:
+        version_rows.delete_version(session, version=version)
+    model_rows.delete_model(session, model=model)
+
+
+# ---- checkpoints, as OpenAI lists them among the models ---------------------------------------------
+
+
+def checkpoint_models(session: Session, *, models: list[FineTunedModel]) -> list[tuple[str, int, str]]:
+    """(ft:...:ckpt-step-N, created, tenant) of every kept checkpoint of these models' jobs."""
+    by_job = {model.job_id: model for model in models}
+    if not by_job:
+        return []
+    rows = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id.in_(by_job))
+                           .order_by(JobCheckpoint.job_id, JobCheckpoint.step))
+    return [(f"{by_job[row.job_id].id}{CHECKPOINT_SUFFIX}{row.step}", row.created_at, by_job[row.job_id].tenant_id)
+            for row in rows]
+
+
+# ---- base models an admin registers -----------------------------------------------------------------
+
+
+def register_base_model(session: Session, store: LocalArtifactStore, *, name: str, directory: Path):
+    """Copy a local Hugging Face model directory into the store as the base model `name` (CLI, admin only)."""
+    if not NAME.fullmatch(name) or name in BUILTIN_BASE_MODELS:
+        raise RegistryError(f"base model name {name!r}: expected lowercase letters, digits and dashes (at most 64), "
+                            f"not a built-in model's", status=400, code="invalid_value")
+    if version_rows.get_base_model(session, name=name) is not None:
+        raise RegistryError(f"a base model named {name!r} is registered already", status=409, code="conflict")
+    if not (directory / "config.json").is_file():
+        raise RegistryError(f"{directory}: not a Hugging Face model directory (no config.json)", status=400,
+                            code="invalid_value")
+    manifest, digest = store_directory(store, directory)
+    return version_rows.create_base_model(session, name=name, manifest=manifest, manifest_sha256=digest)

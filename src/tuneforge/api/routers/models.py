@@ -1,5 +1,6 @@
-"""/v1/models: the built-in base models and the tenant's fine-tuned models; delete a fine-tuned model
-(its row, and its adapter and its job's checkpoints on disk)."""
+"""/v1/models: the base models (built-in and registered), the tenant's fine-tuned models and their kept
+checkpoints (ft:...:ckpt-step-N, as OpenAI lists them); delete a fine-tuned model (its row and version,
+its adapter and its job's checkpoints on disk) unless an alias or a job not finished yet uses it."""
 
 from __future__ import annotations
 
@@ -8,44 +9,70 @@ from fastapi import APIRouter
 from tuneforge.api.dependencies import Db, JobsCaller, Reader
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import model_object
+from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
 from tuneforge.home import tuneforge_home
-from tuneforge.registry.models import BASE_MODEL_OWNER, base_models, remove_model_files
+from tuneforge.registry.models import (
+    BASE_MODEL_OWNER,
+    CHECKPOINT_SUFFIX,
+    RegistryError,
+    all_base_models,
+    checkpoint_models,
+    delete_model_and_version,
+    remove_model_files,
+)
 from tuneforge.spec.api import ListObject, ModelDeleted, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BASE_MODEL_CREATED = 1_735_689_600  # 2025-01-01: built-in models have no upload time
 
 
+def _base_objects(session) -> list[ModelObject]:
+    registered = {row.name: row.created_at for row in version_rows.list_base_models(session)}
+    return [ModelObject(id=name, created=registered.get(name, BASE_MODEL_CREATED), owned_by=BASE_MODEL_OWNER)
+            for name in all_base_models(session)]
+
+
 @router.get("", response_model=ListObject)
 def list_models(caller: Reader, db: Db) -> ListObject:
-    base = [ModelObject(id=name, created=BASE_MODEL_CREATED, owned_by=BASE_MODEL_OWNER) for name in base_models()]
     with db.session() as session:
-        tuned = [model_object(row) for row in model_rows.list_models(session, tenant_id=caller.tenant_id)]
-    return ListObject(data=base + tuned)
+        rows = model_rows.list_models(session, tenant_id=caller.tenant_id)
+        checkpoints = [ModelObject(id=model_id, created=created, owned_by=owner)
+                       for model_id, created, owner in checkpoint_models(session, models=rows)]
+        return ListObject(data=_base_objects(session) + [model_object(row) for row in rows] + checkpoints)
 
 
 @router.get("/{model_id}", response_model=ModelObject)
 def get_model(model_id: str, caller: Reader, db: Db) -> ModelObject:
-    if model_id in base_models():
-        return ModelObject(id=model_id, created=BASE_MODEL_CREATED, owned_by=BASE_MODEL_OWNER)
     with db.session() as session:
-        row = model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id)
+        for base in _base_objects(session):
+            if base.id == model_id:
+                return base
+        parent = model_id.split(CHECKPOINT_SUFFIX)[0] if CHECKPOINT_SUFFIX in model_id else model_id
+        row = model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=parent)
         if row is None:
             raise not_found("model", model_id, param="model")
-        return model_object(row)
+        if parent == model_id:
+            return model_object(row)
+        for checkpoint_id, created, owner in checkpoint_models(session, models=[row]):
+            if checkpoint_id == model_id:
+                return ModelObject(id=checkpoint_id, created=created, owned_by=owner)
+        raise not_found("model", model_id, param="model")
 
 
 @router.delete("/{model_id}", response_model=ModelDeleted)
 def delete_model(model_id: str, caller: JobsCaller, db: Db) -> ModelDeleted:
-    if model_id in base_models():
-        raise ApiError(403, f"{model_id} is a built-in base model and cannot be deleted", param="model",
-                       code="forbidden", type="permission_error")
     with db.session() as session:
+        if model_id in all_base_models(session):
+            raise ApiError(403, f"{model_id} is a base model and cannot be deleted through the API", param="model",
+                           code="forbidden", type="permission_error")
         row = model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id)
         if row is None:
             raise not_found("model", model_id, param="model")
-        model_rows.delete_model(session, model=row)
+        try:
+            delete_model_and_version(session, model=row)
+        except RegistryError as exc:
+            raise ApiError(exc.status, exc.message, param="model", code=exc.code) from None
         location = row.location
     # After the commit: a failed removal leaves files behind, never a listed model without them.
     remove_model_files(location=location, home=tuneforge_home())

@@ -1,0 +1,49 @@
+"""Checkpoint retention once a job has succeeded: keep the best checkpoint and the newest
+checkpoint.keep_last, remove the rest (the runtime also kept the one it resumed from, which only a
+running job needs), and forget the rows of checkpoints whose folders the runtime already pruned.
+
+What stays is listed by /v1/models as ft:...:ckpt-step-N; deleting the model removes those too.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tuneforge.db.tables import JobCheckpoint
+
+log = logging.getLogger("tuneforge.registry.retention")
+
+
+def retained_steps(steps: list[int], *, keep_last: int, best_step: int | None) -> set[int]:
+    """The steps the policy keeps: the newest keep_last, and the best."""
+    kept = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    return kept | ({best_step} if best_step in steps else set())
+
+
+def apply_retention(session: Session, *, job_id: str, job_dir: Path, keep_last: int, best_step: int | None) -> list[int]:
+    """Remove the checkpoints of a succeeded job that the policy does not keep; returns their steps."""
+    rows = list(session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)))
+    root = job_dir.resolve()
+    present = []
+    for row in rows:
+        folder = (job_dir / row.path).resolve()
+        if row.path and folder.is_relative_to(root) and folder != root and folder.is_dir():
+            present.append(row)
+        else:
+            session.delete(row)  # pruned by the runtime while training
+    keep = retained_steps([row.step for row in present], keep_last=keep_last, best_step=best_step)
+    removed = []
+    for row in present:
+        if row.step in keep:
+            continue
+        shutil.rmtree(job_dir / row.path, ignore_errors=True)
+        session.delete(row)
+        removed.append(row.step)
+    if removed:
+        log.info("job %s: removed checkpoints of steps %s (retention: best and newest %d)", job_id, removed, keep_last)
+    return sorted(removed)
