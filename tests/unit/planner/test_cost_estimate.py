@@ -1,0 +1,139 @@
+"""The price table (defaults, the operator's file, tenants' rates), its errors, and the cost estimate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.planner import GPUS, PlannerError, plan_job
+from tuneforge.planner.cost import (
+    DEFAULT_PRICES,
+    PRICE_TABLE_ENV,
+    STARTUP_SECONDS,
+    PriceTable,
+    estimate_cost,
+    parse_price_table,
+    price_table,
+    training_tokens,
+)
+from tuneforge.spec import validate_job_spec
+
+TABLE = """
+market: on_demand
+prices:
+  h100-80gb: {on_demand: 2.5}
+tenants:
+  acme: {discount: 0.2, market: spot, prices: {a100-80gb: {spot: 0.5}}}
+"""
+
+
+def spec(**sections):
+    body = {"dataset": {"path": "file-x", "max_seq_length": 512}, "model": {"base_model": "smollm2-135m"}, **sections}
+    return validate_job_spec(body, source="test")
+
+
+def test_every_device_a_job_can_ask_for_has_a_default_price_and_spot_is_cheaper():
+    assert set(DEFAULT_PRICES) == set(GPUS) | {"cpu"}
+    for device, (on_demand, spot) in DEFAULT_PRICES.items():
+        assert 0 < spot < on_demand, device
+    rate = PriceTable().rate("h100-80gb")
+    assert (rate.market, rate.price_per_hour, rate.source) == ("on_demand", DEFAULT_PRICES["h100-80gb"][0], "default")
+
+
+def test_the_file_replaces_what_it_names_and_tenants_get_their_negotiated_rates():
+    table = parse_price_table(TABLE, source="prices.yaml")
+    h100 = table.rate("h100-80gb")
+    assert (h100.on_demand, h100.spot, h100.source) == (2.5, DEFAULT_PRICES["h100-80gb"][1], "price table")
+    assert table.rate("l4").source == "default"
+    acme = table.rate("h100-80gb", "acme")  # 20% off the list, charged at spot
+    assert acme.market == "spot" and acme.price_per_hour == pytest.approx(DEFAULT_PRICES["h100-80gb"][1] * 0.8)
+    assert acme.on_demand == pytest.approx(2.0) and acme.source == "tenant"
+    assert table.rate("a100-80gb", "acme").price_per_hour == 0.5  # its own price, not discounted again
+    assert table.rate("h100-80gb", "someone-else") == h100
+
+
+@pytest.mark.parametrize("text, where", [
+    ("prices: {h100-80gb: {on_demand: -1}}", "prices.h100-80gb.on_demand"),
+    ("prices: {h900: {on_demand: 1}}", "prices.h900"),
+    ("market: reserved", "market"),
+    ("tenants: {acme: {discount: 1.5}}", "tenants.acme.discount"),
+    ("prices: {cpu: {on_demand: 1, price: 2}}", "prices.cpu.price"),
+])
+def test_a_bad_price_table_names_the_file_and_the_field(text, where):
+    with pytest.raises(PlannerError) as error:
+        parse_price_table(text, source="prices.yaml")
+    assert str(error.value).startswith(f"prices.yaml: {where}:")
+
+
+def test_the_table_is_reread_when_the_file_changes_and_a_bad_edit_keeps_the_last_good_one(tmp_path, monkeypatch):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"prices": {"l4": {"on_demand": 1.0}}}))
+    monkeypatch.setenv(PRICE_TABLE_ENV, str(path))
+    assert price_table().rate("l4").on_demand == 1.0
+    path.write_text(json.dumps({"prices": {"l4": {"on_demand": 1.5}}}))
+    os.utime(path, ns=(1, 10**18))  # a new mtime even on a coarse clock
+    assert price_table().rate("l4").on_demand == 1.5
+    path.write_text("{not json")
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert price_table().rate("l4").on_demand == 1.5
+    monkeypatch.setenv(PRICE_TABLE_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(PlannerError, match="missing.yaml: cannot read the price table"):
+        price_table()
+
+
+def test_the_estimate_is_startup_plus_tokens_over_throughput_priced_per_device_hour():
+    rate = PriceTable().rate("h100-80gb")
+    one = plan_job(spec(resources={"gpu_type": "h100-80gb"}))
+    four = plan_job(spec(resources={"gpu_type": "h100-80gb", "num_gpus": 4}))
+    tokens = 2_000_000_000
+    a, b = estimate_cost(one, tokens=tokens, rate=rate), estimate_cost(four, tokens=tokens, rate=rate)
+    training = tokens / one.throughput.tokens_per_second
+    assert a.wall_seconds == pytest.approx(training + STARTUP_SECONDS + one.model.num_params * 2 / 500e6)
+    assert a.gpu_hours == pytest.approx(a.wall_seconds / 3600)
+    assert a.cost_usd == pytest.approx(a.gpu_hours * rate.price_per_hour)
+    assert a.spot_usd < a.cost_usd == a.on_demand_usd
+    # Four GPUs: a quarter of the training time, the same device-hours for it, start-up paid four times.
+    assert b.wall_seconds == pytest.approx(a.wall_seconds - training * 3 / 4)
+    assert b.gpu_hours == pytest.approx(a.gpu_hours + 3 * (a.wall_seconds - training) / 3600)
+
+
+def test_cpu_jobs_get_an_estimate_from_the_cores_and_their_price():
+    result = plan_job(spec(resources={"gpu_type": "cpu"}, model={"base_model": "tiny-llama"}))
+    assert result.throughput.tokens_per_second is None  # the planner publishes no CPU peak
+    estimate = estimate_cost(result, tokens=100_000, rate=PriceTable().rate("cpu"))
+    assert estimate.tokens_per_second > 0 and estimate.cost_usd > 0 and "cpu:" in estimate.basis
+
+
+def test_tokens_are_examples_times_epochs_or_steps_times_batch_and_some_methods_are_not_priced():
+    stats = {"total_tokens": 20_000, "characters": 1}
+    tokens, basis = training_tokens(spec(training={"num_epochs": 3, "batch_size": 8}), examples=100, stats=stats)
+    assert tokens == 100 * 3 * 200 and "100 examples x 3 epochs" in basis
+    tokens, _ = training_tokens(spec(training={"max_steps": 5, "batch_size": 4}), examples=100, stats=stats)
+    assert tokens == 5 * 4 * 200
+    # Without a tokenizer's count: characters / 4 plus 8 template tokens per message, capped at max_seq_length.
+    tokens, basis = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}), examples=10,
+                                    stats={"characters": 4000, "turns": 20})
+    assert tokens == 100 + 16 and "characters / 4" in basis
+    tokens, _ = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}), examples=1, stats={"characters": 10**6})
+    assert tokens == 512
+    assert training_tokens(spec(training={"max_steps": 1}), examples=0, stats={}) is None
+
+
+def test_tuneforge_plan_prints_the_cost_of_its_tokens(tmp_path):
+    env = {**os.environ, PRICE_TABLE_ENV: str(tmp_path / "prices.yaml")}
+    (tmp_path / "prices.yaml").write_text("prices: {a100-80gb: {on_demand: 10, spot: 4}}\n")
+    run = subprocess.run([sys.executable, "-m", "tuneforge.cli", "plan", "--model", "smollm2-135m", "--tokens", "1B",
+                          "--json"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    cost = json.loads(run.stdout)["cost"]
+    assert cost["device"] == "a100-80gb" and cost["price_per_gpu_hour"] == 10
+    assert cost["cost_usd"] == pytest.approx(cost["gpu_hours"] * 10) and cost["spot_usd"] == pytest.approx(cost["gpu_hours"] * 4)
+    text = subprocess.run([sys.executable, "-m", "tuneforge.cli", "plan", "--model", "smollm2-135m", "--tokens", "1B"],
+                          capture_output=True, text=True, env=env).stdout
+    assert "cost: ~" in text and "at $10/h on_demand" in text
+    (tmp_path / "prices.yaml").write_text("prices: {a100-80gb: {on_demand: lots}}\n")
+    bad = subprocess.run([sys.executable, "-m", "tuneforge.cli", "plan", "--model", "smollm2-135m", "--tokens", "1B"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "prices.a100-80gb.on_demand" in bad.stderr
