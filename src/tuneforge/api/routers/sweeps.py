@@ -1,0 +1,112 @@
+"""/v1/sweeps (tuneforge): create a hyperparameter sweep, list, retrieve (best trial, importance), its trials, cancel.
+
+A sweep's base job names uploaded file ids and built-in or registered models, exactly as a job request's
+`tuneforge` extension does; its trials are ordinary jobs of the caller's tenant (scheduler/sweeps.py).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from tuneforge.api.auth import Principal
+from tuneforge.api.dependencies import Db, JobsCaller, Reader
+from tuneforge.api.errors import ApiError, not_found
+from tuneforge.api.objects import page
+from tuneforge.db import files as file_rows
+from tuneforge.db import models as model_rows
+from tuneforge.db import sweeps as sweep_rows
+from tuneforge.scheduler.admission import live_inventories
+from tuneforge.scheduler.submission import check_submission
+from tuneforge.scheduler.sweeps import cancel_sweep, sweep_object
+from tuneforge.spec.api import ListObject
+from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
+from tuneforge.spec.openai_jobs import REGISTERED_MODEL, RequestError, refuse_model_paths, registered_models
+from tuneforge.spec.sweep import SweepObject, SweepSpec, SweepTrialObject
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+
+def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
+    """The data are the caller's uploads, and every model the base or a value of the space names is built in
+    or the caller's own: a sweep, like a job, never makes the server read a path."""
+    for param, file_id in (("base.dataset.path", spec.base.dataset.path),
+                           ("base.dataset.validation_path", spec.base.dataset.validation_path)):
+        if file_id is None:
+            continue
+        row = file_rows.get_file(session, tenant_id=caller.tenant_id, file_id=file_id)
+        if row is None:
+            raise ApiError(400, f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
+        if row.purpose != "fine-tune":
+            raise ApiError(400, f"{param}: file {file_id} has purpose {row.purpose!r}, expected 'fine-tune'", param=param)
+    specs: list[tuple[str, JobSpec]] = [("base", spec.base)]
+    for path, parameter in spec.space.items():
+        context = {other: allowed[0] for other, allowed in (parameter.when or {}).items()}
+        specs += [(f"space.{path}", spec.trial_spec({**context, path: value})) for value in parameter.edges()]
+    for where, job_spec in specs:
+        base_model = job_spec.model.base_model
+        if base_model not in BUILTIN_BASE_MODELS and not REGISTERED_MODEL.match(base_model):
+            raise ApiError(400, f"{where}: model.base_model {base_model!r} is neither a built-in model "
+                           f"({', '.join(BUILTIN_BASE_MODELS)}) nor a registered model id (ft:...)", param=where,
+                           code="model_not_found")
+        try:
+            refuse_model_paths(job_spec, prefix=where)
+        except RequestError as exc:
+            raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
+        for field, model_id in registered_models(job_spec):
+            if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
+                raise ApiError(400, f"{where}: {field}: no model with id {model_id!r}", param=where,
+                               code="model_not_found")
+
+
+@router.post("", response_model=SweepObject)
+def create_sweep(body: SweepSpec, caller: JobsCaller, db: Db) -> SweepObject:
+    with db.read_session() as session:
+        _check_sources(session, caller, body)
+        inventories = live_inventories(session)
+    problem = check_submission(body.base, inventories).problem
+    if problem:
+        raise ApiError(400, f"base: {problem.message}", param=f"base.{(problem.param or '').removeprefix('tuneforge.')}",
+                       code=problem.code)
+    with db.session() as session:
+        sweep = sweep_rows.create_sweep(session, tenant_id=caller.tenant_id, name=body.name,
+                                        spec=body.model_dump(mode="json"))
+    return sweep_object(db, sweep, with_importance=False)
+
+
+@router.get("", response_model=ListObject)
+def list_sweeps(caller: Reader, db: Db, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> ListObject:
+    with db.read_session() as session:
+        rows, more = sweep_rows.list_sweeps(session, tenant_id=caller.tenant_id, limit=limit, after=after)
+    return page([sweep_object(db, row, with_importance=False) for row in rows], more)
+
+
+def _sweep(db, caller: Principal, sweep_id: str):
+    with db.read_session() as session:
+        row = sweep_rows.get_sweep(session, tenant_id=caller.tenant_id, sweep_id=sweep_id)
+    if row is None:
+        raise not_found("sweep", sweep_id, param="sweep_id")
+    return row
+
+
+@router.get("/{sweep_id}", response_model=SweepObject)
+def get_sweep(sweep_id: str, caller: Reader, db: Db) -> SweepObject:
+    return sweep_object(db, _sweep(db, caller, sweep_id), with_importance=True)
+
+
+@router.get("/{sweep_id}/trials", response_model=ListObject)
+def list_trials(sweep_id: str, caller: Reader, db: Db) -> ListObject:
+    sweep = _sweep(db, caller, sweep_id)
+    with db.read_session() as session:
+        trials = sweep_rows.trials_of(session, sweep_id=sweep.id)
+    items = [SweepTrialObject(number=t.number, status=t.status, job_id=t.job_id, params=t.params, values=t.values,
+                              error=t.error, created_at=t.created_at, finished_at=t.finished_at) for t in trials]
+    return ListObject(data=items, has_more=False)
+
+
+@router.post("/{sweep_id}/cancel", response_model=SweepObject)
+def cancel(sweep_id: str, caller: JobsCaller, db: Db) -> SweepObject:
+    sweep = _sweep(db, caller, sweep_id)
+    if not cancel_sweep(db, sweep):
+        raise ApiError(409, f"sweep {sweep_id} is {sweep.status}; only running sweeps can be cancelled",
+                       param="sweep_id", code="invalid_sweep_state")
+    return sweep_object(db, _sweep(db, caller, sweep_id), with_importance=False)
