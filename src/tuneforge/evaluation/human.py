@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tuneforge.data.problems import DataError, DataProblem, short_repr
 from tuneforge.evaluation.judging import item_conversation, item_question
@@ -172,58 +172,70 @@ class _Reading:
     problems: list[DataProblem] = field(default_factory=list)
 
 
-def _read_jsonl(path: Path) -> _Reading:
-    reading = _Reading(str(path))
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                reading.problems.append(DataProblem(str(path), line_number, "not_json", "", "a JSON object",
-                                                    f"invalid JSON ({exc.msg} at column {exc.colno})"))
-                continue
-            reading.records.append((line_number, record))
-    return reading
+@dataclass(frozen=True)
+class JudgementsText:
+    """Judgements that arrived as text (an upload to the API), named as the caller named them in errors."""
+
+    text: str
+    name: str
+    format: str  # jsonl or csv
 
 
-def _read_csv(path: Path) -> _Reading:
-    reading = _Reading(str(path))
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
+def _read_jsonl(handle: IO[str], name: str) -> _Reading:
+    reading = _Reading(name)
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
         try:
-            header = next(reader)
-        except StopIteration:
-            reading.problems.append(DataProblem(str(path), 0, "empty", "", "a header row with row_id, annotator, verdict",
-                                                "an empty file"))
-            return reading
-        header = [name.strip() for name in header]
-        missing = [column for column in REQUIRED_COLUMNS if column not in header]
-        if missing:
-            for column in missing:
-                reading.problems.append(DataProblem(str(path), 1, "missing_column", column, f"a column named {column}",
-                                                    f"columns {', '.join(header) or 'none'}"))
-            return reading
-        start = reader.line_num + 1
-        for values in reader:
-            line, start = start, reader.line_num + 1  # a quoted answer may span several lines
-            if not any(value.strip() for value in values):
-                continue
-            if len(values) != len(header):
-                reading.problems.append(DataProblem(str(path), line, "wrong_columns", "", f"{len(header)} values",
-                                                    f"{len(values)} values"))
-                continue
-            reading.records.append((line, dict(zip(header, values))))
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            reading.problems.append(DataProblem(name, line_number, "not_json", "", "a JSON object",
+                                                f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        reading.records.append((line_number, record))
     return reading
 
 
-def _read(source: str | Path | Sequence[Mapping[str, Any]]) -> _Reading:
+def _read_csv(handle: IO[str], name: str) -> _Reading:
+    reading = _Reading(name)
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        reading.problems.append(DataProblem(name, 0, "empty", "", "a header row with row_id, annotator, verdict",
+                                            "an empty file"))
+        return reading
+    header = [column.strip() for column in header]
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        for column in missing:
+            reading.problems.append(DataProblem(name, 1, "missing_column", column, f"a column named {column}",
+                                                f"columns {', '.join(header) or 'none'}"))
+        return reading
+    start = reader.line_num + 1
+    for values in reader:
+        line, start = start, reader.line_num + 1  # a quoted answer may span several lines
+        if not any(value.strip() for value in values):
+            continue
+        if len(values) != len(header):
+            reading.problems.append(DataProblem(name, line, "wrong_columns", "", f"{len(header)} values",
+                                                f"{len(values)} values"))
+            continue
+        reading.records.append((line, dict(zip(header, values))))
+    return reading
+
+
+def _read(source: str | Path | JudgementsText | Sequence[Mapping[str, Any]]) -> _Reading:
+    if isinstance(source, JudgementsText):
+        read = _read_csv if source.format == "csv" else _read_jsonl
+        return read(io.StringIO(source.text.removeprefix("\ufeff"), newline=""), source.name)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such judgements file")
-        return _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+        csv_file = path.suffix.lower() == ".csv"
+        with open(path, encoding="utf-8-sig", newline="" if csv_file else None) as handle:
+            return (_read_csv if csv_file else _read_jsonl)(handle, str(path))
     return _Reading("judgements", records=[(index, record) for index, record in enumerate(source, start=1)])
 
 
@@ -231,8 +243,8 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def import_judgements(source: str | Path | Sequence[Mapping[str, Any]], key: SideBySideKey | Mapping[str, Any], *,
-                      confidence: float = 0.95) -> HumanReport:
+def import_judgements(source: str | Path | JudgementsText | Sequence[Mapping[str, Any]],
+                      key: SideBySideKey | Mapping[str, Any], *, confidence: float = 0.95) -> HumanReport:
     """Read annotators' verdicts (a .jsonl or .csv file, or rows as dicts) and un-blind them through the key.
 
     Each record has row_id, annotator and verdict (left, right or tie, any case); other fields are ignored.
@@ -241,8 +253,18 @@ def import_judgements(source: str | Path | Sequence[Mapping[str, Any]], key: Sid
     """
     if not isinstance(key, SideBySideKey):
         key = SideBySideKey.from_dict(key)
+    accepted, skipped = read_judgements(source, key)
+    return human_report(key, accepted, skipped=skipped, confidence=confidence)
+
+
+def read_judgements(source: str | Path | JudgementsText | Sequence[Mapping[str, Any]], key: SideBySideKey, *,
+                    imported: Iterable[tuple[str, str]] = ()) -> tuple[list[tuple[str, str, str]], int]:
+    """The checked verdicts of one source as (row_id, annotator, verdict) and how many rows were left blank.
+    `imported`: (row_id, annotator) pairs judged in earlier uploads; a second verdict on one is a problem.
+    Raises DataError naming every bad record; nothing is returned then."""
     reading = _read(source)
     problems, accepted, skipped = list(reading.problems), [], 0
+    earlier = set(imported)
     seen: dict[tuple[str, str], int] = {}
 
     def problem(line: int, kind: str, field_name: str, expected: str, found: str) -> None:
@@ -271,15 +293,16 @@ def import_judgements(source: str | Path | Sequence[Mapping[str, Any]], key: Sid
         if bad:
             continue
         pair = (row_id.strip(), annotator.strip())
-        if pair in seen:
+        if pair in seen or pair in earlier:
+            first = f"first on line {seen[pair]}" if pair in seen else "imported earlier"
             problem(line, "duplicate", "annotator", "one verdict per annotator and row",
-                    f"a second verdict by {pair[1]} on {pair[0]} (first on line {seen[pair]})")
+                    f"a second verdict by {pair[1]} on {pair[0]} ({first})")
             continue
         seen[pair] = line
         accepted.append((pair[0], pair[1], verdict.strip().lower()))
     if problems:
         raise DataError(problems, headline=f"{reading.file}: {len(problems)} problem(s) in the judgements; nothing was imported")
-    return _report(key, accepted, skipped, confidence)
+    return accepted, skipped
 
 
 def _majority(votes: Iterable[str]) -> str:
@@ -289,7 +312,9 @@ def _majority(votes: Iterable[str]) -> str:
     return ranked[0][0]
 
 
-def _report(key: SideBySideKey, accepted: list[tuple[str, str, str]], skipped: int, confidence: float) -> HumanReport:
+def human_report(key: SideBySideKey, accepted: Sequence[tuple[str, str, str]], *, skipped: int = 0,
+                 confidence: float = 0.95) -> HumanReport:
+    """Win rates and agreement from checked (row_id, annotator, verdict) judgements (read_judgements)."""
     labels_by_row: dict[str, dict[str, str]] = {}
     for row_id, annotator, verdict in accepted:
         labels_by_row.setdefault(row_id, {})[annotator] = verdict

@@ -1,0 +1,129 @@
+"""A fine-tuning job's evaluation through the API: its report (base vs fine-tuned, every metric with its
+sample size and interval, example generations) and the human-evaluation round trip on its samples
+(a blinded export, annotators' judgements uploaded as JSONL or CSV, win rates and agreement).
+
+Both live in the job's directory (server state, DIR/evaluation.json and DIR/human_eval/); the job is
+looked up for the caller's tenant first, so another tenant's job answers exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from tuneforge.api.dependencies import Config, Db, JobsCaller, Reader
+from tuneforge.api.errors import ApiError, not_found
+from tuneforge.db import jobs as job_rows
+import tuneforge.evaluation.human_store as human_store
+from tuneforge.spec.human_eval import ExportFormat, HumanEval, HumanEvalCreateRequest, HumanEvalReport
+from tuneforge.spec.jobdir import EvaluationReport, read_report
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["evaluation"])
+JOB_PARAM = "fine_tuning_job_id"
+
+
+def _job(db, caller, job_id: str):
+    with db.read_session() as session:
+        row = job_rows.get_job(session, tenant_id=caller.tenant_id, job_id=job_id)
+        if row is None:
+            raise not_found("fine-tuning job", job_id, param=JOB_PARAM)
+        session.expunge(row)
+        return row
+
+
+def _job_dir(db, caller, job_id: str, settings) -> Path:
+    return settings.jobs_dir / _job(db, caller, job_id).id  # the row's id, never a path from the request
+
+
+def _human_eval_dir(db, caller, job_id: str, settings) -> Path:
+    job_dir = _job_dir(db, caller, job_id, settings)
+    if not human_store.exists(job_dir):
+        raise ApiError(404, f"job {job_id} has no human evaluation yet (POST /v1/fine_tuning/jobs/{job_id}/human_eval "
+                            "makes one)", param=JOB_PARAM, code="not_found")
+    return job_dir
+
+
+@router.get("/{job_id}/evaluation", response_model=EvaluationReport)
+def get_evaluation(job_id: str, caller: Reader, db: Db, settings: Config) -> EvaluationReport:
+    """tuneforge: the job's evaluation report (DIR/evaluation.json), written when the job succeeds."""
+    job = _job(db, caller, job_id)
+    report = read_report(settings.jobs_dir / job.id)
+    if report is None:
+        raise ApiError(404, f"job {job_id} has no evaluation report (a job writes it when it succeeds and its spec "
+                            "evaluates)", param=JOB_PARAM, code="not_found")
+    # The recipe names what it read and wrote by server paths; the API names them as the caller knows them.
+    dataset = job.validation_file or f"{job.training_file} (validation split)"
+    return report.model_copy(update={"dataset": dataset, "base_model": job.model,
+                                     "fine_tuned_model": job.fine_tuned_model})
+
+
+def _human_eval(job_id: str, job_dir: Path) -> HumanEval:
+    return HumanEval(job_id=job_id, **human_store.status(job_dir))
+
+
+def _report(job_id: str, report) -> HumanEvalReport:
+    return HumanEvalReport.model_validate({"job_id": job_id, **report.to_dict()})
+
+
+@router.post("/{job_id}/human_eval", response_model=HumanEval)
+def create_human_eval(job_id: str, caller: JobsCaller, db: Db, settings: Config,
+                      body: HumanEvalCreateRequest | None = None) -> HumanEval:
+    """tuneforge: export the job's evaluation samples (base vs fine-tuned) shuffled and blinded; the key
+    that un-blinds them stays on the server."""
+    job_dir = _job_dir(db, caller, job_id, settings)
+    try:
+        human_store.create(job_dir, seed=(body or HumanEvalCreateRequest()).seed, now=int(time.time()))
+    except human_store.AlreadyExists:
+        raise ApiError(409, f"job {job_id} already has a human evaluation", param=JOB_PARAM,
+                       code="human_eval_exists") from None
+    except human_store.NoSamples as exc:
+        raise ApiError(409, f"job {job_id}: {exc}", param=JOB_PARAM, code="no_evaluation_samples") from None
+    return _human_eval(job_id, job_dir)
+
+
+@router.get("/{job_id}/human_eval", response_model=HumanEval)
+def get_human_eval(job_id: str, caller: Reader, db: Db, settings: Config) -> HumanEval:
+    return _human_eval(job_id, _human_eval_dir(db, caller, job_id, settings))
+
+
+@router.get("/{job_id}/human_eval/rows", response_class=Response,
+            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}}}})
+def get_human_eval_rows(job_id: str, caller: Reader, db: Db, settings: Config, format: ExportFormat = "jsonl"
+                        ) -> Response:
+    """tuneforge: the rows for annotators (row_id, prompt, left, right; CSV adds empty annotator and verdict)."""
+    text = human_store.export_text(_human_eval_dir(db, caller, job_id, settings), format)
+    return Response(text, media_type="text/csv" if format == "csv" else "application/jsonl",
+                    headers={"Content-Disposition": f'attachment; filename="{job_id}-human-eval.{format}"'})
+
+
+@router.post("/{job_id}/human_eval/judgements", response_model=HumanEvalReport)
+async def upload_judgements(job_id: str, request: Request, caller: JobsCaller, db: Db, settings: Config,
+                            format: ExportFormat | None = None) -> HumanEvalReport:
+    """tuneforge: import annotators' verdicts, the request body as JSONL or CSV (`format`, else the
+    Content-Type: text/csv is CSV, anything else JSONL); every bad line is named and then nothing is
+    imported. Returns the report over every upload so far."""
+    # The job first, so another tenant's id is refused before the body is read; files and db off the loop.
+    job_dir = await run_in_threadpool(_human_eval_dir, db, caller, job_id, settings)
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the judgements are not UTF-8 text (byte {exc.start})", code="invalid_file") from None
+    if format is None:
+        format = "csv" if request.headers.get("content-type", "").split(";")[0].strip() == "text/csv" else "jsonl"
+    try:
+        report = await run_in_threadpool(human_store.add_judgements, job_dir, text, format=format,
+                                         name=f"judgements.{format}")
+    except human_store.InvalidJudgements as exc:
+        raise ApiError(400, str(exc), param="file", code="invalid_judgements") from None
+    return _report(job_id, report)
+
+
+@router.get("/{job_id}/human_eval/report", response_model=HumanEvalReport)
+def get_human_eval_report(job_id: str, caller: Reader, db: Db, settings: Config) -> HumanEvalReport:
+    """tuneforge: win rates of the fine-tuned and the base model (Wilson intervals) and inter-annotator agreement."""
+    return _report(job_id, human_store.report(_human_eval_dir(db, caller, job_id, settings)))
