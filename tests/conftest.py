@@ -217,3 +217,43 @@ def wait_validated(http, file_id: str, timeout: float = 60.0, validate=None) -> 
             return file
         assert time.monotonic() < deadline, f"{file_id} still uploaded after {timeout} s"
         validate() if validate else time.sleep(0.1)
+
+
+# ---- storage: moto's S3-compatible server, in this process, on a free port (tests of registry/storage) ----
+
+class S3Server:
+    """A running moto S3 server: its endpoint, the AWS_* variables a client (or a subprocess) needs, buckets."""
+
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def new_bucket(self) -> str:
+        name = f"tf-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server_process():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Server(f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_server_process, monkeypatch) -> S3Server:
+    """The moto server, with this test's environment holding its credentials."""
+    for name, value in s3_server_process.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server_process

@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.export.command import add_export_commands
 
     add_export_commands(commands)  # export, serve
+    from tuneforge.sweep_cli import add_sweep_commands
+
+    add_sweep_commands(commands)  # sweep run, sweep show
     return parser
 
 

@@ -92,6 +92,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from tuneforge.scheduler.blobs import BlobCollector
     from tuneforge.scheduler.loop import run_loops, stop_on_signals
     from tuneforge.scheduler.reaper import Reaper
+    from tuneforge.scheduler.sweeps import SweepDriver
     from tuneforge.scheduler.upload_validation import UploadValidator
 
     _setup_logging()
@@ -100,7 +101,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     stop = threading.Event()
     stop_on_signals(stop)
     # The collector's first pass, at once, sweeps the staging folders of uploads that died with a server.
-    run_loops([Reaper(db, settings), UploadValidator(db, settings, store, stop=stop), BlobCollector(db, settings, store)],
+    run_loops([Reaper(db, settings), UploadValidator(db, settings, store, stop=stop), BlobCollector(db, settings, store),
+               SweepDriver(db, settings)],  # hyperparameter sweeps: trials are jobs (scheduler/sweeps.py)
               stop=stop)
     return 0
 
@@ -204,8 +206,10 @@ def add_control_plane_commands(commands) -> None:
     _worker_options(worker)
     worker.set_defaults(handler=cmd_worker)
 
-    scheduler = commands.add_parser("scheduler", help="validate uploads, re-queue jobs whose worker died, collect unused blobs",
-                                    description="The scheduler's loops: the upload validator, the reaper and the blob collector.")
+    scheduler = commands.add_parser("scheduler", help="validate uploads, re-queue jobs whose worker died, collect unused blobs, "
+                                    "drive sweeps",
+                                    description="The scheduler's loops: the upload validator, the reaper, the blob collector "
+                                    "and the sweep driver.")
     scheduler.set_defaults(handler=cmd_scheduler)
 
     keys = commands.add_parser("keys", help="create, list or revoke API keys",
@@ -245,6 +249,14 @@ def add_control_plane_commands(commands) -> None:
     simulate.add_argument("--reserve-after-hours", type=float, default=2.0)
     simulate.add_argument("--seed", type=int, default=0)
     simulate.set_defaults(handler=cmd_simulate)
+
+    from tuneforge.models_cli import add_models_command
+
+    add_models_command(commands)  # the model registry (a module of its own: it is long)
+
+    from tuneforge.storage_cli import add_storage_command
+
+    add_storage_command(commands)  # the object store's tenant keys: rotate, shred; a job's published outputs
 
 
 def _worker_options(parser: argparse.ArgumentParser) -> None:

@@ -90,6 +90,10 @@ class Settings:
     stop_grace_seconds: float = 120.0  # SIGTERM to SIGKILL: time for the recipe to write a checkpoint
     max_attempts: int = 5  # a job that loses its worker this many times fails
     max_upload_bytes: int = 1 << 30
+    # /v1/uploads: the most bytes one Upload may declare (its parts stream in, 64 MiB at most each), and
+    # how long a pending Upload lives before it expires and its parts are removed.
+    uploads_max_bytes: int = 8 << 30
+    upload_expiry_seconds: float = 3600.0
     # The scheduler validates each upload in a child process under these bounds; past one, the file is "error".
     validation_timeout_seconds: float = 600.0  # wall time of one validation
     validation_max_memory_bytes: int = 2 << 30  # resident memory of the validating process
@@ -113,8 +117,25 @@ class Settings:
     k8s_inventory: str = ""  # the cluster's nodes for placement, e.g. "h100-80gb:8,h100-80gb:8"
     # TUNEFORGE_JUDGE_ENDPOINTS: the OpenAI-compatible servers LLM judges may call, by name (see JudgeEndpoint).
     judge_endpoints: dict[str, JudgeEndpoint] = dataclasses.field(default_factory=dict)
+    # Hosts of judge endpoints that may resolve to private, loopback or link-local addresses (a judge on the
+    # operator's own network), comma-separated; every other endpoint must resolve to public addresses only.
+    judge_allowed_hosts: str = ""
+    # Requests without a valid key (missing, malformed, wrong, revoked): a token bucket per client address,
+    # so guessing keys is bounded like any key's requests are.
+    unauthenticated_rate_limit_per_minute: int = 60
+    unauthenticated_rate_limit_burst: int = 30
     # What the recipe image can run, e.g. "ddp,fsdp,deepspeed"; empty: what the worker's own environment has.
     k8s_strategies: str = ""
+    # The object store jobs read inputs from and publish outputs to (registry/storage, docs/storage.md):
+    # s3://bucket/prefix (credentials from the usual AWS_* variables) or file:///shared/folder; unset: none,
+    # jobs read the blobs under artifacts_dir (the local executor, or a folder every worker mounts).
+    store_url: str | None = None
+    s3_endpoint_url: str | None = None  # an S3-compatible server (MinIO, Ceph, moto): its http(s) URL
+    s3_multipart_threshold_bytes: int = 64 << 20  # files past this are uploaded in parts
+    # Encryption at rest of what goes into the object store: a data key per object, wrapped by the tenant's
+    # key from keys_dir (default TUNEFORGE_HOME/keys, 0700/0600). TUNEFORGE_ENCRYPT_AT_REST=false: stored as is.
+    encrypt_at_rest: bool = True
+    keys_dir: str | None = None  # from_env: TUNEFORGE_KEYS_DIR, else TUNEFORGE_HOME/keys
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -125,6 +146,7 @@ class Settings:
             "artifacts_dir": Path(env.get("TUNEFORGE_ARTIFACTS_DIR") or home / "artifacts"),
             "jobs_dir": home / "jobs",
             "judge_endpoints": parse_judge_endpoints(env.get("TUNEFORGE_JUDGE_ENDPOINTS") or "{}"),
+            "keys_dir": env.get("TUNEFORGE_KEYS_DIR") or str(home / "keys"),
         }
         for field in fields(cls):
             name = f"TUNEFORGE_{field.name.upper()}"
@@ -133,7 +155,11 @@ class Settings:
             raw = env[name]
             kind = field.type if isinstance(field.type, str) else field.type.__name__
             try:
-                if kind.startswith("float"):
+                if kind.startswith("bool"):
+                    if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise SettingsError(f"{name}={raw!r}: expected true or false")
+                    values[field.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif kind.startswith("float"):
                     values[field.name] = float(raw)
                 elif kind.startswith("int"):
                     values[field.name] = int(raw)

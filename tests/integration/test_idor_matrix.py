@@ -10,6 +10,7 @@ same 403 for B's ids as for missing ones."""
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -28,7 +29,23 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/fine_tuning/jobs/{job_id}/checkpoints": ("job",),
     "/v1/fine_tuning/jobs/{job_id}/metrics": ("job",),
     "/v1/fine_tuning/jobs/{job_id}/events/stream": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/evaluation": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/human_eval": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/human_eval/rows": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/human_eval/judgements": ("job",),
+    "/v1/fine_tuning/jobs/{job_id}/human_eval/report": ("job",),
     "/v1/models/{model_id}": ("model",),
+    "/v1/models/{model_id}/exports": ("model",),
+    "/v1/models/{model_id}/exports/{export_id}": ("model", "export"),
+    "/v1/models/{model_id}/exports/{export_id}/content": ("model", "export"),
+    "/v1/registry/models/{name}": ("registry_name",),
+    "/v1/registry/models/{name}/versions": ("registry_name",),
+    "/v1/registry/models/{name}/versions/{version}": ("registry_name", "version"),
+    "/v1/registry/models/{name}/versions/{version}/lineage": ("registry_name", "version"),
+    "/v1/registry/models/{name}/versions/{version}/tags": ("registry_name", "version"),
+    "/v1/registry/models/{name}/versions/{version}/tags/{key}": ("registry_name", "version", "tag"),
+    "/v1/registry/models/{name}/aliases": ("registry_name",),
+    "/v1/registry/models/{name}/aliases/{alias}": ("registry_name", "alias"),
     "/v1/evals/{eval_id}": ("eval",),
     "/v1/evals/{eval_id}/runs": ("eval",),
     "/v1/evals/{eval_id}/runs/{run_id}": ("eval", "run"),
@@ -37,7 +54,14 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}": ("eval", "run", "output_item"),
     "/v1/tuneforge/tenants/{tenant_id}": ("tenant",),
     "/v1/tuneforge/tenants/{tenant_id}/limits": ("tenant",),
+    "/v1/tuneforge/tenants/{tenant_id}/budget": ("tenant",),
     "/v1/tuneforge/keys/{key_id}": ("key",),
+    "/v1/uploads/{upload_id}/parts": ("upload",),
+    "/v1/uploads/{upload_id}/complete": ("upload",),
+    "/v1/uploads/{upload_id}/cancel": ("upload",),
+    "/v1/sweeps/{sweep_id}": ("sweep",),
+    "/v1/sweeps/{sweep_id}/trials": ("sweep",),
+    "/v1/sweeps/{sweep_id}/cancel": ("sweep",),
 }
 ADMIN_KINDS = {"tenant", "key"}
 ITEM_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
@@ -51,11 +75,21 @@ BODIES = {
                                                                                      "content": ROWS}}},
     ("POST", "/v1/evals/{eval_id}/runs/{run_id}"): {"metadata": {"k": "v"}},
     ("PUT", "/v1/tuneforge/tenants/{tenant_id}/limits"): {"max_gpus": 1},
+    ("PUT", "/v1/registry/models/{name}/aliases"): {"alias": "idor", "version": "v1"},
+    ("POST", "/v1/registry/models/{name}/versions/{version}/tags"): {"key": "idor", "value": "v"},
+    ("POST", "/v1/uploads/{upload_id}/complete"): {"part_ids": ["part_000000000000000000000000"]},
+    ("PUT", "/v1/tuneforge/tenants/{tenant_id}/budget"): {"monthly_cost_usd": 10},
+    ("POST", "/v1/models/{model_id}/exports"): {},
 }
 MISSING = {"file": "file-000000000000000000000000", "job": "ftjob-000000000000000000000000",
            "model": "ft:tiny-llama:nobody::missing", "eval": "eval_000000000000000000000000",
+           "registry_name": "no-such-model", "version": "mv_000000000000000000000000", "alias": "no-such-alias",
+           "tag": "no-such-tag",
            "run": "evalrun_000000000000000000000000", "output_item": "outputitem_000000000000000000000000",
-           "tenant": "no-such-tenant", "key": "key_000000000000000000000000"}
+           "tenant": "no-such-tenant", "key": "key_000000000000000000000000",
+           "sweep": "sweep_000000000000000000000000",
+           "export": "export_000000000000000000000000",
+           "upload": "upload_000000000000000000000000"}
 
 
 @pytest.fixture
@@ -74,6 +108,7 @@ def objects_of(server: ServerProcess, tenant: str) -> dict[str, str]:
     """One real object of every kind for the tenant, made through the API (a model and an output item,
     which only a finished job makes, are written as the worker would)."""
     from tuneforge.db import evals as eval_rows
+    from tuneforge.db import model_versions as version_rows
     from tuneforge.db import models as model_rows
     from tuneforge.db.session import Database
 
@@ -89,20 +124,54 @@ def objects_of(server: ServerProcess, tenant: str) -> dict[str, str]:
     run = http.post(f"/v1/evals/{evaluation.json()['id']}/runs", json=BODIES[("POST", "/v1/evals/{eval_id}/runs")])
     assert run.status_code == 200, run.text
     ids = {"file": file["id"], "job": job.json()["id"], "eval": evaluation.json()["id"], "run": run.json()["id"],
-           "model": f"ft:tiny-llama:{tenant}::idor", "tenant": tenant}
+           "model": f"ft:tiny-llama:{tenant}::idor", "tenant": tenant,
+           "registry_name": f"bot-{tenant}", "alias": f"prod-{tenant}", "tag": f"tag-{tenant}"}
     db = Database(server.env["TUNEFORGE_DATABASE_URL"])
     with db.session() as session:
         model_rows.create_model(session, model_id=ids["model"], tenant_id=tenant, job_id=ids["job"],
                                 base_model="tiny-llama", kind="adapter", location=f"jobs/{ids['job']}/adapter")
+        version = version_rows.create_version(  # the registry's version of it, with an alias and a tag
+            session, tenant_id=tenant, name=ids["registry_name"], model_id=ids["model"], job_id=ids["job"],
+            kind="adapter", manifest={"files": []}, manifest_sha256="0" * 64,
+            lineage={"base_model": {"ref": "tiny-llama", "kind": "builtin"}})
+        version_rows.set_alias(session, version=version, alias=ids["alias"])
+        version_rows.set_tag(session, version_id=version.id, key=ids["tag"], value="v")
+        ids["version"] = version.id
         run_row = eval_rows.get_run(session, tenant_id=tenant, eval_id=ids["eval"], run_id=ids["run"])[0]
         assert eval_rows.record_run_result(session, job_id=run_row.job_id, result={}, items=[
             {"index": 0, "status": "pass", "item": ROWS[0]["item"], "sample": ROWS[0]["sample"], "results": []}])
+    db.dispose()
+    export = http.post(f"/v1/models/{ids['model']}/exports", json={})  # an export job of the model (no worker runs it)
+    assert export.status_code == 200, export.text
+    ids["export"] = export.json()["id"]
+    # The job's evaluation report, as the recipe writes it when a job succeeds, and a human eval of it.
+    from tuneforge.spec.jobdir import EvaluationReport, SideBySide, write_report
+
+    (server.home / "jobs" / ids["job"]).mkdir(parents=True, exist_ok=True)
+    write_report(server.home / "jobs" / ids["job"], EvaluationReport(dataset="val.jsonl", examples=2, samples=[
+        SideBySide(prompt=f"q{i}", reference="a", base="b", fine_tuned="a") for i in range(2)]))
+    assert http.post(f"/v1/fine_tuning/jobs/{ids['job']}/human_eval").status_code == 200
     db.dispose()
     items = http.get(f"/v1/evals/{ids['eval']}/runs/{ids['run']}/output_items").json()["data"]
     ids["output_item"] = items[0]["id"]
     keys = httpx.get(server.url + "/v1/tuneforge/keys", headers={
         "Authorization": f"Bearer {(server.home / 'admin-key').read_text().strip()}"}).json()["data"]
     ids["key"] = next(k["id"] for k in keys if k["tenant"] == tenant)
+    upload = http.post("/v1/uploads", json={"bytes": 10, "filename": "a.jsonl", "mime_type": "application/jsonl",
+                                            "purpose": "fine-tune"})
+    assert upload.status_code == 200, upload.text
+    ids["upload"] = upload.json()["id"]
+    sweep = http.post("/v1/sweeps", json={"base": {"model": {"base_model": "tiny-llama"}, "dataset": {"path": file["id"]},
+                                                   "training": {"max_steps": 2}},
+                                          "space": {"adapter.rank": {"type": "choice", "values": [4, 8]}},
+                                          "objectives": [{"metric": "loss"}], "sampler": "grid"})
+    assert sweep.status_code == 200, sweep.text
+    ids["sweep"] = sweep.json()["id"]
+    # The scheduler's sweep driver submits the first trial (no worker runs it): wait, so B's reads stay put.
+    deadline = time.monotonic() + 60
+    while not http.get(f"/v1/sweeps/{ids['sweep']}/trials").json()["data"]:
+        assert time.monotonic() < deadline, "the sweep driver submitted no trial"
+        time.sleep(0.2)
     return ids
 
 
@@ -114,7 +183,7 @@ def fill(path: str, values: list[str]) -> str:
 
 
 def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_never_leak(server):
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = httpx.get(server.url + "/openapi.json", timeout=60).json()  # built on first use: seconds on a busy machine
     with_ids = {path: ops for path, ops in spec["paths"].items() if "{" in path}
     uncovered = sorted(path for path in with_ids if path not in ROUTES)
     assert not uncovered, f"routes with path ids and no entry in the IDOR matrix (add them to ROUTES): {uncovered}"
@@ -156,7 +225,8 @@ def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_ne
         assert b.get(fill(path, [theirs[k] for k in ROUTES[path]])).text == before, path
 
     # No read of A's shows B's ids: every GET list, every GET of A's own objects, lists paged from B's ids.
-    leaks = [theirs[k] for k in ("file", "job", "model", "eval", "run", "output_item")]
+    leaks = [theirs[k] for k in ("file", "job", "model", "eval", "run", "output_item", "sweep", "registry_name",
+                                 "version", "export")]
     reads = []
     for path, ops in spec["paths"].items():
         if "get" not in ops:
@@ -170,6 +240,8 @@ def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_ne
             reads.append(fill(path, [ours[k] for k in ROUTES[path]]))
     for url in reads:
         response = a.get(url)
-        assert response.status_code in (200, 403), (url, response.text)
+        # 409: A's own export is queued (no worker runs here), so its files cannot be downloaded yet
+        assert response.status_code in (200, 403) or (response.status_code == 409 and url.endswith("/content")), \
+            (url, response.text)
         assert not [value for value in leaks if value in response.text], (url, response.text[:500])
     print(f"reads checked for leaks: {len(reads)}")

@@ -30,6 +30,8 @@ ALLOWED = {
     "launch": {"launch", "spec"},
     # Exports load models (engine), size serving GPUs (planner's hardware table) and serve the playground.
     "export": {"export", "spec", "engine", "evaluation", "planner"},
+    # The dashboard is static files; its package only serves them (starlette), so it imports no tuneforge layer.
+    "ui": {"ui"},
 }
 # Single modules one layer may use although their package sits elsewhere.
 ALLOWED_MODULES = {
@@ -41,12 +43,23 @@ ALLOWED_MODULES = {
     # The supervisor writes its restart and rank_failed events with the recipe's own (stdlib) event writer.
     "launch": {"tuneforge.engine.events"},
     # Endpoint judges are the OpenAI-compatible servers the operator named in TUNEFORGE_JUDGE_ENDPOINTS.
-    "evaluation": {"tuneforge.settings"},
+    # Their hosts are checked for private addresses (SSRF) by tuneforge/egress.py (stdlib + httpcore), at
+    # build and connection time.
+    "evaluation": {"tuneforge.settings", "tuneforge.egress"},
+    # Submission refuses a job whose judge endpoint is unknown or resolves to a private address, with the
+    # same egress check the judge makes at call time.
+    "scheduler": {"tuneforge.egress"},
+    # The API serves a job's human evaluation from its directory: the store and its round trip are
+    # stdlib + numpy (no torch), and the process check above imports the app to prove it.
+    # The app also mounts the dashboard's static files (ui/ holds no logic, only the mount and its CSP headers).
+    "api": {"tuneforge.evaluation.human_store", "tuneforge.ui"},
 }
 # Files that break their package's rule, and why.
 ALLOWED_IN_FILE = {
     # `tuneforge data` (a CLI command living beside the data code) loads a model's tokenizer to count tokens.
     "data/command.py": {"tuneforge.engine.base_models", "tuneforge.engine.model_loading"},
+    # The Exports API's job (method export) runs the same export as `tuneforge export`, in the recipe process.
+    "recipes/export_run.py": {"tuneforge.export", "tuneforge.export.source"},
 }
 
 

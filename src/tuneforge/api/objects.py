@@ -4,6 +4,9 @@ and no server path ever leaves the API."""
 from __future__ import annotations
 
 from pydantic import ValidationError
+from sqlalchemy.orm import object_session
+
+from tuneforge.scheduler.cost import cost_object, estimated_finish
 
 from tuneforge.registry.models import fine_tuned_model_id
 from tuneforge.db.tables import (
@@ -54,6 +57,7 @@ def dataset_report(row: File) -> DatasetReport:
 
 def job_object(row: Job) -> FineTuningJob:
     spec = _spec_as_run(row)
+    cost = _cost(row)
     return FineTuningJob(
         id=row.id, created_at=row.created_at, finished_at=row.finished_at, model=row.model,
         fine_tuned_model=row.fine_tuned_model, organization_id=row.tenant_id, status=row.status,
@@ -63,8 +67,15 @@ def job_object(row: Job) -> FineTuningJob:
         metadata=row.metadata_, user_provided_suffix=row.suffix,
         tuneforge=JobExtension(spec=spec.model_dump(mode="json"), attempt=row.attempt, priority=row.priority,
                                gpu_seconds=round(row.gpu_seconds or 0.0, 3), started_at=row.started_at,
-                               restarts=row.restarts or 0),
+                               restarts=row.restarts or 0, cost=cost),
+        estimated_finish=estimated_finish(row, cost) if cost is not None else None,
     )
+
+
+def _cost(row: Job):
+    """The job's cost object (scheduler/cost.py), read in the session the row came from."""
+    session = object_session(row)
+    return cost_object(session, row) if session is not None else None
 
 
 def _spec_as_run(row: Job) -> JobSpec:

@@ -26,35 +26,35 @@ MAX_FIELD_BYTES = 1 << 10  # a form field other than the file (purpose) is a sho
 MAX_FILENAME_BYTES = 255  # what a POSIX file system allows for one name (the column holds 255 too)
 
 
-def too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, str(UploadTooLarge(max_bytes)), param="file", code="file_too_large")
+def too_large(max_bytes: int, *, param: str = "file") -> ApiError:
+    return ApiError(413, str(UploadTooLarge(max_bytes)), param=param, code="file_too_large")
 
 
-def _bad_file(message: str) -> ApiError:
-    return ApiError(400, f"file: {message}", param="file", code="invalid_file")
+def _bad_file(message: str, *, param: str = "file") -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_file")
 
 
-def upload_filename(raw: bytes | None) -> str:
+def upload_filename(raw: bytes | None, *, param: str = "file") -> str:
     """The upload's name, or a 400 naming the file parameter: a name, not a path, and one a file system
     and the database can hold."""
     if raw is None:
-        raise _bad_file("expected a file upload with a filename")
+        raise _bad_file("expected a file upload with a filename", param=param)
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _bad_file("the filename is not UTF-8") from None
+        raise _bad_file("the filename is not UTF-8", param=param) from None
     if not name:
-        raise _bad_file("the filename is empty")
+        raise _bad_file("the filename is empty", param=param)
     if name in (".", ".."):
-        raise _bad_file(f"{name!r} is not a file name")
+        raise _bad_file(f"{name!r} is not a file name", param=param)
     if "/" in name or "\\" in name:
-        raise _bad_file("the filename must be a name, not a path (no / or \\)")
+        raise _bad_file("the filename must be a name, not a path (no / or \\)", param=param)
     control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
     if control is not None:
-        raise _bad_file(f"the filename contains a control character (U+{ord(control):04X})")
+        raise _bad_file(f"the filename contains a control character (U+{ord(control):04X})", param=param)
     size = len(name.encode("utf-8"))
     if size > MAX_FILENAME_BYTES:
-        raise _bad_file(f"the filename is {size} bytes in UTF-8; at most {MAX_FILENAME_BYTES} are allowed")
+        raise _bad_file(f"the filename is {size} bytes in UTF-8; at most {MAX_FILENAME_BYTES} are allowed", param=param)
     return name
 
 
@@ -74,8 +74,12 @@ class Upload:
 @dataclass
 class _Parts:
     """The multipart parser's callbacks: the current part's headers, the form fields, and the file's
-    bytes waiting to be written. Errors are kept and raised after each parser.write()."""
+    bytes waiting to be written. Errors are kept and raised after each parser.write().
 
+    file_field is the form field that carries the bytes: "file" for POST /v1/files (its filename checked and
+    kept), "data" for a part of an Upload (the Upload has the name; a part's filename is not kept)."""
+
+    file_field: str = "file"
     file_bytes: int = 0
     filename: str | None = None
     fields: dict[str, bytearray] = field(default_factory=dict)
@@ -113,12 +117,12 @@ class _Parts:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("latin-1")
-        if name == "file":
+        if name == self.file_field:
             if self.filename is not None:
-                self.error = self.error or _bad_file("expected one file per upload")
+                self.error = self.error or _bad_file("expected one file per upload", param=self.file_field)
                 return
             try:
-                self.filename = upload_filename(options.get(b"filename"))
+                self.filename = upload_filename(options.get(b"filename")) if self.file_field == "file" else ""
             except ApiError as exc:
                 self.error = self.error or exc
                 return
@@ -142,11 +146,12 @@ class _Parts:
         self.ended = True
 
 
-def _boundary(request: Request) -> bytes:
+def _boundary(request: Request, field: str) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise _bad_file("expected a multipart/form-data body with the file and its purpose")
+        what = "the file and its purpose" if field == "file" else f"the part's bytes in {field!r}"
+        raise _bad_file(f"expected a multipart/form-data body with {what}", param=field)
     return boundary
 
 
@@ -154,14 +159,16 @@ async def _in_thread(function, *args):
     return await anyio.to_thread.run_sync(function, *args)
 
 
-async def receive_upload(request: Request, store: LocalArtifactStore, *, max_bytes: int) -> Upload:
-    """Stream the request's multipart body into staging: 413 past max_bytes, 400 for a bad body or name."""
-    boundary = _boundary(request)
+async def receive_upload(request: Request, store: LocalArtifactStore, *, max_bytes: int,
+                         field: str = "file") -> Upload:
+    """Stream the request's multipart body into staging: 413 past max_bytes, 400 for a bad body or name.
+    `field` is the form field of the bytes ("file"; "data" for a part of /v1/uploads)."""
+    boundary = _boundary(request, field)
     limit = max_bytes + MULTIPART_OVERHEAD
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise too_large(max_bytes)
-    parts = _Parts()
+        raise too_large(max_bytes, param=field)
+    parts = _Parts(file_field=field)
     parser = MultipartParser(boundary, parts.callbacks())
     writer: StagingWriter | None = None
     received = 0
@@ -169,28 +176,28 @@ async def receive_upload(request: Request, store: LocalArtifactStore, *, max_byt
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise too_large(max_bytes)
+                raise too_large(max_bytes, param=field)
             try:
                 parser.write(chunk)
             except MultipartParseError:
-                raise _bad_file("the body is not valid multipart/form-data") from None
+                raise _bad_file("the body is not valid multipart/form-data", param=field) from None
             if parts.error is not None:
                 raise parts.error
             if parts.file_bytes > max_bytes:
-                raise too_large(max_bytes)
+                raise too_large(max_bytes, param=field)
             if parts.pending_bytes >= WRITE_BATCH:
                 writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes))
                 await _in_thread(writer.write, parts.take())
         if not parts.ended:
-            raise _bad_file("the multipart body ends before its closing boundary")
+            raise _bad_file("the multipart body ends before its closing boundary", param=field)
         if parts.filename is None:
-            raise _bad_file("required parameter is missing")
+            raise _bad_file("required parameter is missing", param=field)
         writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes))
         await _in_thread(writer.write, parts.take())
         staged = await _in_thread(writer.finish)
     except UploadTooLarge:
         await _discard(writer)
-        raise too_large(max_bytes) from None
+        raise too_large(max_bytes, param=field) from None
     except BaseException:
         await _discard(writer)
         raise

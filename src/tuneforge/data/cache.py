@@ -1,7 +1,9 @@
 """Tokenize a dataset once: a cache keyed by (content hash, tokenizer, template, format).
 
 Entries live in TUNEFORGE_HOME/cache/tokenized/KEY/ as flat int32 arrays (ids, labels) plus offsets,
-memory-mapped on load, so reruns and sweeps skip validation and tokenization. An entry is built in a
+memory-mapped on load, so reruns and sweeps skip validation and tokenization. Building one streams: the
+file is validated and tokenized a batch at a time straight into the entry's files (data/token_files.py),
+so a dataset larger than memory tokenizes in bounded memory. An entry is built in a
 staging directory and renamed into place under a file lock: concurrent jobs build it once, a crash
 leaves no half entry, and an invalid dataset writes nothing. Examples are stored at full length; the
 max_seq_length policy (drop / truncate / error) is applied on load, so sweeps over it share an entry.
@@ -19,15 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneforge.data.formats import Format
-from tuneforge.data.loading import file_sha256, load_examples
-from tuneforge.data.parallel import pack_arrays, tokenize_file, worker_count
-from tuneforge.data.problems import DataError
+from tuneforge.data.formats import Example, Format
+from tuneforge.data.loading import file_sha256, iter_examples
+from tuneforge.data.parallel import tokenize_file_to, worker_count
+from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.templating import PromptRenderer, TokenizedExample
+from tuneforge.data.token_files import TokenArrayWriter, read_arrays
 from tuneforge.home import tuneforge_home
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: raw arrays written while streaming (token_files.py) instead of .npy files
 BATCH = 512
+MAX_PROBLEMS_KEPT = 1000  # a wholly broken 5 GB file must not fill memory with its problems
 
 
 def cache_root() -> Path:
@@ -67,30 +71,54 @@ class TokenizedDataset:
         return np.diff(self.offsets)
 
 
-def _write(directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    for name, array in arrays.items():
-        with open(directory / f"{name}.npy", "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
+def _finish(directory: Path, meta: dict) -> None:
+    """fsync the entry's arrays, then write meta.json, the mark of a complete entry."""
+    for path in directory.iterdir():
+        with open(path, "rb+") as handle:
             os.fsync(handle.fileno())
-    (directory / "meta.json").write_text(json.dumps({**meta, "examples": len(arrays["lines"])}, indent=2))
+    examples = read_arrays(directory)["lines"].shape[0]
+    (directory / "meta.json").write_text(json.dumps({**meta, "examples": examples}, indent=2))
 
 
 def _read(directory: Path, fmt: Format) -> TokenizedDataset:
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "offsets", "lines")}
-    return TokenizedDataset(format=fmt, cache_hit=True, **arrays)
+    return TokenizedDataset(format=fmt, cache_hit=True, **read_arrays(directory))
 
 
-def _tokenize(path: Path, fmt: Format, renderer: PromptRenderer) -> dict[str, np.ndarray]:
-    """Validate and tokenize the whole file, on every core for a large JSONL file; DataError if invalid."""
+def _tokenize_to(path: Path, fmt: Format, renderer: PromptRenderer, directory: Path) -> None:
+    """Validate and tokenize the whole file into directory, streaming (on every core for a large JSONL
+    file); DataError naming every problem kind if it is invalid (the caller removes directory)."""
     workers = worker_count(path)
     if workers > 1:
-        arrays, problems = tokenize_file(path, fmt, renderer, workers)
-        if problems:
-            raise DataError(problems, headline=f"{path}: {len(problems)} problem(s); nothing was trained")
-        return arrays
-    examples, _ = load_examples(path, fmt)
-    return pack_arrays(list(renderer.tokenize_stream(examples, BATCH)))
+        problems, found = tokenize_file_to(path, fmt, renderer, workers, directory, keep=MAX_PROBLEMS_KEPT)
+    else:
+        problems, found = _tokenize_serial(path, fmt, renderer, directory)
+    if found:
+        raise DataError(problems, headline=f"{path}: {found} problem(s); nothing was trained")
+    if read_arrays(directory)["lines"].shape[0] == 0:
+        raise DataError([DataProblem(str(path), 0, "too_few_examples", "", "at least 1 examples", "0")])
+
+
+def _tokenize_serial(path: Path, fmt: Format, renderer: PromptRenderer, directory: Path) -> tuple[list, int]:
+    _, stream = iter_examples(path, fmt)
+    problems: list[DataProblem] = []
+    found = 0
+
+    def examples():
+        nonlocal found
+        for item in stream:
+            if isinstance(item, Example):
+                yield item
+            else:
+                found += 1
+                if len(problems) < MAX_PROBLEMS_KEPT:
+                    problems.append(item)
+
+    writer = TokenArrayWriter(directory)
+    try:
+        writer.add_all(renderer.tokenize_stream(examples(), BATCH))
+    finally:
+        writer.close()
+    return problems, found
 
 
 def load_tokenized(path: str | Path, fmt: Format, renderer: PromptRenderer, *, root: Path | None = None) -> TokenizedDataset:
@@ -115,12 +143,12 @@ def load_tokenized(path: str | Path, fmt: Format, renderer: PromptRenderer, *, r
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second job waits here, then finds the entry built
         if (final / "meta.json").is_file():
             return _read(final, fmt)
-        arrays = _tokenize(path, fmt, renderer)
         staging = root / f".{key}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _write(staging, arrays, {**meta, "source": str(path)})
+            _tokenize_to(path, fmt, renderer, staging)
+            _finish(staging, {**meta, "source": str(path)})
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -2,13 +2,16 @@
 
 Rendering chat templates is Python work bound to one core; a 2-core machine tokenizes a large file
 in about 60% of the time with two processes. Processes are forked (the tokenizer is not re-loaded
-in each) before the parent has used the tokenizer's own thread pool; results come back as flat arrays.
+in each) before the parent has used the tokenizer's own thread pool; results come back as flat arrays
+(tokenize_file), or, for the tokenization cache, are written to part files on disk as they are made
+(tokenize_file_to), so no process holds more than a batch of a large file.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,56 @@ def _tokenize_range(path: str, fmt: str, byte_range: tuple[int, int, int]):
     if problems:
         return None, problems
     return pack_arrays(items), []
+
+
+def _tokenize_range_to(path: str, fmt: str, byte_range: tuple[int, int, int], directory: str, keep: int):
+    """Write one byte range's examples to directory; (problems kept, problems found)."""
+    from tuneforge.data.token_files import TokenArrayWriter
+
+    _, stream = iter_examples(path, fmt, byte_range=byte_range)
+    problems: list[DataProblem] = []
+    found = 0
+
+    def examples():
+        nonlocal found
+        for item in stream:
+            if isinstance(item, Example):
+                yield item
+            else:
+                found += 1
+                if len(problems) < keep:
+                    problems.append(item)
+
+    writer = TokenArrayWriter(Path(directory))
+    try:
+        writer.add_all(_renderer.tokenize_stream(examples()))
+    finally:
+        writer.close()
+    return problems, found
+
+
+def tokenize_file_to(path: str | Path, fmt: str, renderer, workers: int, directory: Path, *,
+                     keep: int = 1000) -> tuple[list[DataProblem], int]:
+    """Tokenize on `workers` processes, each writing its byte range to a part under directory, then join
+    the parts into directory's arrays (data/token_files.py). Returns (problems kept, problems found): with
+    any problem, what was written is not a dataset and the caller removes it."""
+    from tuneforge.data.token_files import join_parts
+
+    global _renderer
+    _renderer = renderer
+    ranges = line_aligned_ranges(path, workers)
+    parts = [directory / "parts" / str(index) for index in range(len(ranges))]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(len(ranges)) as pool:
+        results = pool.starmap(_tokenize_range_to, [(str(path), fmt, r, str(part), keep)
+                                                    for r, part in zip(ranges, parts)])
+    _renderer = None
+    problems = [p for kept, _ in results for p in kept][:keep]
+    found = sum(count for _, count in results)
+    if not found:
+        join_parts(parts, directory)
+    shutil.rmtree(directory / "parts", ignore_errors=True)
+    return problems, found
 
 
 def pack_arrays(items: list[TokenizedExample]) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import JOB, new_id, now
 from tuneforge.db.pagination import keyset_page
-from tuneforge.db.tables import EvalRun, Job, Tenant
+from tuneforge.db.tables import EvalRun, Job, ModelExport, Tenant
 from tuneforge.spec.api import QUEUED, RUNNING, VALIDATING_FILES
 from tuneforge.spec.job import JobSpec
 
@@ -36,8 +36,9 @@ def create_job(
 
 
 def fine_tuning_only():
-    """Jobs that are not eval runs: eval runs are scheduled like training but shown only by the Evals API."""
-    return ~exists().where(EvalRun.job_id == Job.id)
+    """Jobs that are not eval runs or exports: those are scheduled like training but shown only by the Evals
+    API and the Exports API."""
+    return ~exists().where(EvalRun.job_id == Job.id) & ~exists().where(ModelExport.job_id == Job.id)
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:

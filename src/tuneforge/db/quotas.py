@@ -56,6 +56,18 @@ def take_token(session: Session, *, key_id: str, now_s: float, per_second: float
     return Spend(False, -tokens / per_second if per_second > 0 else math.inf)
 
 
+def peek_token(session: Session, *, key_id: str, now_s: float, per_second: float, capacity: float) -> Spend:
+    """Whether take_token would allow a request now, without spending (nothing is written)."""
+    row = session.get(RateLimitBucket, key_id)
+    if row is None:
+        return Spend(True, 0.0)
+    held = row.tokens + 1 if row.tokens < 0 else row.tokens
+    tokens = min(float(capacity), held + max(0.0, now_s - row.updated_at) * per_second) - 1
+    if tokens >= 0:
+        return Spend(True, 0.0)
+    return Spend(False, -tokens / per_second if per_second > 0 else math.inf)
+
+
 def stored_bytes(session: Session, *, tenant_id: str) -> int:
     """Bytes of the tenant's live files, each upload counted (two uploads of the same bytes count twice:
     a tenant's usage never depends on what other tenants hold)."""

@@ -250,18 +250,269 @@ class EvalOutputItem(Base):
 
 
 # ---- registry: model names, versions, lineage, aliases (issue 13; migration 0006) ----
+class ModelVersion(Base):
+    """One immutable version of a tenant's model name: the manifest of its files and its lineage."""
+
+    __tablename__ = "model_versions"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), unique=True)  # the ft:... id it serves as
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # adapter | model
+    manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"files": [{"path", "sha256", "bytes"}]}
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version", name="uq_model_versions_tenant_name_version"),)
+
+
+class ModelAlias(Base):
+    """A movable name (staging, production, champion...) for one version of a model name."""
+
+    __tablename__ = "model_aliases"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    alias: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "alias", name="uq_model_aliases_tenant_name_alias"),)
+
+
+class ModelTag(Base):
+    __tablename__ = "model_tags"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(512))
+    __table_args__ = (UniqueConstraint("version_id", "key", name="uq_model_tags_version_key"),)
+
+
+class RegisteredBaseModel(Base):
+    """A base model an admin registered from a local Hugging Face directory (shared by every tenant)."""
+
+    __tablename__ = "registered_base_models"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class RegistryBlob(Base):
+    """Which blob each registered file is: what the collector asks before removing a blob."""
+
+    __tablename__ = "registry_blobs"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(80), index=True)  # a version id, or base:NAME
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
 
 
 # ---- storage: object-store locations, encryption keys (issues 13, 15; migration 0007) ----
 
 
+class TenantKey(Base):
+    """A version of a tenant's key encryption key. The key itself lives with the key provider
+    (registry/storage/keys.py), never here; retired_at: destroyed after every data key was re-wrapped,
+    or shredded with the tenant's keys."""
+
+    __tablename__ = "tenant_keys"
+    tenant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    retired_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class StoredObject(Base):
+    """One object in the object store, owned by a tenant. address is tenant-scoped (sha256 of the tenant id
+    and the content's sha256), so equal files of two tenants are two objects and nobody learns of the
+    other's; the data key sealing it is kept wrapped under the tenant key version named here."""
+
+    __tablename__ = "stored_objects"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    address: Mapped[str] = mapped_column(String(64))
+    location: Mapped[str] = mapped_column(String(512))  # the store key
+    bytes: Mapped[int] = mapped_column(BigInteger)  # plaintext size
+    encrypted: Mapped[bool] = mapped_column(Boolean)
+    key_version: Mapped[int | None] = mapped_column(Integer)
+    wrapped_key: Mapped[str | None] = mapped_column(String(120))  # base64 of nonce | sealed data key
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "address", name="uq_stored_objects_tenant_address"),
+                      Index("ix_stored_objects_tenant_key", "tenant_id", "key_version"))
+
+
+class ObjectLink(Base):
+    """What a stored object is to whom: a file's dataset (owner the file id, name "data"), or one file of
+    a job's published outputs (owner the job id, name its path in the job directory, e.g. adapter/...)."""
+
+    __tablename__ = "object_links"
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    kind: Mapped[str] = mapped_column(String(16))  # dataset | adapter | model | checkpoint | export | evaluation
+    object_id: Mapped[str] = mapped_column(ForeignKey("stored_objects.id"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
 # ---- uploads: OpenAI's Uploads API (issue 13; migration 0008) ----
+
+
+class Upload(Base):
+    """A multi-part upload (OpenAI's Upload object): the declared size it must reach, its parts, and once
+    completed the ordinary file it became."""
+
+    __tablename__ = "uploads"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    mime_type: Mapped[str] = mapped_column(String(127))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # declared at creation; parts may never pass it
+    received_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16))  # pending | completed | cancelled | expired
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    file_id: Mapped[str | None] = mapped_column(String(40))
+    # The second index is the expiry sweep's: pending uploads by deadline.
+    __table_args__ = (Index("ix_uploads_tenant_seq", "tenant_id", "seq"),
+                      Index("ix_uploads_status_expires", "status", "expires_at"))
+
+
+class UploadPart(Base):
+    """One part of an upload: a blob in the artifact store (kept while its upload is pending)."""
+
+    __tablename__ = "upload_parts"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 # ---- cost: prices, estimates, budgets, usage (issue 16; migration 0009) ----
 
 
+class JobCost(Base):
+    """A job's cost estimate at submission and, once it finished, its actual cost, the platform overhead
+    and the estimate's error (planner/cost.py, scheduler/cost.py)."""
+
+    __tablename__ = "job_costs"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # planner.cost.CostEstimate; None: not priced
+    estimated_gpu_hours: Mapped[float | None] = mapped_column(Float)
+    estimated_cost_usd: Mapped[float | None] = mapped_column(Float)
+    estimated_wall_seconds: Mapped[float | None] = mapped_column(Float)
+    actual_gpu_hours: Mapped[float | None] = mapped_column(Float)  # set when the job finished
+    actual_cost_usd: Mapped[float | None] = mapped_column(Float)
+    overhead_fraction: Mapped[float | None] = mapped_column(Float)  # run time outside training steps
+    estimate_error: Mapped[float | None] = mapped_column(Float)  # (estimated - actual) / actual GPU-hours
+    finalized_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class TenantBudget(Base):
+    """A tenant's monthly budgets (None: unlimited), in USD and in GPU-hours, per UTC calendar month."""
+
+    __tablename__ = "tenant_budgets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    monthly_cost_usd: Mapped[float | None] = mapped_column(Float)
+    monthly_gpu_hours: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageRecord(Base):
+    """Device time a job's processes ran, priced when it ran: written by the worker at every heartbeat and
+    when a run ends, one row per UTC day a span touches, so usage by day and budgets are current."""
+
+    __tablename__ = "usage_records"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    day: Mapped[str] = mapped_column(String(10))  # UTC, YYYY-MM-DD
+    device: Mapped[str] = mapped_column(String(24))  # the GPU type it ran on, or cpu
+    gpu_seconds: Mapped[float] = mapped_column(Float)
+    cost_usd: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_usage_records_tenant_day", "tenant_id", "day"),)
+
+
 # ---- sweeps (issue 18; migration 0010) ----
 
 
+class Sweep(Base):
+    """A hyperparameter sweep: its spec (spec/sweep.py, file ids), the Optuna study that samples it, and how it ended."""
+
+    __tablename__ = "sweeps"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # running | succeeded | cancelled | failed
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    study_name: Mapped[str] = mapped_column(String(64), unique=True)  # Optuna's study (tables below)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    stop_reason: Mapped[str | None] = mapped_column(String(255))
+    best_job_id: Mapped[str | None] = mapped_column(String(40))
+    best_model: Mapped[str | None] = mapped_column(String(255))  # the best trial's fine-tuned model id
+    __table_args__ = (Index("ix_sweeps_tenant_seq", "tenant_id", "seq"), Index("ix_sweeps_status", "status"))
+
+
+class SweepTrial(Base):
+    """One trial: an ordinary job with the sampled parameters; pruned trials are cancelled jobs."""
+
+    __tablename__ = "sweep_trials"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)  # Optuna's trial number
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # running | succeeded | pruned | failed | cancelled
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    values: Mapped[list[Any] | None] = mapped_column(JSON)  # the objectives, in the spec's order
+    reported_step: Mapped[int] = mapped_column(Integer, default=0)  # last step told to Optuna as intermediate
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("sweep_id", "number", name="uq_sweep_trials_sweep_number"),)
+
+
+# Optuna's RDB storage keeps the studies in the same database, in its own tables (studies, trials,
+# trial_params, ..., version_info). They are part of this metadata so that our migrations own them
+# (0010 creates them): Optuna's own Alembic history would write our alembic_version table, so it never
+# runs here (docs/sweeps.md). None of its table names is one of ours.
+from optuna.storages._rdb import models as _optuna_models  # noqa: E402
+
+for _table in _optuna_models.BaseModel.metadata.sorted_tables:
+    _table.to_metadata(Base.metadata)
+
+
 # ---- monitoring: alerts (issue 16; migration 0011) ----
+# No table: alerts are job events (kind "alert"), system samples ride in the metrics events (docs/monitoring.md).
+
+
+# ---- exports: exports of fine-tuned models as API calls (issue 13; migration 0013) ----
+
+
+class ModelExport(Base):
+    """An export of a tenant's fine-tuned model: the job that makes it (method export; its status is the
+    export's), whose DIR/export holds the files and serve.json."""
+
+    __tablename__ = "model_exports"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    model_id: Mapped[str] = mapped_column(String(255))  # the ft: id exported
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_model_exports_tenant_model", "tenant_id", "model_id", "seq"),)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from tuneforge.engine.model_files import PickleWeightsRefused, check_safetensors_dir
 from tuneforge.home import models_dir
 from tuneforge.spec.job import BUILTIN_BASE_MODELS
 
@@ -26,7 +27,16 @@ PROVENANCE_FILE = "tuneforge-model.json"
 
 
 class ModelNotFound(ValueError):
-    """A base model name that is neither built in nor a usable local directory."""
+    """A base model name that is neither built in nor a usable local directory (one with safetensors
+    weights: a directory holding pickle weights is refused, see engine/model_files.py)."""
+
+
+def safetensors_model_dir(directory: Path, *, what: str = "model.base_model") -> Path:
+    """directory, if it holds safetensors weights and no pickle files; else a ModelNotFound saying why."""
+    try:
+        return check_safetensors_dir(directory, what=what)
+    except PickleWeightsRefused as exc:
+        raise ModelNotFound(str(exc)) from None
 
 
 def smollm2_gguf_path() -> Path:
@@ -132,7 +142,7 @@ def resolve_base_model(name_or_path: str) -> Path:
         return ensure_builtin_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return path.resolve()
+        return safetensors_model_dir(path.resolve())
     if path.exists():
         raise ModelNotFound(f"model.base_model {name_or_path!r}: {path} has no config.json, so it is not a Hugging Face model directory")
     raise ModelNotFound(

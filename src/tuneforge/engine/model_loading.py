@@ -69,9 +69,13 @@ def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision
     """
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.engine.base_models import safetensors_model_dir
+
+    safetensors_model_dir(Path(model_dir))  # never a pickle: refused by name before transformers opens the folder
     weights_dtype = torch.float32 if full_finetune else precision.dtype
     quantization = quantization_config(spec, precision.dtype)
     kwargs = {
+        "use_safetensors": True,
         "dtype": weights_dtype,
         "attn_implementation": attention_implementation(spec.attn_implementation, precision.device),
     }

@@ -2,8 +2,9 @@
 
 Graders (`score_model`, `label_model`), pairwise and single-answer judging all call `Judge.complete`, so
 they do not care where the judge runs. An endpoint is one the operator configured by name in
-TUNEFORGE_JUDGE_ENDPOINTS; a request names it and never carries a URL or a key. Importing this module
-does not import torch: only a local judge loads it.
+TUNEFORGE_JUDGE_ENDPOINTS; a request names it and never carries a URL or a key. Its host must resolve to
+public addresses (tuneforge/egress.py), checked when the judge is built and again on every connection.
+Importing this module does not import torch: only a local judge loads it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import tuneforge.egress as egress
 from tuneforge.settings import JudgeEndpoint, Settings
 
 Conversation = list[dict[str, str]]
@@ -42,11 +44,11 @@ def judge_for(model: str, endpoint: str | None = None, *, settings: Settings | N
     """
     if endpoint is None:
         return local_judge(model)
-    endpoints = (settings or Settings.from_env()).judge_endpoints
-    if endpoint not in endpoints:
-        configured = ", ".join(sorted(endpoints)) if endpoints else "none (TUNEFORGE_JUDGE_ENDPOINTS is empty)"
-        raise JudgeError(f"judge endpoint {endpoint!r} is not configured; the configured endpoints are: {configured}")
-    return EndpointJudge(endpoints[endpoint], model)
+    settings = settings or Settings.from_env()
+    if problem := egress.judge_endpoint_problem(endpoint, settings):
+        raise JudgeError(problem)
+    return EndpointJudge(settings.judge_endpoints[endpoint], model,
+                         allowed_hosts=egress.allowed_hosts(settings.judge_allowed_hosts))
 
 
 def check_conversations(conversations: list[list[dict[str, str]]]) -> None:
@@ -174,10 +176,10 @@ class EndpointJudge:
 
     backoff_seconds = 0.5  # the first retry's wait; doubled each time, at most MAX_BACKOFF_SECONDS
 
-    def __init__(self, endpoint: JudgeEndpoint, model: str):
+    def __init__(self, endpoint: JudgeEndpoint, model: str, *, allowed_hosts: frozenset[str] = frozenset()):
         if not model or not model.strip():
             raise JudgeError(f"judge endpoint {endpoint.name!r}: name the model it should run")
-        self.endpoint, self.model = endpoint, model
+        self.endpoint, self.model, self.allowed_hosts = endpoint, model, allowed_hosts
         self._headers = {"Content-Type": "application/json"}
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env, "")
@@ -203,7 +205,9 @@ class EndpointJudge:
                 body["seed"] = seed
             bodies.append(body)
         timeout = httpx.Timeout(self.endpoint.timeout_seconds, connect=min(10.0, self.endpoint.timeout_seconds))
-        with httpx.Client(timeout=timeout, headers=self._headers) as client:
+        # Every connection re-resolves and re-checks the host (DNS rebinding); no redirects are followed.
+        with httpx.Client(timeout=timeout, headers=self._headers, transport=egress.guarded_transport(self.allowed_hosts),
+                          follow_redirects=False) as client:
             workers = min(self.endpoint.max_concurrency, len(bodies))
             if workers <= 1:
                 return [self._post(client, body) for body in bodies]
@@ -219,6 +223,8 @@ class EndpointJudge:
             try:
                 response = client.post(self.url, json=body)
             except httpx.TransportError as exc:  # connection refused, reset, timed out
+                if isinstance(exc.__cause__, egress.AddressRefused) or "TUNEFORGE_JUDGE_ALLOWED_HOSTS" in str(exc):
+                    raise JudgeError(f"judge endpoint {name!r}: {exc}") from None  # refused, never retried
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:

@@ -75,7 +75,8 @@ def add_plan_command(commands) -> None:
     parser.add_argument("--lora-rank", help="adapter.rank (default 16)")
     parser.add_argument("--lora-targets", help="adapter.target_modules: all-linear or comma-separated names: "
                         + ",".join(LINEAR_NAMES))
-    parser.add_argument("--tokens", help="tokens to train on (e.g. 2e9, 500M), for GPU-hours")
+    parser.add_argument("--tokens", help="tokens to train on, all epochs (e.g. 2e9, 500M), for GPU-hours and cost "
+                        "(prices: TUNEFORGE_PRICE_TABLE or the defaults, docs/cost.md)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=cmd_plan)
 
@@ -151,14 +152,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         spec = job_spec_for(args)
         result = plan_job(spec, tokens=_tokens(args.tokens))
+        estimate = plan_cost(result)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "cost": estimate.to_dict() if estimate else None}, indent=2))
     else:
-        print(render(result))
+        print(render(result) + (render_cost(estimate) if estimate else ""))
     return EXIT_OK
+
+
+def plan_cost(result: Plan):
+    """The cost of training --tokens on the plan's setup at the price table's rate (None without --tokens)."""
+    from tuneforge.planner.cost import estimate_cost, price_table
+
+    tokens = result.throughput.tokens
+    if not tokens:
+        return None
+    return estimate_cost(result, tokens=tokens, rate=price_table().rate(result.setup.gpu), basis="--tokens")
+
+
+def render_cost(estimate) -> str:
+    if estimate.cost_usd is None:
+        return f"\ncost: no estimate ({estimate.basis})"
+    e = estimate
+    return (f"\ncost: ~{e.gpu_hours:,.3g} {e.device} hours with start-up (~{e.wall_seconds / 3600:,.3g} h wall-clock), "
+            f"~${e.cost_usd:,.3g} at ${e.price_per_gpu_hour:g}/h {e.market} (on-demand ~${e.on_demand_usd:,.3g}, "
+            f"spot ~${e.spot_usd:,.3g})")
 
 
 def render(result: Plan) -> str:

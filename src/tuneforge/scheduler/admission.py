@@ -73,6 +73,8 @@ def capacity_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | 
 
 def file_problem(spec: JobSpec, training: File | None, validation: File | None) -> dict[str, Any] | None:
     """The job error ({code, message, param}) its files call for, or None when they are usable."""
+    if spec.method == "export":  # an export job reads no data
+        return None
     if training is None or training.deleted_at is not None:
         return {"code": "invalid_training_file", "param": "training_file", "message": "the training file was deleted"}
     report = DatasetReport.model_validate(training.report)

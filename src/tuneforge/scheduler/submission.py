@@ -8,6 +8,7 @@ live workers and call the torch-free planner, so no other tenant's upload or cla
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,10 @@ from tuneforge.db import jobs as job_rows
 from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.tables import Job
+from tuneforge.egress import spec_endpoint_problem
+from tuneforge.launch.capabilities import reporter_problem
 from tuneforge.launch.deepspeed import deepspeed_problem
+from tuneforge.scheduler import cost
 from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem, strategy_problem
 from tuneforge.spec.job import JobSpec
 
@@ -59,12 +63,23 @@ def check_submission(spec: JobSpec, inventories: list[dict[str, Any]]) -> Submis
     if problem := deepspeed_problem(spec, deepspeed_classes=False):
         param = "tuneforge.resources.deepspeed_config" if spec.resources.deepspeed_config else "tuneforge.resources.strategy"
         return SubmissionCheck(memory, SubmissionProblem(problem, param, "invalid_strategy"))
+    if problem := reporter_problem(list(spec.monitoring.reporters), inventories):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.monitoring.reporters", "invalid_reporter"))
+    if found := spec_endpoint_problem(spec):  # a judge endpoint unknown, or its host private (SSRF)
+        return SubmissionCheck(memory, SubmissionProblem(found[1], f"tuneforge.{found[0]}", "judge_endpoint_refused"))
     return SubmissionCheck(memory, None)
+
+
+def budget_problem(spec: JobSpec, estimate) -> SubmissionProblem | None:
+    """The job's cost estimate (scheduler/cost.py) is over its own resources.max_cost_usd / max_gpu_hours."""
+    if found := cost.job_budget_problem(spec, estimate):
+        return SubmissionProblem(found[0], found[1], "over_job_budget")
+    return None
 
 
 def submit_job(session: Session, *, tenant_id: str, spec: JobSpec, model: str, training_file: str,
                validation_file: str | None, suffix: str | None, metadata: dict[str, str] | None,
-               idempotency_key: str | None, request_hash: str | None) -> Job:
+               idempotency_key: str | None, request_hash: str | None, estimate=None) -> Job:
     """Create the job and admit it (queued, failed with its files' report, or validating_files while a
     file is still being validated) in the caller's transaction: a job is never left half-admitted.
     Raises QuotaExceeded when the tenant is at its max_active_jobs (counted under the tenant's lock, so
@@ -77,6 +92,9 @@ def submit_job(session: Session, *, tenant_id: str, spec: JobSpec, model: str, t
             raise QuotaExceeded(SubmissionProblem(
                 f"tenant {tenant_id!r} has {active} unfinished job(s), its quota (max_active_jobs) is "
                 f"{tenant.max_active_jobs}: wait for one to finish, or cancel one", None, "quota_exceeded"))
+    # The tenant's monthly budget, under the same lock: `estimate` is scheduler.cost.estimate_job's (None: unpriced).
+    if problem := cost.tenant_budget_problem(session, tenant_id=tenant_id, estimate=estimate, now_s=time.time()):
+        raise QuotaExceeded(SubmissionProblem(problem, None, "budget_exceeded"))
     job = job_rows.create_job(
         session, tenant_id=tenant_id, spec=spec, model=model, training_file=training_file,
         validation_file=validation_file, suffix=suffix, metadata=metadata, idempotency_key=idempotency_key,
@@ -84,6 +102,7 @@ def submit_job(session: Session, *, tenant_id: str, spec: JobSpec, model: str, t
     )
     event_rows.add_event(session, job_id=job.id, message=f"Validating training file: {training_file}",
                          data={"kind": "status", "status": job.status})
+    cost.record_estimate(session, job=job, estimate=estimate)
     admit_job(session, job=job)
     session.refresh(job)  # admission changed the status with a guarded UPDATE
     return job

@@ -25,6 +25,8 @@ from tuneforge.db.session import Database
 from tuneforge.db.tables import File
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.datasets import refused_report
+from tuneforge.registry.storage.jobs import publish_dataset
+from tuneforge.registry.storage.tenant_store import open_tenant_store
 from tuneforge.scheduler.admission import admit_job
 from tuneforge.scheduler.loop import run_until_stopped
 from tuneforge.settings import Settings
@@ -60,6 +62,7 @@ class UploadValidator:
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stop = stop or threading.Event()
         self._validated_last_pass: list[str] = []
+        self.tenant_store = open_tenant_store(db, settings)  # with an object store: valid files go there too
 
     def run_once(self) -> int:
         """Validate every file waiting now, one at a time; returns how many were validated."""
@@ -86,6 +89,9 @@ class UploadValidator:
     def _validate_and_record(self, file: File) -> bool:
         try:
             report = self.validate(file)
+            if report.valid and self.tenant_store is not None:  # before "processed": no job can run ahead of it
+                publish_dataset(self.tenant_store, tenant_id=file.tenant_id, file_id=file.id,
+                                blob=self.store.path_of(file.sha256))
         except BaseException:  # stopping (Interrupted), or a fault here: the file waits for the next try
             with self.db.session() as session:
                 file_rows.release_validation(session, file_id=file.id, owner=self.owner)

@@ -31,6 +31,7 @@ from tuneforge.db.identifiers import new_id
 from tuneforge.db.job_events import add_event, ingest
 from tuneforge.db.session import Database
 from tuneforge.home import tuneforge_home
+from tuneforge.launch.capabilities import host_reporters
 from tuneforge.launch.outcome import (
     BAD_INPUT,
     PREEMPTED,
@@ -41,12 +42,18 @@ from tuneforge.launch.outcome import (
     interpret,
 )
 from tuneforge.registry.artifacts import LocalArtifactStore
-from tuneforge.registry.models import fine_tuned_model_id, register_job_output
-from tuneforge.scheduler import states
+from tuneforge.registry.models import (RegistryError, fine_tuned_model_id, materialize_source, model_source,
+                                      register_job_output)
+from tuneforge.registry.versions import ManifestMismatch
+from tuneforge.registry.storage import jobs as job_storage
+from tuneforge.registry.storage.tenant_store import open_tenant_store
+from tuneforge.scheduler import cost, states
+from tuneforge.planner.cost import price_table
 from tuneforge.scheduler.executors import Executor, LaunchError, Run
 from tuneforge.scheduler.launch import RECIPE_LOG, materialize_spec, prepare_job_dir
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
 from tuneforge.scheduler.queue import claim_next
+from tuneforge.scheduler.stalls import is_stalled, no_progress_rule, record_progress_resumed, record_stall
 from tuneforge.scheduler.tailer import read_new_events
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, PAUSED, RUNNING
@@ -87,6 +94,10 @@ class Attempt:
     resolved_mtime: int | None = None  # of the resolved_spec.json last copied onto the job
     gpu_seconds: float = 0.0  # used by this attempt's earlier runs (before a crash restart)
     log_offset: int = 0  # where this run's output starts in recipe.log (earlier runs append to it too)
+    last_progress: float = 0.0  # when the running recipe last reported a step (or was launched): no_progress alert
+    stalled: bool = False  # the no_progress alert is firing
+    accounted_until: float = 0.0  # this run's device time up to here is in usage_records (scheduler/cost.py)
+    budget_problem: str | None = None  # why the job was stopped for its budget
 
 
 class Worker:
@@ -94,8 +105,11 @@ class Worker:
         self.db, self.settings, self.executor = db, settings, executor
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:6]}"
         self.store = LocalArtifactStore(settings.artifacts_dir)
+        self.tenant_store = open_tenant_store(db, settings)  # None: jobs read the blobs under artifacts_dir
         self.nodes = executor.inventory()
         self.strategies = executor.strategies()
+        self.reporters = host_reporters()  # monitoring.reporters this environment has (the recipes run in it)
+        price_table()  # a bad TUNEFORGE_PRICE_TABLE stops the worker here, not while it prices a job
         self.attempts: dict[str, Attempt] = {}
         self.draining = False
         self._last_seen = 0.0
@@ -140,7 +154,8 @@ class Worker:
 
     def _announce(self, now_s: float) -> None:
         with self.db.session() as session:
-            inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus, "strategies": self.strategies} for n in self.nodes]
+            inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus, "strategies": self.strategies,
+                          "reporters": self.reporters} for n in self.nodes]
             worker_rows.register_worker(
                 session, worker_id=self.worker_id, hostname=socket.gethostname(), executor=self.executor.kind, inventory=inventory
             )
@@ -156,10 +171,16 @@ class Worker:
                 if claimed is None:
                     return
                 spec = JobSpec.model_validate(claimed.spec)
-                ids = [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else [])
+                ids = [] if spec.method == "export" else (  # an export job reads no data
+                    [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else []))
                 blobs = {fid: self.store.path_of(row.sha256) for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
                 models = {model_id: row for _, model_id in registered_models(spec)
                           if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id, model_id=model_id))}
+                try:  # what the job trains from, through an adapter's lineage down to its base
+                    base_source = model_source(session, tenant_id=claimed.tenant_id, base_model=spec.model.base_model,
+                                               home=tuneforge_home())
+                except RegistryError as exc:
+                    base_source = exc
                 row = job_rows.get_job_any_tenant(session, job_id=claimed.job_id)
                 offset, restarts = row.events_offset, row.restarts or 0
             job_dir = self.settings.jobs_dir / claimed.job_id
@@ -170,16 +191,22 @@ class Worker:
             )
             self.attempts[claimed.job_id] = attempt
             try:
+                if self.tenant_store is not None:  # from the object store, decrypted into DIR/inputs until the job ends
+                    blobs = job_storage.stage_inputs(self.tenant_store, tenant_id=claimed.tenant_id, blobs=blobs,
+                                                     job_dir=job_dir)
                 missing = [fid for fid in ids if fid not in blobs or not blobs[fid].is_file()]
                 if missing:
                     raise LaunchError(f"the data of {', '.join(missing)} is missing from the artifact store")
                 gone = [model_id for _, model_id in registered_models(spec) if model_id not in models]
                 if gone:
                     raise LaunchError(f"the model {gone[0]} this job uses was deleted")
+                if isinstance(base_source, RegistryError):
+                    raise LaunchError(base_source.message)
+                base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry")
                 attempt.spec = materialize_spec(spec, blobs, {mid: tuneforge_home() / row.location
-                                                              for mid, row in models.items()})
+                                                              for mid, row in models.items()}, base_model=base_model)
                 prepare_job_dir(job_dir, attempt.spec)
-            except (LaunchError, OSError) as exc:
+            except (LaunchError, OSError, ManifestMismatch) as exc:
                 self._launch_failed(attempt, str(exc))
                 continue
             self._launch(attempt)
@@ -198,7 +225,7 @@ class Worker:
             self._launch_failed(attempt, str(exc))
             return
         if attempt.run is not None:
-            attempt.started = time.time()
+            attempt.started = attempt.accounted_until = attempt.last_progress = time.time()
             log.info("job %s attempt %d started", attempt.job_id, attempt.attempt)
 
     def _launch_failed(self, attempt: Attempt, message: str) -> None:
@@ -220,6 +247,7 @@ class Worker:
                     self._finish(attempt, None)
                 return
         self._ingest(attempt)
+        self._watch_progress(attempt, now_s)
         self._check(attempt, now_s)
         code = attempt.run.poll()
         if code is None:
@@ -236,13 +264,32 @@ class Worker:
             return
         for event in events:
             attempt.report.observe(event)
+        stepped = any(e.get("type") == "metrics" and isinstance((e.get("data") or {}).get("step"), int) for e in events)
         with self.db.session() as session:
             stored = ingest(session, job_id=attempt.job_id, attempt=attempt.attempt, worker_id=self.worker_id,
                             events=events, offset=offset)
         if stored:
             attempt.events_offset = offset
+            if stepped:
+                attempt.last_progress = time.time()
         else:
             self._stop(attempt, "lost")
+
+    def _watch_progress(self, attempt: Attempt, now_s: float) -> None:
+        """The no_progress alert (scheduler/stalls.py): fired once per stall, cleared when steps resume."""
+        rule = no_progress_rule(attempt.spec)
+        if rule is None or attempt.stop_reason is not None:  # a recipe being stopped owes no more steps
+            return
+        stalled = is_stalled(rule, last_progress=attempt.last_progress, now_s=now_s)
+        if stalled == attempt.stalled:
+            return
+        with self.db.session() as session:
+            if stalled:
+                record_stall(session, job_id=attempt.job_id, attempt=attempt.attempt, rule=rule,
+                             step=attempt.report.last_step)
+            else:
+                record_progress_resumed(session, job_id=attempt.job_id, step=attempt.report.last_step)
+        attempt.stalled = stalled
 
     def _copy_resolved_spec(self, attempt: Attempt) -> None:
         """resolved_spec.json onto the job row, once the recipe has written it (again when it rewrites it)."""
@@ -270,6 +317,7 @@ class Worker:
                     self._stop(attempt, "lost")
                     return
                 attempt.last_renewal = now_s
+                self._account(session, attempt, now_s)
             job = job_rows.get_job_any_tenant(session, job_id=attempt.job_id)
         if job is None or job.lease_owner != self.worker_id:
             self._stop(attempt, "lost")
@@ -279,6 +327,25 @@ class Worker:
             self._stop(attempt, job.status)
         elif job.status != RUNNING:
             self._stop(attempt, "superseded")
+
+    def _account(self, session, attempt: Attempt, now_s: float) -> None:
+        """Price the device time since the last heartbeat, then stop the job if that spent its budget."""
+        if attempt.run is None:
+            return
+        self._record_usage(session, attempt, now_s)
+        problem = cost.running_budget_problem(session, job_id=attempt.job_id, tenant_id=attempt.tenant_id,
+                                              spec=attempt.spec, now_s=now_s)
+        if problem and attempt.stop_reason is None:
+            attempt.budget_problem = problem
+            add_event(session, job_id=attempt.job_id, level="warn", data={"kind": "budget", "reason": problem},
+                      message=f"Budget spent ({problem}); stopping the job at a checkpoint")
+            self._stop(attempt, "budget")
+
+    def _record_usage(self, session, attempt: Attempt, now_s: float) -> None:
+        device = self.nodes[attempt.nodes[0][0]].gpu_type if attempt.nodes else "cpu"
+        cost.record_usage(session, job_id=attempt.job_id, tenant_id=attempt.tenant_id, device=device,
+                          devices=attempt.gpus, start_s=attempt.accounted_until, end_s=now_s)
+        attempt.accounted_until = max(attempt.accounted_until, now_s)
 
     def _stop(self, attempt: Attempt, reason: str) -> None:
         if attempt.stop_reason is None:
@@ -295,8 +362,12 @@ class Worker:
         if attempt.stop_reason is None and outcome is not None and self._restart(attempt, outcome):
             return
         summary = self._summary(attempt) if outcome is not None and outcome.status == SUCCEEDED else None
+        if summary is not None and self.tenant_store is not None and attempt.stop_reason in (None, PAUSED):
+            summary = self._publish(attempt, summary)
         used = attempt.gpu_seconds + self._run_seconds(attempt)
         with self.db.session() as session:
+            if attempt.run is not None:
+                self._record_usage(session, attempt, time.time())
             states.release_lease(session, job_id=attempt.job_id, worker_id=self.worker_id, gpu_seconds=used)
             reason = attempt.stop_reason
             if summary is not None and reason in (None, PAUSED):
@@ -307,11 +378,18 @@ class Worker:
                                max_attempts=self.settings.max_attempts)
             elif reason is None:
                 states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt, error=self._error(attempt, outcome))
+            elif reason == "budget":
+                states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt, error={
+                    "code": "budget_exceeded", "param": None,
+                    "message": f"stopped at a checkpoint: {attempt.budget_problem}"})
             elif reason == PAUSED and outcome is not None and outcome.status not in (SUCCEEDED, PREEMPTED):
                 add_event(session, job_id=attempt.job_id, level="warn", data={"kind": "pause", "exit_code": code},
                           message=f"the recipe exited with code {code} while pausing; resume continues from the last checkpoint")
+            cost.finalize_if_finished(session, job_id=attempt.job_id)
         if attempt.run is not None:
             attempt.run.close()
+        if self.tenant_store is not None:
+            job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the job
         self.attempts.pop(attempt.job_id, None)
         log.info("job %s attempt %d finished: exit %s, %s", attempt.job_id, attempt.attempt, code, attempt.stop_reason or "done")
 
@@ -335,6 +413,8 @@ class Worker:
         if count is None:
             return False
         log.info("job %s attempt %d: %s; restart %d", attempt.job_id, attempt.attempt, outcome.reason, count)
+        with self.db.session() as session:
+            self._record_usage(session, attempt, time.time())
         attempt.gpu_seconds += self._run_seconds(attempt)
         if attempt.run is not None:
             attempt.run.close()
@@ -344,6 +424,17 @@ class Worker:
 
     def _run_seconds(self, attempt: Attempt) -> float:
         return (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
+
+    def _publish(self, attempt: Attempt, summary: JobSummary) -> JobSummary | None:
+        """The job's outputs into the object store before it counts as succeeded; None (the job fails
+        with the reason) when the store refuses them."""
+        try:
+            job_storage.publish_outputs(self.tenant_store, tenant_id=attempt.tenant_id, job_id=attempt.job_id,
+                                        job_dir=attempt.job_dir)
+        except OSError as exc:  # job_storage.StoreUnavailable included
+            attempt.report.error = f"the outputs could not be published to the object store: {exc}"
+            return None
+        return summary
 
     def _summary(self, attempt: Attempt) -> JobSummary | None:
         try:
@@ -369,10 +460,14 @@ class Worker:
                 eval_rows.record_run_result(session, job_id=job.id, result=summary.eval_run.model_dump(mode="json"),
                                             items=items)
             return
+        if summary.method == "export":  # an export job: its files and serve.json in DIR/export, no new model
+            states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=None, trained_tokens=None)
+            return
         model_id = fine_tuned_model_id(job)
         if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=model_id,
                           trained_tokens=summary.trained_tokens):
-            register_job_output(session, job=job, job_dir=attempt.job_dir, home=tuneforge_home(), output=summary.output)
+            register_job_output(session, job=job, job_dir=attempt.job_dir, home=tuneforge_home(), output=summary.output,
+                                store=self.store)
 
     def _error(self, attempt: Attempt, outcome: RecipeOutcome | None) -> dict[str, Any]:
         if outcome is None or outcome.status == SUCCEEDED:  # never started, or its summary could not be read

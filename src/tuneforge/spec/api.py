@@ -175,6 +175,28 @@ class HyperparametersOut(Response):
     learning_rate_multiplier: Literal["auto"] | float | None = None
 
 
+class CostObject(Response):
+    """A job's cost: the estimate made at submission (planner/cost.py) and what it has used so far, priced
+    when it ran; once the job finished, the platform overhead and the estimate's error too."""
+
+    object: Literal["tuneforge.job_cost"] = "tuneforge.job_cost"
+    currency: Literal["usd"] = "usd"
+    device: str | None = Field(None, description="The device type the estimate priced (cpu: CPU processes).")
+    market: Literal["on_demand", "spot"] | None = None
+    price_per_gpu_hour: float | None = None
+    estimated_gpu_hours: float | None = None
+    estimated_wall_seconds: float | None = None
+    estimated_cost_usd: float | None = None
+    estimate_basis: str | None = Field(None, description="How the tokens and the throughput were counted.")
+    gpu_hours: float = Field(0.0, description="Device-hours used so far, retries and evaluation included.")
+    cost_usd: float = 0.0
+    final: bool = Field(False, description="The job finished: gpu_hours and cost_usd will not change.")
+    overhead_fraction: float | None = Field(
+        None, description="Share of the run time not spent in training steps (start-up, model load, checkpoints, "
+        "evaluation; queueing excluded), from the job's metrics.")
+    estimate_error: float | None = Field(None, description="(estimated - actual) / actual GPU-hours.")
+
+
 class JobExtension(Response):
     """tuneforge's fields on a job: the spec (file ids, never server paths; its training section as the
     recipe resolved it once the job ran) and scheduling facts."""
@@ -185,6 +207,7 @@ class JobExtension(Response):
     gpu_seconds: float
     started_at: int | None = None
     restarts: int = 0  # crash restarts from the last checkpoint (checkpoint.max_restarts bounds them)
+    cost: CostObject | None = None  # the estimate at submission; what it has used so far
 
 
 class FineTuningJob(Response):
@@ -259,6 +282,7 @@ class JobPlan(Response):
     reason: str | None = None
     capacity: list[dict[str, Any]]
     memory: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None  # planner.cost.CostEstimate at the tenant's price; None: not priced
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -273,6 +297,61 @@ class ModelObject(Response):
 
 class ModelDeleted(Response):
     object: Literal["model"] = "model"
+    id: str
+    deleted: bool = True
+
+
+# ---- the model registry (registry/models.py): names, versions, lineage, aliases, tags --------------
+
+RegistryName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
+class ModelVersionObject(Response):
+    """One immutable version of a model name: what to train or serve it by (`model`), its content and lineage."""
+
+    object: Literal["model.version"] = "model.version"
+    id: str
+    name: str
+    version: str  # v1, v2, ...
+    model: str  # the ft:... id a job, an eval or /v1/models takes
+    kind: Literal["adapter", "model"]
+    created_at: int
+    manifest_sha256: str
+    files: list[dict[str, Any]]  # {"path", "sha256", "bytes"}
+    aliases: list[str]
+    tags: dict[str, str]
+    lineage: dict[str, Any]
+
+
+class RegisteredModelObject(Response):
+    object: Literal["registered_model"] = "registered_model"
+    id: str  # the name
+    latest_version: str
+    versions: int
+    created_at: int
+    aliases: dict[str, str]  # alias -> version
+
+
+class ModelLineage(Response):
+    """A version and what it was trained from, down to a base model: newest first."""
+
+    object: Literal["model.lineage"] = "model.lineage"
+    id: str
+    chain: list[dict[str, Any]]
+
+
+class AliasRequest(Request):
+    alias: RegistryName = Field(description="The alias to point (e.g. staging, production, champion); moved when it exists.")
+    version: Annotated[str, Field(pattern=r"^v?[0-9]{1,9}$")] = Field(description="The version it names: v2 (or 2).")
+
+
+class TagRequest(Request):
+    key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    value: str = Field(max_length=512)
+
+
+class RegistryDeleted(Response):
+    object: Literal["model.version", "model.alias", "model.tag"]
     id: str
     deleted: bool = True
 
@@ -300,6 +379,25 @@ class TenantLimits(Request):
     requests_per_minute: int | None = Field(
         None, ge=1, le=1_000_000, description="Request rate of each of the tenant's keys (default: the server's, "
         "TUNEFORGE_RATE_LIMIT_PER_MINUTE); past it, 429 with Retry-After.")
+
+
+class TenantBudgetRequest(Request):
+    """A tenant's monthly budgets (UTC calendar months); a PUT replaces both (a missing one is unlimited)."""
+
+    monthly_cost_usd: float | None = Field(
+        None, gt=0, le=1e12, description="USD a month; a job whose estimate would pass it is a 429 budget_exceeded, "
+        "and running jobs stop at their next checkpoint once it is spent.")
+    monthly_gpu_hours: float | None = Field(None, gt=0, le=1e12, description="GPU-hours a month, enforced the same way.")
+
+
+class TenantBudgetObject(Response):
+    object: Literal["tuneforge.tenant_budget"] = "tuneforge.tenant_budget"
+    tenant: str
+    month: str  # YYYY-MM, UTC
+    monthly_cost_usd: float | None = None
+    monthly_gpu_hours: float | None = None
+    cost_usd: float  # used this month
+    gpu_hours: float
 
 
 class TenantCreateRequest(TenantLimits):

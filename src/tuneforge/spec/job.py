@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tuneforge.spec.evals import EvalRunSpec, local_refs_only
 from tuneforge.spec.graders import MAX_GRADERS, Grader
+from tuneforge.spec.monitoring import MonitoringSpec
 from tuneforge.spec.preference import DpoSpec, RewardModelSpec
 from tuneforge.spec.reinforcement import GrpoSpec, PpoSpec, RolloutSpec
 
@@ -36,7 +37,9 @@ PositiveInt = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
 
-Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "eval"]  # eval: an eval run (no training, spec/evals.py)
+Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "eval", "export"]  # eval: an eval run (no training, spec/evals.py)
+# export: an export of a registered model as deploy: describes it (the Exports API schedules it; no dataset)
+NO_DATASET = "none"  # dataset.path of a method that reads no data (export)
 PREFERENCE_METHODS = ("reward", "dpo")  # train on preference pairs
 RL_METHODS = ("ppo", "grpo")  # sample completions and score them
 # The record formats (data/formats.py) each method trains on: checked against dataset.format here and
@@ -202,6 +205,14 @@ class ResourcesSpec(Section):
     )
     priority: int = Field(
         0, ge=-100, le=100, description="Scheduling priority among the same tenant's queued jobs; higher starts first."
+    )
+    max_cost_usd: float | None = Field(
+        None, gt=0, le=1e9, description="Budget of this job in USD (retries and evaluation included): refused at "
+        "submission when its estimate is over it, stopped at its next checkpoint when its cost reaches it."
+    )
+    max_gpu_hours: float | None = Field(
+        None, gt=0, le=1e9, description="Budget of this job in GPU-hours (CPU process-hours for cpu jobs), enforced "
+        "like max_cost_usd."
     )
 
     @field_validator("deepspeed_config", mode="before")
@@ -471,6 +482,14 @@ class DeploySpec(Section):
                              "(adapter.use_rslora) at the wrong strength: set deploy.format merged or deploy.fallback merged")
 
 
+class ExportRunSpec(Section):
+    """method export: the registered model an export job exports (api/routers/exports.py); deploy: says how."""
+
+    model: str | None = Field(
+        None, max_length=300, description="The fine-tuned model id (ft:...) exported; the worker swaps it for its files."
+    )
+
+
 class JobSpec(Section):
     """A fine-tuning job: what to train, on what, how, with what resources."""
 
@@ -499,6 +518,10 @@ class JobSpec(Section):
     grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="method grpo: group size, clipping and KL.")
     eval_run: EvalRunSpec = Field(default_factory=EvalRunSpec, description="method eval: the model an eval run asks, "
                                   "the prompt of each item (dataset.path holds the items) and the graders.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="System sampling, MFU, "
+                                       "reporters (TensorBoard, MLflow, W&B) and alerts.")
+    export_run: ExportRunSpec = Field(default_factory=ExportRunSpec, description="method export: the registered "
+                                      "model exported, as deploy: says (format, target, fallback, gguf_type, gpu_type).")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -565,6 +588,12 @@ class JobSpec(Section):
             raise ValueError("method eval needs eval_run.testing_criteria (the graders that score each item)")
         if self.method == "eval" and self.resources.num_gpus * self.resources.num_nodes != 1:
             raise ValueError("method eval runs in one process: resources.num_gpus and num_nodes must be 1")
+        if self.method == "export" and (self.export_run.model is None or self.deploy.target == "none"):
+            raise ValueError("method export needs export_run.model (the model exported) and a deploy.target")
+        if self.method == "export" and self.dataset.path != NO_DATASET:
+            raise ValueError(f"method export reads no data: dataset.path must be {NO_DATASET!r}")
+        if self.method != "export" and self.export_run.model is not None:
+            raise ValueError(f"export_run applies to method export only, not {self.method}; remove it")
         if self.method != "eval" and not self.eval_run.is_default():
             raise ValueError(f"eval_run applies to method eval only, not {self.method}; remove it")
         if self.method in RL_METHODS and not self.rollout.has_reward():

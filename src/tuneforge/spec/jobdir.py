@@ -33,6 +33,7 @@ RECIPES = {  # a closed table: a spec names a method, never a module
     "ppo": "tuneforge.recipes.ppo",
     "grpo": "tuneforge.recipes.grpo",
     "eval": "tuneforge.recipes.eval_run",
+    "export": "tuneforge.recipes.export_run",
 }
 EXIT_OK = 0
 EXIT_FAILED = 1  # crashed or failed: worth restarting from the last checkpoint
@@ -48,6 +49,9 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 EXPORT_DIR = "export"
+ENVIRONMENT_FILE = "environment.json"  # library versions the recipe ran with (the registry's lineage)
+BASE_OF_ADAPTER = "tuneforge-base.json"  # beside a registry adapter a job trains from: the base it applies to
+MERGED_BASE_DIR = "base-merged"  # that adapter merged into its base, which the job then trains
 
 
 class SpecChanged(FileExistsError):

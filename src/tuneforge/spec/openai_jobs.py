@@ -56,9 +56,10 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
     _check_metadata(request.metadata)
     if request.integrations:
         raise RequestError("integrations are not supported by tuneforge; leave the list empty", param="integrations")
-    if request.model not in BUILTIN_BASE_MODELS:
+    if request.model not in BUILTIN_BASE_MODELS and not MODEL_REFERENCE.match(request.model):
         raise RequestError(
-            f"model {request.model!r} is not available on this server; expected one of {', '.join(BUILTIN_BASE_MODELS)}",
+            f"model {request.model!r} is not available on this server; expected one of {', '.join(BUILTIN_BASE_MODELS)}, "
+            "a registered base model, a fine-tuned model id (ft:...) or a registry reference (NAME@vN, NAME:ALIAS)",
             param="model",
             code="model_not_found",
         )
@@ -126,6 +127,10 @@ def job_spec_from_request(request: JobCreateRequest) -> JobSpec:
 
 
 REGISTERED_MODEL = re.compile(r"^ft:[A-Za-z0-9][A-Za-z0-9:._-]{0,254}$")
+# What a job may train from besides a built-in model (the registry resolves it with the database): a
+# fine-tuned model id, a registry name with a version (support-bot@v2) or an alias (support-bot:production),
+# or the name of a base model an admin registered. Never a path.
+MODEL_REFERENCE = re.compile(r"^(ft:[A-Za-z0-9][A-Za-z0-9:._-]{0,254}|[a-z0-9][a-z0-9-]{0,63}(@v[0-9]{1,9}|:[a-z0-9][a-z0-9-]{0,63})?)$")
 
 
 def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
@@ -143,16 +148,18 @@ def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
 
 
 def registered_models(spec: JobSpec) -> list[tuple[str, str]]:
-    """(where, id) of each registered model the spec names as a reward or judge model, or as the model an
-    eval run evaluates."""
+    """(where, id) of each registered model the spec names as a reward or judge model, as the model an
+    eval run evaluates, or as the base model it continues training from."""
     named = [("rollout.reward_model", spec.rollout.reward_model), ("eval_run.model", spec.eval_run.model),
+             ("model.base_model", spec.model.base_model), ("export_run.model", spec.export_run.model),
              *_judge_models(spec, "")]
     return [(where, model) for where, model in named if model is not None and REGISTERED_MODEL.match(model)]
 
 
 def refuse_model_paths(spec: JobSpec, *, prefix: str = EXTENSION) -> None:
-    """Reward and judge models in a request are built-in or registered model names, never directories."""
-    named = [("rollout.reward_model", spec.rollout.reward_model), *_judge_models(spec, "")]
+    """Reward, judge and exported models in a request are built-in or registered model names, never directories."""
+    named = [("rollout.reward_model", spec.rollout.reward_model), ("export_run.model", spec.export_run.model),
+             *_judge_models(spec, "")]
     for where, model in named:
         if model is not None and model not in BUILTIN_BASE_MODELS and not REGISTERED_MODEL.match(model):
             raise RequestError(f"{where}: {model!r} is neither a built-in model ({', '.join(BUILTIN_BASE_MODELS)}) "

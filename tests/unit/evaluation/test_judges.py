@@ -137,6 +137,7 @@ def endpoints(server, monkeypatch):
         "impatient": {"base_url": server.base_url, "timeout_seconds": 0.3, "max_retries": 1},
     }))
     monkeypatch.setenv("GRADER_BOX_KEY", "sk-test-123")
+    monkeypatch.setenv("TUNEFORGE_JUDGE_ALLOWED_HOSTS", "127.0.0.1")  # the test server is on loopback (see egress.py)
     return Settings.from_env()
 
 

@@ -7,7 +7,8 @@ from tuneforge.spec.hyperparameters import resolve_hyperparameters
 from tuneforge.spec.reference import iter_fields
 
 REPO = Path(__file__).resolve().parents[3]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# configs/sweeps/ holds sweep specs, not job specs (tests/unit/spec/test_sweep.py validates them).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "sweeps" not in p.relative_to(REPO / "configs").parts)
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -22,9 +22,11 @@ from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db import models as model_rows
 from tuneforge.db.session import Database
+from tuneforge.registry.models import RegistryError, resolve_base_reference
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
-from tuneforge.scheduler.submission import QuotaExceeded, check_submission, submit_job
+from tuneforge.scheduler import cost
+from tuneforge.scheduler.submission import QuotaExceeded, budget_problem, check_submission, submit_job
 from tuneforge.spec.api import (
     TERMINAL_STATUSES,
     FineTuningJob,
@@ -53,6 +55,10 @@ def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
             raise ApiError(400, f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
         if row.purpose != "fine-tune":
             raise ApiError(400, f"{param}: file {file_id} has purpose {row.purpose!r}, expected 'fine-tune'", param=param)
+    try:  # a registered base model, an ft: id or NAME@vN / NAME:ALIAS, pinned to the model it names now
+        spec.model.base_model = resolve_base_reference(session, tenant_id=caller.tenant_id, ref=spec.model.base_model)
+    except RegistryError as exc:
+        raise ApiError(400, f"model: {exc.message}", param="model", code=exc.code) from None
     for where, model_id in registered_models(spec):  # reward and judge models: the caller's own
         if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
             raise ApiError(400, f"{where}: no model with id {model_id!r}", param=f"tuneforge.{where}",
@@ -85,7 +91,8 @@ def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
             return replayed
         spec = _spec_for(body, session, caller)
         inventories = live_inventories(session)
-    problem = check_submission(spec, inventories).problem
+        estimate = cost.estimate_job(session, tenant_id=caller.tenant_id, spec=spec, inventories=inventories)
+    problem = check_submission(spec, inventories).problem or budget_problem(spec, estimate)
     if problem:
         raise ApiError(400, problem.message, param=problem.param, code=problem.code)
     try:
@@ -93,7 +100,7 @@ def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
             job = submit_job(
                 session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
                 validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
-                idempotency_key=idempotency_key, request_hash=digest,
+                idempotency_key=idempotency_key, request_hash=digest, estimate=estimate,
             )
             return job_object(job)
     except QuotaExceeded as exc:
@@ -114,14 +121,16 @@ def plan_job(body: JobCreateRequest, caller: JobsCaller, db: Db) -> JobPlan:
     with db.read_session() as session:
         spec = _spec_for(body, session, caller)
         inventories = live_inventories(session)
+        estimate = cost.estimate_job(session, tenant_id=caller.tenant_id, spec=spec, inventories=inventories)
     check = check_submission(spec, inventories)
+    problem = check.problem or budget_problem(spec, estimate)
     resources = spec.resources
     # The capacity view shows what the cluster offers, never which hosts or processes offer it.
     capacity = [{"executor": inventory["executor"], "nodes": inventory["nodes"]} for inventory in inventories]
     return JobPlan(
         spec=spec.model_dump(mode="json"), gpus=resources.num_gpus * resources.num_nodes, gpu_type=resources.gpu_type,
-        fits=check.problem is None, reason=check.problem.message if check.problem else None, capacity=capacity,
-        memory=check.memory,
+        fits=problem is None, reason=problem.message if problem else None, capacity=capacity,
+        memory=check.memory, cost=estimate.to_dict() if estimate is not None else None,
     )
 
 

@@ -71,8 +71,11 @@ def load_reward_base(model_dir: str | Path, spec, precision, *, full_finetune: b
 
     from tuneforge.engine.model_loading import _keep_4bit_weights_trainable, attention_implementation, quantization_config
 
+    from tuneforge.engine.base_models import safetensors_model_dir
+
+    safetensors_model_dir(Path(model_dir))  # safetensors only (engine/model_files.py)
     quantization = quantization_config(spec, precision.dtype)
-    kwargs = {"dtype": torch.float32 if full_finetune else precision.dtype, "num_labels": 1,
+    kwargs = {"dtype": torch.float32 if full_finetune else precision.dtype, "num_labels": 1, "use_safetensors": True,
               "attn_implementation": attention_implementation(spec.attn_implementation, precision.device)}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -124,7 +127,9 @@ def load_reward_model(path: str | Path, precision: str | torch.dtype | None = No
 
     from tuneforge.engine.model_loading import load_tokenizer
 
-    directory = reward_model_dir(path)
+    from tuneforge.engine.base_models import safetensors_model_dir
+
+    directory = safetensors_model_dir(reward_model_dir(path), what="reward model")  # an adapter or a model
     manifest = json.loads((directory / MANIFEST).read_text())
     dtype = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         precision, precision) if not isinstance(precision, torch.dtype) else precision
@@ -139,11 +144,12 @@ def load_reward_model(path: str | Path, precision: str | torch.dtype | None = No
             from tuneforge.engine.base_models import resolve_base_model
 
             base_dir = resolve_base_model(manifest["base_model"])
-        base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=dtype)
+        base = AutoModelForSequenceClassification.from_pretrained(safetensors_model_dir(base_dir), num_labels=1,
+                                                                  dtype=dtype, use_safetensors=True)
         base.config.pad_token_id = manifest["pad_token_id"]
         model = PeftModel.from_pretrained(base, directory)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     model.config.pad_token_id = manifest["pad_token_id"]
     if device is not None:
         model.to(device)

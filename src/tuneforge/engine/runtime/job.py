@@ -20,6 +20,7 @@ import torch
 from tuneforge.data.batching import StepSchedule
 from tuneforge.data.problems import DataError
 from tuneforge.data.templating import TemplateError
+from tuneforge.engine.alerts import AlertStop
 from tuneforge.engine.base_models import ModelNotFound
 from tuneforge.engine.distributed import Distributed, Prepared, init_distributed, prepare, shutdown
 from tuneforge.engine.events import EventReporter
@@ -28,6 +29,7 @@ from tuneforge.engine.precision import Precision, PrecisionError, resolve_device
 from tuneforge.engine.preemption import Preempted, PreemptionWatcher
 from tuneforge.engine.progress import ProgressDisplay, process_age
 from tuneforge.engine.quiet import quiet_libraries
+from tuneforge.engine.reporters import ReportingEvents, open_reporters
 from tuneforge.engine.runtime.metrics import format_metrics
 from tuneforge.engine.runtime.resume import ResumePoint, find_resume_point
 from tuneforge.engine.weights import publish_final
@@ -35,6 +37,9 @@ from tuneforge.spec.hyperparameters import resolve_hyperparameters
 from tuneforge.spec.job import JobSpec
 from tuneforge.spec.jobdir import (
     ADAPTER_DIR,
+    BASE_OF_ADAPTER,
+    ENVIRONMENT_FILE,
+    MERGED_BASE_DIR,
     CHECKPOINTS_DIR,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -45,13 +50,15 @@ from tuneforge.spec.jobdir import (
     JobSummary,
     RankMemory,
     read_spec,
+    write_json_atomic,
     write_resolved_spec,
     write_summary,
 )
 from tuneforge.spec.loader import SpecError
 
 # Failures no restart can fix: the job exits EXIT_BAD_INPUT and its failure event says retryable: false.
-INPUT_ERRORS = (DataError, TemplateError, ModelNotFound, PrecisionError, SpecError)
+# AlertStop: a monitoring alert with stop_job ended the job after its checkpoint; a restart would repeat it.
+INPUT_ERRORS = (DataError, TemplateError, ModelNotFound, PrecisionError, SpecError, AlertStop)
 
 
 def recipe_main(run: Callable[..., JobSummary], argv: list[str] | None, *, prog: str, description: str | None) -> int:
@@ -84,10 +91,13 @@ def run_recipe(job_dir: Path, recipe: Callable[[RecipeJob], JobSummary], *, prog
     quiet_libraries()
     spec = read_spec(job_dir)
     parallel = init_distributed(spec.resources.collective_timeout_s)
-    events = EventReporter(job_dir, enabled=parallel.is_main)
+    if parallel.is_main:
+        record_environment(job_dir)
+    events = ReportingEvents(job_dir, enabled=parallel.is_main)  # + monitoring.reporters, opened by RecipeJob.start
     display = ProgressDisplay(enabled=progress and parallel.is_main)
     watcher = PreemptionWatcher.from_environment().install()
     try:
+        spec = continue_from_adapter(spec, job_dir, parallel)
         return recipe(RecipeJob.start(job_dir, spec, parallel, events, display, watcher, started))
     except Preempted:
         raise
@@ -97,9 +107,68 @@ def run_recipe(job_dir: Path, recipe: Callable[[RecipeJob], JobSummary], *, prog
                     retryable=not isinstance(exc, INPUT_ERRORS))
         raise
     finally:
+        events.close()
         display.close()
         watcher.uninstall()
         shutdown()
+
+
+def record_environment(job_dir: Path) -> None:
+    """The library versions this run uses, for the registry's lineage (reproducing a result needs them)."""
+    import platform
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("tuneforge", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    write_json_atomic(job_dir / ENVIRONMENT_FILE, versions)
+
+
+def continue_from_adapter(spec: JobSpec, job_dir: Path, parallel: Distributed) -> JobSpec:
+    """A job that continues training a registered adapter trains its base with the adapter merged in
+    (full precision, PEFT's merge), written once to DIR/base-merged by rank 0; other specs pass as they are."""
+    adapter = Path(spec.model.base_model)
+    if not (adapter / "adapter_config.json").is_file():
+        return spec
+    target = job_dir / MERGED_BASE_DIR
+    if parallel.is_main and not (target / "config.json").is_file():
+        _merge_adapter_chain(adapter, target)
+    parallel.barrier()
+    spec.model.base_model = str(target)
+    return spec
+
+
+def _merge_adapter_chain(adapter: Path, target: Path) -> None:
+    """adapter merged into its base (itself an adapter on a base, down the lineage), saved to target."""
+    import json
+    import os
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.engine.base_models import resolve_base_model
+
+    recorded = adapter / BASE_OF_ADAPTER
+    config = json.loads((recorded if recorded.is_file() else adapter / "adapter_config.json").read_text())
+    base = config.get("base_model") or config.get("base_model_name_or_path") or ""
+    if (Path(base) / "adapter_config.json").is_file():
+        base_dir = target.with_name(target.name + "-base")
+        if not (base_dir / "config.json").is_file():
+            _merge_adapter_chain(Path(base), base_dir)
+    else:
+        base_dir = resolve_base_model(base)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if (adapter / "tokenizer_config.json").is_file() else base_dir)
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
 
 
 @dataclass
@@ -133,6 +202,8 @@ class RecipeJob:
                 raise SpecError(problem)
         # Same seed on every rank: identical adapter initialization (FSDP shards each rank's own copy).
         seed_everything(spec.training.seed)
+        if parallel.is_main and spec.monitoring.reporters:  # a missing package fails here, before any training
+            events.attach(open_reporters(spec, job_dir))
         job = cls(job_dir, spec, parallel, events, display, watcher, started, device, precision, strategy,
                   {"imports_s": process_age(), "clock": time.perf_counter()})
         where = f"{parallel.world_size} processes ({strategy})" if parallel.enabled else device.type

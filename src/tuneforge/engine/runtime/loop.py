@@ -19,12 +19,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psutil
 import torch
 
 from tuneforge.data.batching import StepSchedule, micro_batches
 from tuneforge.engine import faults
+from tuneforge.engine.alerts import AlertMonitor, AlertStop
 from tuneforge.engine.checkpoint import CheckpointKeeper, checkpoint_bytes, restore_training_checkpoint
 from tuneforge.engine.distributed import Prepared
+from tuneforge.engine.monitoring import MfuEstimator, SystemSampler, step_memory
 from tuneforge.engine.preemption import Preempted
 from tuneforge.engine.runtime.metrics import format_metrics
 from tuneforge.engine.runtime.resume import ResumePoint
@@ -87,7 +90,14 @@ def train(job, prepared: Prepared, batcher, schedule: StepSchedule, *, micro: in
     loop = _Loop(job, prepared, batcher, schedule, micro, data_position, recipe_state or {}, validate, experience)
     loop.restore(resume)
     job.phase("setup_s")
-    return loop.run()
+    interval = job.spec.monitoring.sample_interval_s
+    if interval and job.parallel.is_main:  # only the main rank writes events; it samples every visible GPU
+        loop.sampler = SystemSampler(interval, use_gpus=job.device.type == "cuda").start()
+    try:
+        return loop.run()
+    finally:
+        if loop.sampler is not None:
+            loop.sampler.stop()
 
 
 class _Loop:
@@ -101,6 +111,11 @@ class _Loop:
         self.keeper: CheckpointKeeper | None = None
         # A rank whose share of a step is short runs this with weight 0 (same collectives on every rank).
         self.stand_in = batcher.collate((0,)) if job.parallel.enabled and experience is None else None
+        # monitoring: alerts on every step, MFU (not for online RL, whose steps are mostly generation), system samples
+        self.alerts = AlertMonitor(job.spec.monitoring.alerts, job.events.emit)
+        self.mfu = None if experience else MfuEstimator(job.spec, job.device, job.precision.name, job.parallel.world_size)
+        self.sampler: SystemSampler | None = None
+        self.process = psutil.Process()
 
     def restore(self, resume: ResumePoint) -> None:
         """Weights, optimizer, scheduler, scaler, RNGs and counters, exactly as the checkpoint saved them."""
@@ -182,6 +197,7 @@ class _Loop:
 
     def report(self, done: int, result: StepResult, tokens_per_second: float, example_ids) -> None:
         job, total = self.job, self.schedule.total_steps
+        self.alerts.observe_step(done, result.loss, tokens_per_second)
         if done % job.spec.training.logging_steps == 0 or done == total:
             job.events.metrics(
                 f"step {done}/{total}: train_loss={result.loss:.4f}",
@@ -196,10 +212,20 @@ class _Loop:
                 learning_rate=result.learning_rate, grad_norm=result.grad_norm, tokens_per_second=tokens_per_second,
                 tokens_seen=self.progress.tokens_seen, real_token_fraction=result.tokens / result.padded_tokens,
                 example_ids=self.batcher.example_ids(example_ids),
+                **self.system_metrics(result, len(example_ids), tokens_per_second),
             )
         eta = (total - done) * self.progress.train_seconds / max(1, done - self.start_step)
         job.display.update(done, loss=result.loss, learning_rate=result.learning_rate,
                            tokens_per_second=tokens_per_second, eta_s=eta)
+
+    def system_metrics(self, result: StepResult, rows: int, tokens_per_second: float) -> dict[str, float]:
+        """MFU, this process's memory, and the system samples since the last metrics event."""
+        values: dict[str, float] = dict(step_memory(self.job.device, self.process))
+        if self.mfu is not None and (mfu := self.mfu.mfu(tokens_per_second, result.padded_tokens / max(rows, 1))):
+            values["mfu"] = round(mfu, 5)
+        if self.sampler is not None:
+            values.update(self.sampler.take())
+        return values
 
     def between_steps(self, done: int, result: StepResult) -> None:
         """Validate when due; checkpoint and stop when any rank asks (every rank takes the same decision)."""
@@ -209,11 +235,16 @@ class _Loop:
         # A checkpoint carries the validation of its own step only, so the best is judged on its weights.
         metrics = {"train_loss": result.loss, **fresh}
         # Time-based checkpoints and stop requests can differ between ranks: any rank's wins for all.
-        due, stop = (bool(v) for v in job.parallel.sum([float(self.keeper.due(done)), float(job.watcher.requested)]))
+        # So are alerts that stop the job (throughput is each rank's own).
+        due, stop, halt = (bool(v) for v in job.parallel.sum([float(self.keeper.due(done)), float(job.watcher.requested),
+                                                              float(self.alerts.stop_reason is not None)]))
         # With checkpoint.best_by (or output best) a new best is saved at once (every rank has the same
         # validation results, so decides the same).
-        if due or stop or self.keeper.new_best_to_save(metrics):
+        if due or stop or halt or self.keeper.new_best_to_save(metrics):
             self.checkpoint(done, metrics)
+        if halt:
+            raise AlertStop(f"stopped after step {done} with a checkpoint: "
+                            f"{self.alerts.stop_reason or 'an alert of another rank'}")
         if stop:
             job.note(f"preempted ({job.watcher.reason}) after step {done}; checkpoint saved, the job resumes from it",
                      level="warning", kind="status", status="preempted", step=done, reason=job.watcher.reason)
@@ -225,6 +256,7 @@ class _Loop:
             return {}
         job = self.job
         self.last_eval = self.validate()
+        self.alerts.observe_eval(done, self.last_eval)
         message = f"step {done}: {format_metrics(self.last_eval)}"
         fresh = {f"valid_{k}": v for k, v in self.last_eval.items()}
         job.events.metrics(message, step=done, total_steps=self.schedule.total_steps, **fresh)
