@@ -43,7 +43,9 @@ def rl_job_dir(tmp_path, model_dir, method: str, name: str = "job", **sections):
         "model": {"base_model": str(model_dir)},
         "dataset": {"path": str(data), "max_seq_length": 96, "train_split": 0.8},
         "adapter": {"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"learning_rate": 2e-2, "max_steps": 10, "seed": 0, "warmup_ratio": 0.0,
+        # 1e-2: with today's library releases 2e-2 collapsed the tiny policy onto one token by step 10 (pass rate 0);
+        # 1e-2 reaches 1.0 on seeds 0 and 1.
+        "training": {"learning_rate": 1e-2, "max_steps": 10, "seed": 0, "warmup_ratio": 0.0,
                      "lr_scheduler": "constant"},
         "rollout": {"prompts_per_step": 16, "max_new_tokens": 16, "graders": [LETTER_GRADER]},
         "ppo": {"ppo_epochs": 4, "num_mini_batches": 2},
