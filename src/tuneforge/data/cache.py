@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneforge.data.formats import Example, Format
+from tuneforge.data.formats import Format
 from tuneforge.data.loading import file_sha256, iter_examples
 from tuneforge.data.parallel import tokenize_file_to, worker_count
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.templating import PromptRenderer, TokenizedExample
-from tuneforge.data.token_files import TokenArrayWriter, read_arrays
+from tuneforge.data.token_files import read_arrays, write_examples
 from tuneforge.home import tuneforge_home
 
 CACHE_VERSION = 2  # 2: raw arrays written while streaming (token_files.py) instead of .npy files
@@ -100,25 +100,8 @@ def _tokenize_to(path: Path, fmt: Format, renderer: PromptRenderer, directory: P
 
 def _tokenize_serial(path: Path, fmt: Format, renderer: PromptRenderer, directory: Path) -> tuple[list, int]:
     _, stream = iter_examples(path, fmt)
-    problems: list[DataProblem] = []
-    found = 0
-
-    def examples():
-        nonlocal found
-        for item in stream:
-            if isinstance(item, Example):
-                yield item
-            else:
-                found += 1
-                if len(problems) < MAX_PROBLEMS_KEPT:
-                    problems.append(item)
-
-    writer = TokenArrayWriter(directory)
-    try:
-        writer.add_all(renderer.tokenize_stream(examples(), BATCH))
-    finally:
-        writer.close()
-    return problems, found
+    return write_examples(stream, lambda examples: renderer.tokenize_stream(examples, BATCH), directory,
+                          keep=MAX_PROBLEMS_KEPT)
 
 
 def load_tokenized(path: str | Path, fmt: Format, renderer: PromptRenderer, *, root: Path | None = None) -> TokenizedDataset:

@@ -54,28 +54,10 @@ def _tokenize_range(path: str, fmt: str, byte_range: tuple[int, int, int]):
 
 def _tokenize_range_to(path: str, fmt: str, byte_range: tuple[int, int, int], directory: str, keep: int):
     """Write one byte range's examples to directory; (problems kept, problems found)."""
-    from tuneforge.data.token_files import TokenArrayWriter
+    from tuneforge.data.token_files import write_examples
 
     _, stream = iter_examples(path, fmt, byte_range=byte_range)
-    problems: list[DataProblem] = []
-    found = 0
-
-    def examples():
-        nonlocal found
-        for item in stream:
-            if isinstance(item, Example):
-                yield item
-            else:
-                found += 1
-                if len(problems) < keep:
-                    problems.append(item)
-
-    writer = TokenArrayWriter(Path(directory))
-    try:
-        writer.add_all(_renderer.tokenize_stream(examples()))
-    finally:
-        writer.close()
-    return problems, found
+    return write_examples(stream, _renderer.tokenize_stream, Path(directory), keep=keep)
 
 
 def tokenize_file_to(path: str | Path, fmt: str, renderer, workers: int, directory: Path, *,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneforge.data.formats import Example
+from tuneforge.data.problems import DataProblem
 from tuneforge.data.templating import TokenizedExample
 
 ARRAYS = {"input_ids": "<i4", "labels": "<i4", "offsets": "<i8", "lines": "<i8"}
@@ -89,3 +91,28 @@ def join_parts(parts: list[Path], directory: Path) -> None:
             for part in parts:
                 with open(array_path(part, name), "rb") as source:
                     shutil.copyfileobj(source, target, COPY_CHUNK)
+
+
+def write_examples(stream: Iterable, tokenize, directory: Path, *, keep: int) -> tuple[list[DataProblem], int]:
+    """Tokenize the examples of a validation stream (iter_examples: examples and problems) into directory's
+    arrays with `tokenize` (a renderer's tokenize_stream), keeping at most `keep` of the problems found among
+    them so a wholly broken file cannot fill memory. Returns (problems kept, problems found)."""
+    problems: list[DataProblem] = []
+    found = 0
+
+    def examples():
+        nonlocal found
+        for item in stream:
+            if isinstance(item, Example):
+                yield item
+            else:
+                found += 1
+                if len(problems) < keep:
+                    problems.append(item)
+
+    writer = TokenArrayWriter(directory)
+    try:
+        writer.add_all(tokenize(examples()))
+    finally:
+        writer.close()
+    return problems, found
