@@ -100,6 +100,7 @@ class SystemSampler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._taken = False
 
     def start(self) -> SystemSampler:
         self.process.cpu_percent(None)  # the first call only sets the baseline
@@ -116,13 +117,16 @@ class SystemSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                sample = self.sample()
-            except Exception as exc:  # a driver hiccup must not end the training run
-                log.warning("system sample failed: %s", exc)
-                continue
+            sample = self._safe_sample()
             with self._lock:
-                self._samples.append(sample)
+                self._samples.extend(sample)
+
+    def _safe_sample(self) -> list[dict[str, float]]:
+        try:
+            return [self.sample()]
+        except Exception as exc:  # a driver hiccup must not end the training run
+            log.warning("system sample failed: %s", exc)
+            return []
 
     def sample(self) -> dict[str, float]:
         """One reading: per GPU through NVML, else the process's CPU % (100 = one core) and resident set."""
@@ -141,9 +145,14 @@ class SystemSampler:
         return values
 
     def take(self) -> dict[str, float]:
-        """The samples since the last take: memory and RSS at their peak, everything else averaged."""
+        """The samples since the last take: memory and RSS at their peak, everything else averaged. The first take
+        reads the hardware itself when the thread has not yet sampled, so even a run shorter than one interval
+        reports a reading on its first step."""
         with self._lock:
             samples, self._samples = self._samples, []
+        if not samples and not self._taken:
+            samples = self._safe_sample()
+        self._taken = True
         if not samples:
             return {}
         summary = {}

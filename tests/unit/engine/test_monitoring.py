@@ -109,6 +109,17 @@ def test_the_sampler_thread_summarizes_what_it_sampled_since_the_last_take():
     assert not sampler._thread.is_alive()
 
 
+def test_a_run_shorter_than_one_interval_still_reports_a_reading_on_its_first_step():
+    # On a fast machine six tiny steps end before an interval of 0.5 s: the first take reads the hardware itself.
+    sampler = SystemSampler(3600, use_gpus=False).start()
+    try:
+        first, second = sampler.take(), sampler.take()
+    finally:
+        sampler.stop()
+    assert set(first) == {"cpu_percent", "rss_peak_bytes"} and first["rss_peak_bytes"] > 10 << 20
+    assert second == {}  # afterwards only the thread's own samples, one per interval
+
+
 def test_mfu_is_the_planner_flops_times_tokens_over_the_peak():
     spec = validate_job_spec({"model": {"base_model": "tiny-llama"}, "dataset": {"path": "data.jsonl"},
                               "training": {"precision": "fp32", "per_device_batch_size": 2},
