@@ -388,4 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not __main__'s: the control-plane commands raise tuneforge.cli.UserError,
+    # which a main defined in __main__ (a second copy of this module) would not catch.
+    from tuneforge.cli import main as imported_main
+
+    sys.exit(imported_main())

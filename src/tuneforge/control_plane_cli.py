@@ -44,8 +44,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from tuneforge.api.server import serve
     from tuneforge.spec.jobdir import EXIT_BAD_INPUT
 
-    # Refused here, with the files named, rather than as a traceback from inside uvicorn. (Printed here:
-    # under `python -m tuneforge.cli` the UserError class cli.main catches is __main__'s, not this one.)
+    # Refused here, with the files named, rather than as a traceback from inside uvicorn.
     problem = None
     if bool(args.tls_cert) != bool(args.tls_key):
         problem = "--tls-cert and --tls-key go together: give both (a PEM certificate chain and its private key)"

@@ -179,7 +179,7 @@ def test_jobs_are_priced_refused_over_budget_stopped_when_it_is_spent_and_their_
     short = job_body(file_a, training={"max_steps": 3, "per_device_batch_size": 2, "batch_size": 2})
     plan = a.post("/v1/fine_tuning/jobs/plan", json=short).json()
     assert plan["cost"]["device"] == "cpu" and plan["cost"]["price_per_gpu_hour"] == CPU_PRICE
-    assert plan["cost"]["tokens"] > 0 and "3 steps x 2 examples" in plan["cost"]["basis"]
+    assert plan["cost"]["tokens"] > 0 and "3 steps x 2 packed rows" in plan["cost"]["basis"]  # tiny-llama packs
     # A job whose estimate is over its own budget is refused before it exists.
     over = job_body(file_a, training={"max_steps": 3}, resources={"max_cost_usd": 1e-9})
     refused = a.post("/v1/fine_tuning/jobs", json=over)

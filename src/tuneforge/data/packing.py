@@ -17,27 +17,6 @@ import torch
 from tuneforge.data.templating import IGNORE_INDEX, TokenizedExample
 
 PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2")
-# Rows hold about this many average examples: best-fit decreasing then fills them to ~95-99%.
-EXAMPLES_PER_ROW = 4
-ROW_MULTIPLE = 64
-
-
-def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: str) -> tuple[int, str]:
-    """The row length to pack into, and why. Flash-attention's variable-length kernel costs per example,
-    so rows are max_seq_length. SDPA and eager compute the whole row x row attention under the
-    block-diagonal mask, so a row of short examples costs as if it were one long sequence (2048-token
-    rows of short chats trained at about a third of the tokens/s of 512-token rows): rows are sized
-    from the data instead, about EXAMPLES_PER_ROW average examples and never shorter than the longest."""
-    if attention == "flash_attention_2" or not lengths:
-        return max_seq_length, f"rows of max_seq_length {max_seq_length} ({attention} attends per example)"
-    mean, longest = sum(lengths) / len(lengths), max(lengths)
-    wanted = max(longest, EXAMPLES_PER_ROW * mean)
-    row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
-    return row, (f"rows of {row} tokens: {attention} computes each row's whole attention, so rows hold about "
-                 f"{EXAMPLES_PER_ROW} average examples ({mean:.0f} tokens; longest {longest}) rather than "
-                 f"max_seq_length {max_seq_length}")
-
-
 class _Fenwick:
     """Counts of open rows by remaining capacity, with 'smallest capacity >= n' in O(log capacity)."""
 

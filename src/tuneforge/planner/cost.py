@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,18 +42,25 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 # What the recipe does per trained token beyond one SFT-style step, in step-equivalents: DPO also runs the
 # reference model's forward pass (2N of a LoRA step's 4N FLOPs); an eval run only runs forward passes.
 # PPO and GRPO spend most of their time generating rollouts, which this model does not estimate.
-METHOD_FACTOR = {"sft": 1.0, "reward": 1.0, "dpo": 1.5, "eval": 1 / 3}
+METHOD_FACTOR = {"sft": 1.0, "reward": 1.0, "dpo": 1.5, "vlm": 1.0, "clip": 1.0, "eval": 1 / 3}
 # Without a tokenizer's count (uploads are validated without one), tokens are characters / 4 (BPE
 # tokenizers on English text) plus the chat template's markers, about 8 tokens per message.
 CHARS_PER_TOKEN = 4.0
+# Best-fit decreasing fills packed rows to 95-99% (data/packing.py); the estimate takes the low end.
+PACKED_FILL = 0.95
 TEMPLATE_TOKENS_PER_TURN = 8
-# Process start, imports and model load before the first step: a fixed part and the weights at disk speed.
-STARTUP_SECONDS = 20.0
+# Process start, imports and model load before the first step: a fixed part and the weights at disk speed
+# (measured on an idle 2-core machine: 9-10 s to the first step of SmolLM2-135M with the model imported).
+STARTUP_SECONDS = 10.0
 LOAD_BYTES_PER_SECOND = 500e6
-# CPU jobs have no published peak: fp32 FLOP/s one core sustains in matmuls (AVX2 / AVX-512 FMA) and
-# the fraction a small-model training step reaches (kernel launches and Python dominate).
-CPU_FLOPS_PER_CORE = 50e9
-CPU_MFU = 0.15
+# What every optimizer step costs besides its FLOPs: the optimizer update, clipping, the step's events and
+# Python; it is what a tiny model's step is made of, and a small share of a real one's.
+STEP_OVERHEAD_SECONDS = 0.05
+# CPU jobs have no published peak: the fp32 FLOP/s one core sustains in a training step, measured with
+# bench/quality.py on an idle 2-core AVX-512 Xeon: SmolLM2-135M LoRA 173, full 213, QLoRA 165 GFLOP/s over
+# both cores (the planner's FLOPs per token times the measured real tokens/s). A core without AVX-512
+# sustains about half.
+CPU_FLOPS_PER_CORE = 85e9
 
 
 # ---- the price table -------------------------------------------------------------------------------------
@@ -200,22 +208,23 @@ class CostEstimate:
 def cpu_tokens_per_second(hardware_flops_per_token: float, processes: int, cores: int | None = None) -> float:
     """A CPU job's tokens/s per process: this machine's cores shared by the job's processes."""
     cores = cores or os.cpu_count() or 1
-    return CPU_FLOPS_PER_CORE * max(1.0, cores / processes) * CPU_MFU / hardware_flops_per_token
+    return CPU_FLOPS_PER_CORE * max(1.0, cores / processes) / hardware_flops_per_token
 
 
-def estimate_cost(plan, *, tokens: int, rate: Rate, basis: str = "") -> CostEstimate:
-    """GPU-hours, wall time and money of training `tokens` on the plan's setup at `rate`."""
+def estimate_cost(plan, *, tokens: int, rate: Rate, basis: str = "", steps: int = 0) -> CostEstimate:
+    """GPU-hours, wall time and money of training `tokens` in `steps` optimizer steps on the plan's setup at
+    `rate`."""
     setup, throughput = plan.setup, plan.throughput
     devices = setup.world_size
     per_second = throughput.tokens_per_second
     if per_second is None and setup.gpu == "cpu":
         per_second = cpu_tokens_per_second(throughput.hardware_flops_per_token, devices) * devices
-        basis += f"; cpu: {CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s per core at {CPU_MFU:.0%} utilization"
+        basis += f"; cpu: {CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s sustained per core"
     if not per_second:
         return CostEstimate(setup.gpu, devices, tokens, None, None, None, rate.price_per_hour, rate.market,
                             None, None, None, basis + f"; no throughput estimate for {setup.gpu}")
     weight_bytes = plan.model.num_params * (2 if setup.mixed else 4)
-    wall = STARTUP_SECONDS + weight_bytes / LOAD_BYTES_PER_SECOND + tokens / per_second
+    wall = STARTUP_SECONDS + weight_bytes / LOAD_BYTES_PER_SECOND + tokens / per_second + steps * STEP_OVERHEAD_SECONDS
     hours = wall * devices / 3600
     return CostEstimate(setup.gpu, devices, tokens, per_second, wall, hours, rate.price_per_hour, rate.market,
                         hours * rate.price_per_hour, hours * rate.on_demand, hours * rate.spot, basis.lstrip("; "))
@@ -232,23 +241,87 @@ def tokens_per_example(stats: dict, examples: int, max_seq_length: int) -> tuple
     return min(mean, float(max_seq_length)), how
 
 
-def training_tokens(spec, *, examples: int, stats: dict) -> tuple[int, str] | None:
-    """Tokens a job trains on (examples x epochs, or max_steps x batch) in SFT step-equivalents; None for a
-    method this model cannot price (PPO / GRPO generate) or an empty dataset."""
+def packs(spec, arch) -> bool:
+    """Whether the recipe will pack this job's examples: `training.packing`, or for auto the SFT recipe's rule
+    (engine/model_loading.py:packing_support) on the planner's model, which is a Llama-family decoder; its
+    mixture-of-experts models (Mixtral) are the family packing is not verified for."""
+    if spec.training.packing != "auto":
+        return bool(spec.training.packing)
+    return spec.method == "sft" and arch.num_experts == 1
+
+
+def packed_row_tokens(mean: float, max_seq_length: int) -> float:
+    """Real tokens in one packed row: the SDPA rule of spec/hyperparameters.py:packed_row_length (rows of about
+    EXAMPLES_PER_ROW average examples, in multiples of ROW_MULTIPLE, at most max_seq_length) filled to
+    PACKED_FILL by best-fit decreasing. The longest example is not known at submission, so a file with one
+    very long example gets longer rows than this counts. Workers with flash-attention pack max_seq_length
+    rows; that is a worker's property, not the job's, so the estimate counts the SDPA rows."""
+    from tuneforge.spec.hyperparameters import EXAMPLES_PER_ROW, ROW_MULTIPLE
+
+    row = min(max_seq_length, -(-int(EXAMPLES_PER_ROW * mean) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return max(mean, row * PACKED_FILL)
+
+
+def evaluation_tokens(spec, *, validation_examples: int, mean: float, steps: float) -> tuple[int, str]:
+    """The job's evaluations in SFT step-equivalents: each pass (the base before training, every
+    eval_every_steps, the final one) runs the likelihood forward (1/3 of a step per token) and, for generated
+    metrics and graders, a prefill and greedy decoding of up to max_new_tokens. Decoding runs one token per
+    forward over a batch at about a third of a training step's efficiency, so a generated token costs about
+    one trained token (measured: 32 json-extraction examples took 12.6-14 s per pass, the rule gives 13 s)."""
+    evaluation = spec.evaluation
+    count = min(validation_examples, evaluation.max_eval_examples or validation_examples)
+    if count < 1 or spec.method not in ("sft", "reward", "dpo"):
+        return 0, ""
+    passes = 1 + int(evaluation.eval_before_training)
+    if evaluation.eval_every_steps:
+        passes += int(steps // evaluation.eval_every_steps)
+    per_example = mean / 3
+    if evaluation.needs_generation():
+        per_example += mean / 3 + min(float(evaluation.max_new_tokens), mean)
+    return int(passes * count * per_example), f"{passes} evaluations of {count} examples"
+
+
+class TokenCount(NamedTuple):
+    tokens: int  # SFT step-equivalent tokens, evaluations included
+    steps: int  # optimizer steps
+    basis: str  # how they were counted
+
+
+def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False,
+                    validation_examples: int | None = None) -> TokenCount | None:
+    """Tokens a job trains on (examples x epochs, or max_steps x batch) in SFT step-equivalents, its
+    evaluations included; None for a method this model cannot price (PPO / GRPO generate) or an empty
+    dataset. `packed`: the job packs (see packs()); a max_steps job's explicit batch then counts rows of
+    several examples. Without a validation file (validation_examples None) train_split carves the
+    validation set out of the examples."""
     from tuneforge.spec.hyperparameters import resolve_hyperparameters
 
     factor = METHOD_FACTOR.get(spec.method)
     if factor is None or examples < 1:
         return None
     mean, how = tokens_per_example(stats, examples, spec.dataset.max_seq_length)
+    if validation_examples is None and spec.method != "eval":
+        validation_examples = examples - max(1, round(examples * spec.dataset.train_split))
+        examples -= validation_examples
     training = resolve_hyperparameters(spec, examples).training
     if training.max_steps:
-        trained = training.max_steps * training.batch_size
-        what = f"{training.max_steps} steps x {training.batch_size} examples"
+        counts_rows = packed and spec.training.batch_size != "auto" or packed and "auto" not in (
+            spec.training.per_device_batch_size, spec.training.gradient_accumulation_steps)
+        per_item = packed_row_tokens(mean, spec.dataset.max_seq_length) if counts_rows else mean
+        trained = training.max_steps * training.batch_size * per_item / mean
+        steps = float(training.max_steps)
+        what = f"{training.max_steps} steps x {training.batch_size} " + (
+            f"packed rows of ~{per_item:,.0f} tokens (~{per_item / mean:.1f} examples each)" if counts_rows else "examples")
     else:
         epochs = float(training.num_epochs) if spec.method != "eval" else 1.0
         trained = examples * epochs
+        steps = trained / training.batch_size
         what = f"{examples} examples x {epochs:g} epochs" if spec.method != "eval" else f"{examples} examples"
     tokens = int(trained * mean * factor)
     note = f" x {factor:g} for {spec.method}" if factor != 1 else ""
-    return tokens, f"{what} x {mean:,.0f} tokens ({how}){note}"
+    basis = f"{what} x {mean:,.0f} tokens ({how}){note}"
+    evaluated, passes = evaluation_tokens(spec, validation_examples=validation_examples or 0, mean=mean, steps=steps)
+    if evaluated:
+        tokens += evaluated
+        basis += f"; {passes}: {evaluated:,} step-equivalent tokens"
+    return TokenCount(tokens, math.ceil(steps), basis)

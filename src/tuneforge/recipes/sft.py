@@ -21,7 +21,7 @@ from torch import nn
 from tuneforge.data.batching import Batcher, StepSchedule
 from tuneforge.data.cache import load_tokenized
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, file_sha256, iter_examples, load_examples, split_indices
-from tuneforge.data.packing import packed_row_length, real_token_fraction
+from tuneforge.data.packing import real_token_fraction
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.templating import PromptRenderer, TokenizedExample, fit_to_length, resolve_template
 from tuneforge.engine import runtime
@@ -35,6 +35,7 @@ from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, for
 from tuneforge.evaluation.report import build_report
 from tuneforge.evaluation.runner import eval_metrics
 from tuneforge.evaluation.runner import evaluate as run_metrics
+from tuneforge.spec.hyperparameters import packed_row_length
 from tuneforge.spec.jobdir import CHECKPOINTS_DIR, REPORT_FILE, Evaluation, JobSummary, write_report
 from tuneforge.spec.loader import SpecError
 

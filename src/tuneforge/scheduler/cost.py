@@ -19,7 +19,7 @@ from tuneforge.db import costs as cost_rows
 from tuneforge.db import files as file_rows
 from tuneforge.db.job_events import list_metrics
 from tuneforge.db.tables import Job, JobCost
-from tuneforge.planner.cost import CostEstimate, Rate, estimate_cost, price_table, training_tokens
+from tuneforge.planner.cost import CostEstimate, Rate, estimate_cost, packs, price_table, training_tokens
 from tuneforge.planner.errors import PlannerError
 from tuneforge.spec.api import TERMINAL_STATUSES, CostObject
 from tuneforge.spec.job import JobSpec
@@ -73,19 +73,24 @@ def estimate_job(session: Session, *, tenant_id: str, spec: JobSpec, inventories
     the planner; None when the file is not validated yet, the method is not priced, or the model unknown."""
     from tuneforge.planner.plan import plan_job
 
-    training = file_rows.files_by_id(session, file_ids=[spec.dataset.path]).get(spec.dataset.path)
+    ids = [i for i in (spec.dataset.path, spec.dataset.validation_path) if i]
+    files = file_rows.files_by_id(session, file_ids=ids)
+    training = files.get(spec.dataset.path)
     report = (training.report or {}) if training is not None else {}
-    counted = training_tokens(spec, examples=int(report.get("examples") or 0), stats=report.get("stats") or {})
-    if counted is None:
-        return None
-    tokens, basis = counted
+    validation = files.get(spec.dataset.validation_path) if spec.dataset.validation_path else None
+    validation_examples = int((validation.report or {}).get("examples") or 0) if validation is not None else None
     device = priced_device(spec, inventories)
     priced = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": device})})
     try:
         plan = plan_job(priced)
-        return estimate_cost(plan, tokens=tokens, rate=price_table().rate(device, tenant_id), basis=basis)
     except PlannerError:
         return None
+    counted = training_tokens(spec, examples=int(report.get("examples") or 0), stats=report.get("stats") or {},
+                              packed=packs(spec, plan.model), validation_examples=validation_examples)
+    if counted is None:
+        return None
+    return estimate_cost(plan, tokens=counted.tokens, steps=counted.steps, rate=price_table().rate(device, tenant_id),
+                         basis=counted.basis)
 
 
 def job_budget_problem(spec: JobSpec, estimate: CostEstimate | None) -> tuple[str, str] | None:

@@ -8,12 +8,14 @@ examples; with packing it becomes the number of rows that hold that many example
 usual ones for the method (METHOD_LEARNING_RATES): for SFT 2e-4 with LoRA/QLoRA (the QLoRA paper) and 2e-5
 for full fine-tuning; the preference and RL methods take TRL's defaults for full fine-tuning and the rates
 measured with an adapter in bench/rlhf.py and bench/rlhf_online.py.
-The micro-batch (per_device_batch_size) needs the hardware and is resolved by the recipe.
+The micro-batch (per_device_batch_size) needs the hardware and is resolved by the recipe. The packed row
+length rule lives here too (torch-free): the recipe packs by it and the cost estimate prices it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from tuneforge.spec.job import JobSpec
 
@@ -25,7 +27,7 @@ LEARNING_RATES = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # SFT's
 # With an adapter: reward and DPO as SFT (bench/rlhf.py trained both at 2e-4-3e-4), PPO/GRPO 5e-5
 # (bench/rlhf_online.py, the shipped configs).
 METHOD_LEARNING_RATES = {"sft": (2e-4, 2e-5), "reward": (2e-4, 1e-4), "dpo": (2e-4, 1e-6), "ppo": (5e-5, 1e-6),
-                         "grpo": (5e-5, 1e-6), "eval": (2e-4, 2e-5)}
+                         "grpo": (5e-5, 1e-6), "vlm": (2e-4, 2e-5), "clip": (1e-4, 1e-5), "eval": (2e-4, 2e-5)}
 
 
 def default_learning_rate(method: str, adapter_type: str) -> float:
@@ -84,3 +86,23 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
         training.gradient_accumulation_steps = math.ceil(per_device / micro)
     return spec.model_copy(update={"training": training})
 
+
+# Rows hold about this many average examples: best-fit decreasing then fills them to ~95-99%.
+EXAMPLES_PER_ROW = 4
+ROW_MULTIPLE = 64
+
+
+def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: str) -> tuple[int, str]:
+    """The row length to pack into, and why. Flash-attention's variable-length kernel costs per example,
+    so rows are max_seq_length. SDPA and eager compute the whole row x row attention under the
+    block-diagonal mask, so a row of short examples costs as if it were one long sequence (2048-token
+    rows of short chats trained at about a third of the tokens/s of 512-token rows): rows are sized
+    from the data instead, about EXAMPLES_PER_ROW average examples and never shorter than the longest."""
+    if attention == "flash_attention_2" or not lengths:
+        return max_seq_length, f"rows of max_seq_length {max_seq_length} ({attention} attends per example)"
+    mean, longest = sum(lengths) / len(lengths), max(lengths)
+    wanted = max(longest, EXAMPLES_PER_ROW * mean)
+    row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return row, (f"rows of {row} tokens: {attention} computes each row's whole attention, so rows hold about "
+                 f"{EXAMPLES_PER_ROW} average examples ({mean:.0f} tokens; longest {longest}) rather than "
+                 f"max_seq_length {max_seq_length}")

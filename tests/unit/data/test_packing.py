@@ -28,7 +28,7 @@ def test_real_token_fraction():
 
 
 def test_rows_are_sized_from_the_data_where_the_kernel_computes_the_whole_row():
-    from tuneforge.data.packing import packed_row_length
+    from tuneforge.spec.hyperparameters import packed_row_length
 
     short = [60, 70, 80, 90] * 100
     row, why = packed_row_length(short, 2048, "sdpa")

@@ -12,6 +12,7 @@ from tuneforge.planner.cost import (
     DEFAULT_PRICES,
     PRICE_TABLE_ENV,
     STARTUP_SECONDS,
+    STEP_OVERHEAD_SECONDS,
     PriceTable,
     estimate_cost,
     parse_price_table,
@@ -91,6 +92,8 @@ def test_the_estimate_is_startup_plus_tokens_over_throughput_priced_per_device_h
     a, b = estimate_cost(one, tokens=tokens, rate=rate), estimate_cost(four, tokens=tokens, rate=rate)
     training = tokens / one.throughput.tokens_per_second
     assert a.wall_seconds == pytest.approx(training + STARTUP_SECONDS + one.model.num_params * 2 / 500e6)
+    stepped = estimate_cost(one, tokens=tokens, rate=rate, steps=1000)
+    assert stepped.wall_seconds == pytest.approx(a.wall_seconds + 1000 * STEP_OVERHEAD_SECONDS)
     assert a.gpu_hours == pytest.approx(a.wall_seconds / 3600)
     assert a.cost_usd == pytest.approx(a.gpu_hours * rate.price_per_hour)
     assert a.spot_usd < a.cost_usd == a.on_demand_usd
@@ -106,19 +109,58 @@ def test_cpu_jobs_get_an_estimate_from_the_cores_and_their_price():
     assert estimate.tokens_per_second > 0 and estimate.cost_usd > 0 and "cpu:" in estimate.basis
 
 
+NO_EVAL = {"eval_before_training": False, "metrics": ["loss"]}
+
+
 def test_tokens_are_examples_times_epochs_or_steps_times_batch_and_some_methods_are_not_priced():
     stats = {"total_tokens": 20_000, "characters": 1}
-    tokens, basis = training_tokens(spec(training={"num_epochs": 3, "batch_size": 8}), examples=100, stats=stats)
-    assert tokens == 100 * 3 * 200 and "100 examples x 3 epochs" in basis
-    tokens, _ = training_tokens(spec(training={"max_steps": 5, "batch_size": 4}), examples=100, stats=stats)
-    assert tokens == 5 * 4 * 200
+    counted = training_tokens(spec(training={"num_epochs": 3, "batch_size": 8}, evaluation=NO_EVAL), examples=100,
+                              stats=stats, validation_examples=0)
+    assert counted.tokens == 100 * 3 * 200 and counted.steps == 38 and "100 examples x 3 epochs" in counted.basis
+    counted = training_tokens(spec(training={"max_steps": 5, "batch_size": 4}, evaluation=NO_EVAL), examples=100,
+                              stats=stats, validation_examples=0)
+    assert counted == (5 * 4 * 200, 5, counted.basis)
+    # Without a validation file, train_split (0.95) carves the validation set out of the examples.
+    counted = training_tokens(spec(training={"num_epochs": 1, "batch_size": 5}, evaluation=NO_EVAL), examples=100,
+                              stats=stats)
+    assert counted.tokens == 95 * 200 + 5 * 200 // 3 and counted.steps == 19  # the final evaluation's forward
     # Without a tokenizer's count: characters / 4 plus 8 template tokens per message, capped at max_seq_length.
-    tokens, basis = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}), examples=10,
-                                    stats={"characters": 4000, "turns": 20})
-    assert tokens == 100 + 16 and "characters / 4" in basis
-    tokens, _ = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}), examples=1, stats={"characters": 10**6})
-    assert tokens == 512
+    counted = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}, evaluation=NO_EVAL), examples=10,
+                              stats={"characters": 4000, "turns": 20}, validation_examples=0)
+    assert counted.tokens == 100 + 16 and "characters / 4" in counted.basis
+    counted = training_tokens(spec(training={"max_steps": 1, "batch_size": 1}, evaluation=NO_EVAL), examples=1,
+                              stats={"characters": 10**6}, validation_examples=0)
+    assert counted.tokens == 512
     assert training_tokens(spec(training={"max_steps": 1}), examples=0, stats={}) is None
+
+
+def test_a_packed_max_steps_job_counts_rows_of_several_examples():
+    # The bench's jobs: 2 packed rows per step of ~60-token chats pack ~4 examples a row (rows of 256 tokens).
+    stats = {"total_tokens": 6_000}
+    unpacked = training_tokens(spec(training={"max_steps": 10, "batch_size": 2}, evaluation=NO_EVAL), examples=100,
+                               stats=stats, validation_examples=0)
+    packed = training_tokens(spec(training={"max_steps": 10, "batch_size": 2}, evaluation=NO_EVAL), examples=100,
+                             stats=stats, validation_examples=0, packed=True)
+    assert unpacked.tokens == 10 * 2 * 60
+    assert packed.tokens == int(10 * 2 * 256 * 0.95) and "packed rows of ~243 tokens" in packed.basis
+    # An auto batch already counts examples (the recipe turns it into the rows that hold them).
+    auto = training_tokens(spec(training={"max_steps": 10}, evaluation=NO_EVAL), examples=100, stats=stats,
+                           validation_examples=0, packed=True)
+    assert auto.tokens == 10 * 8 * 60
+
+
+def test_evaluations_are_priced_by_their_passes_and_whether_they_generate():
+    stats = {"total_tokens": 6_000}  # 60 tokens an example
+    base = {"training": {"max_steps": 20, "batch_size": 1}}
+    likelihood = training_tokens(spec(**base, evaluation={"metrics": ["loss"], "eval_every_steps": 10,
+                                                          "max_eval_examples": 8}),
+                                 examples=100, stats=stats, validation_examples=30)
+    # Passes: the base model, steps 10 and 20, and the final one; 8 examples each; a forward is 1/3 of a step.
+    assert likelihood.tokens == 20 * 60 + 4 * 8 * 20 and "4 evaluations of 8 examples" in likelihood.basis
+    generated = training_tokens(spec(**base, evaluation={"metrics": ["loss", "exact_match"], "max_new_tokens": 16,
+                                                         "eval_before_training": False, "max_eval_examples": 8}),
+                                examples=100, stats=stats, validation_examples=30)
+    assert generated.tokens == 20 * 60 + int(1 * 8 * (20 + 20 + 16))  # forward, prefill, 16 decoded tokens
 
 
 def test_tuneforge_plan_prints_the_cost_of_its_tokens(tmp_path):

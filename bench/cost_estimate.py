@@ -1,0 +1,130 @@
+"""How close is the cost estimate to what jobs cost? Real jobs through a real `tuneforge server`, one at a time.
+
+    .venv/bin/python bench/cost_estimate.py [--jobs tiny-steps,tiny-epochs,smollm2-lora,smollm2-full,smollm2-epochs]
+
+A fresh TUNEFORGE_HOME and SQLite database, `tuneforge server --cpu-slots 1` with its worker, the json-extraction
+example data uploaded through the files API; each job is created through `POST /v1/fine_tuning/jobs` (its
+`tuneforge.cost` holds the estimate made at creation) and waited for; its actual device-hours are the
+scheduler's own accounting. Jobs run one at a time, so the numbers are the jobs' own, not a queue's. Run it
+alone on the machine: the estimate error is a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "examples" / "json-extraction"
+QUICK_EVAL = {"metrics": ["loss", "exact_match"], "max_eval_examples": 16, "eval_before_training": False}
+JOBS = {
+    # name: (model, tuneforge sections, what it is)
+    "tiny-steps": ("tiny-llama", {"training": {"max_steps": 30, "batch_size": 4}, "evaluation": QUICK_EVAL},
+                   "tiny model, 30 steps x 4 packed rows"),
+    "tiny-epochs": ("tiny-llama", {"training": {"num_epochs": 2}, "evaluation": QUICK_EVAL},
+                    "tiny model, 2 epochs, auto batch"),
+    "smollm2-lora": ("smollm2-135m-instruct", {"training": {"max_steps": 32, "batch_size": 2},
+                                               "evaluation": {**QUICK_EVAL, "eval_before_training": True}},
+                     "SmolLM2-135M LoRA, 32 steps x 2 packed rows, base and final evaluation"),
+    "smollm2-full": ("smollm2-135m-instruct", {"adapter": {"type": "full"}, "training": {"max_steps": 32, "batch_size": 2},
+                                               "evaluation": QUICK_EVAL},
+                     "SmolLM2-135M full fine-tuning, 32 steps x 2 packed rows"),
+    "smollm2-epochs": ("smollm2-135m-instruct", {"training": {"num_epochs": 1}, "evaluation": QUICK_EVAL},
+                       "SmolLM2-135M LoRA, 1 epoch, auto batch (8 examples)"),
+}
+
+
+def run(names: list[str]) -> list[dict]:
+    home = Path(tempfile.mkdtemp(prefix="tuneforge-cost-bench-"))
+    env = {**os.environ, "TUNEFORGE_HOME": str(home), "TUNEFORGE_DATABASE_URL": f"sqlite:///{home / 'tuneforge.db'}"}
+    cli = [sys.executable, "-m", "tuneforge.cli"]
+    key = subprocess.run([*cli, "keys", "create", "--tenant", "bench"], env=env, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    port = 18000 + os.getpid() % 1000
+    log = open(home / "server.log", "ab")
+    server = subprocess.Popen([*cli, "server", "--port", str(port), "--cpu-slots", "1"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    try:
+        wait(lambda: _healthy(http), 120, "the server")
+        files = {}
+        for name in ("train", "val"):
+            with open(DATA / f"{name}.jsonl", "rb") as handle:
+                files[name] = http.post("/v1/files", data={"purpose": "fine-tune"},
+                                        files={"file": (f"{name}.jsonl", handle)}).json()["id"]
+            wait(lambda: http.get(f"/v1/files/{files[name]}").json()["status"] == "processed", 120, f"{name} validated")
+        results = []
+        for name in names:
+            model, sections, what = JOBS[name]
+            body = {"model": model, "training_file": files["train"], "validation_file": files["val"],
+                    "tuneforge": {"dataset": {"max_seq_length": 512}, "resources": {"gpu_type": "cpu"}, **sections}}
+            created = http.post("/v1/fine_tuning/jobs", json=body)
+            created.raise_for_status()
+            job = created.json()
+            estimate = job["tuneforge"]["cost"]
+            done = wait(lambda: (j := http.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"]
+                        in ("succeeded", "failed", "cancelled") and j, 3600, f"job {name}")
+            cost = done["tuneforge"]["cost"]
+            results.append({"job": name, "what": what, "status": done["status"], "basis": estimate["estimate_basis"],
+                            "estimated_hours": estimate["estimated_gpu_hours"], "estimated_s": estimate["estimated_wall_seconds"],
+                            "actual_hours": cost["gpu_hours"], "error": cost.get("estimate_error"),
+                            "overhead": cost.get("overhead_fraction")})
+            print(_row(results[-1]), flush=True)
+        return results
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def _healthy(http: httpx.Client) -> bool:
+    try:
+        return http.get("/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def _row(r: dict) -> str:
+    error = f"{r['error']:+.0%}" if r["error"] is not None else "-"
+    overhead = f"{r['overhead']:.0%}" if r["overhead"] is not None else "-"
+    return (f"| {r['what']} | {r['estimated_hours']:.5f} ({r['estimated_s']:.0f} s) | {r['actual_hours']:.5f} "
+            f"({r['actual_hours'] * 3600:.0f} s) | {error} | {overhead} | {r['status']} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    args = parser.parse_args()
+    names = [n for n in args.jobs.split(",") if n]
+    unknown = [n for n in names if n not in JOBS]
+    if unknown:
+        parser.error(f"unknown jobs {unknown}; choose from {list(JOBS)}")
+    print("| job | estimated device-hours (wall s) | actual device-hours (wall s) | error | overhead | status |")
+    print("|---|---|---|---|---|---|")
+    results = run(names)
+    errors = [abs(r["error"]) for r in results if r["error"] is not None]
+    if errors:
+        print(f"mean absolute error {sum(errors) / len(errors):.0%} over {len(errors)} jobs")
+    for r in results:
+        print(f"{r['job']}: {r['basis']}")
+    return 0 if all(r["status"] == "succeeded" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
