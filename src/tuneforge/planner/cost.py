@@ -278,7 +278,7 @@ def evaluation_tokens(spec, *, validation_examples: int, mean: float, steps: flo
     per_example = mean / 3
     if evaluation.needs_generation():
         per_example += mean / 3 + min(float(evaluation.max_new_tokens), mean)
-    return int(passes * count * per_example), f"{passes} evaluations of {count} examples"
+    return int(passes * count * per_example), f"{passes} evaluation{'s' if passes > 1 else ''} of {count} examples"
 
 
 class TokenCount(NamedTuple):
