@@ -2,7 +2,7 @@
 set) given, and with a small hand grid of the settings a practitioner would try; the fine-tuned exact
 match of every run is printed, with its steps, wall time and peak memory.
 
-    .venv/bin/python bench/auto_defaults.py [--datasets short300,short3000,long300] [--grid small|none]
+    .venv/bin/python bench/auto_defaults.py [--datasets short300,short3000,long300] [--grid small|trl|none]
 
 The datasets are the json-extraction task (examples/json-extraction: name, age and city out of a
 sentence, answered as JSON) at three shapes: 300 and 3,000 short chats (a system prompt, a one-line
@@ -89,9 +89,11 @@ def run_job(train: Path, val: Path, overrides: list[str], job_dir: Path) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="short300,short3000,long300")
-    parser.add_argument("--grid", choices=("small", "none"), default="small")
+    parser.add_argument("--grid", choices=("small", "trl", "none"), default="small",
+                        help="small: the three hand-grid points; trl: only the TRL-like one (2 epochs, lr 2e-4); none")
     args = parser.parse_args()
-    configs = {"defaults (auto)": [], **(GRID if args.grid == "small" else {})}
+    grid = {"small": GRID, "trl": dict(list(GRID.items())[:1]), "none": {}}[args.grid]
+    configs = {"defaults (auto)": [], **grid}
     with tempfile.TemporaryDirectory(prefix="auto-defaults-") as tmp:
         work = Path(tmp)
         for name in args.datasets.split(","):
