@@ -87,12 +87,19 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trials", type=int, default=len(RATES) * len(RANKS), help="TPE trials (default: the grid's size)")
+    parser.add_argument("--only", default=None, help="run only these (comma-separated: default,grid,tpe)")
+    parser.add_argument("--grid-best", type=float, default=None,
+                        help="the grid's best loss from an earlier run, when --only leaves the grid out")
     args = parser.parse_args()
+    chosen = sweeps(args.model, args.steps, args.trials)
+    if args.only:
+        keys = {"default": "default config", "grid": "grid", "tpe": "tpe + median pruner"}
+        chosen = {keys[k]: chosen[keys[k]] for k in args.only.split(",")}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         home = Path(tmp)
-        results = {name: run(name, spec, home) for name, spec in sweeps(args.model, args.steps, args.trials).items()}
+        results = {name: run(name, spec, home) for name, spec in chosen.items()}
     best = {name: min((t[2] for t in trials if t[2] is not None), default=None) for name, trials in results.items()}
-    grid_best = best["grid"]
+    grid_best = best.get("grid", args.grid_best)
     print(f"\n{args.model}, examples/json-extraction, {args.steps} steps per trial; validation loss (lower is better)\n")
     print("| run | trials (pruned) | device-hours | best loss | device-hours to reach the grid's best |")
     print("|---|---|---|---|---|")
@@ -103,11 +110,11 @@ def main() -> int:
         reach_text = "-" if name == "default config" else (f"{reach:.4f}" if reach is not None else "not reached")
         print(f"| {name} | {len(trials)} ({pruned}) | {hours:.4f} | "
               f"{best[name]:.4f} | {reach_text} |" if best[name] is not None else f"| {name} | {len(trials)} | - | - | - |")
-    grid_hours = hours_to_reach(results["grid"], grid_best)
-    tpe_hours = hours_to_reach(results["tpe + median pruner"], grid_best)
+    grid_hours = hours_to_reach(results["grid"], grid_best) if "grid" in results else None
+    tpe_hours = hours_to_reach(results["tpe + median pruner"], grid_best) if "tpe + median pruner" in results else None
     if grid_hours and tpe_hours:
         print(f"\nTPE + pruning reached the grid's best in {tpe_hours / grid_hours:.2f}x the grid's device-hours")
-    if best["default config"] is not None and grid_best is not None:
+    if best.get("default config") is not None and grid_best is not None:
         print(f"best of the grid vs the default config: {grid_best:.4f} vs {best['default config']:.4f}")
     return 0
 

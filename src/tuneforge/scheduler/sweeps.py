@@ -65,7 +65,11 @@ def _sampler(spec: SweepSpec):
     import optuna
 
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed)
+        # Optuna's TPE samples its first 10 trials at random: under a smaller trial budget a "tpe" sweep would
+        # be a random one (bench/sweep.py's 6 trials were). A third of the budget, at least 2, explores.
+        budget = spec.budget.max_trials
+        startup = 10 if budget is None else min(10, max(2, budget // 3))
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
     # grid: every point is enqueued when the study is created (with its conditions applied, which Optuna's
     # GridSampler cannot do); the random sampler is never asked for an enqueued point.
     return optuna.samplers.RandomSampler(seed=spec.seed)
