@@ -26,6 +26,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    from tuneforge.engine.vision.tiny import build_tiny_llava_dir
+
+    return build_tiny_llava_dir(tmp_path_factory.mktemp("tiny-llava") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from tuneforge.engine.vision.tiny import build_tiny_clip_dir
+
+    return build_tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip") / "model")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """The coloured-shapes images and their JSONL files (examples/vision/generate.py), generated for the session."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_shapes", REPO / "examples" / "vision" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("shapes")
+    module.generate(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def byte_tokenizer():
     from tuneforge.engine.tiny_model import build_byte_tokenizer
 

@@ -8,7 +8,7 @@ non_preferred_output, or ShareGPT's conversations / chosen / rejected; any of th
 
 from __future__ import annotations
 
-from tuneforge.data.formats import Example, Format
+from tuneforge.data.formats import IMAGE_FORMATS, Example, Format
 from tuneforge.data.problems import DataProblem
 from tuneforge.data.templating import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 
@@ -82,6 +82,8 @@ def convert(example: Example, target: Format, *, file: str = "data", shape: str 
         return preference_record(example, shape or "trl", file=file)
     if target == source:
         return record
+    if source in IMAGE_FORMATS:  # text formats cannot hold the images
+        raise _fail(example, file, target, f"{source} records hold images, which {target} records cannot")
     if target == "chat":
         if source == "text":
             raise _fail(example, file, target, "plain text has no turns to split into messages")

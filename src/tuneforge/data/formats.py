@@ -12,6 +12,11 @@ preference:  TRL's {"prompt": str | messages, "chosen": str | messages, "rejecte
 prompt:      {"messages": [system / developer / user turns, no assistant reply], ...} or {"prompt": str | messages, ...}
              (OpenAI's reinforcement fine-tuning rows): what online RL samples from; every other field is kept,
              graders read it as {{item.field}}
+image_chat:  chat whose message content may be a list of parts, {"type": "text", "text": str} and
+             {"type": "image_url", "image_url": {"url": data: URL or path}} (OpenAI's vision fine-tuning format);
+             normalized to HF processor parts, {"type": "text", "text"} and {"type": "image", "image": url}
+image_text:  {"image": url (or {"url": url}), "text" (or "caption"): str}: image-caption pairs (CLIP)
+             Images are checked by data/images.py (decoding, formats, sizes, where a reference may point).
 Extra keys (ids, metadata) are allowed and ignored (a prompt record keeps them all).
 """
 
@@ -22,8 +27,10 @@ from typing import Any, Literal
 
 from tuneforge.data.problems import DataProblem, json_type, short_repr
 
-Format = Literal["chat", "instruction", "completion", "text", "preference", "prompt"]
-FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion", "text", "preference", "prompt")
+Format = Literal["chat", "instruction", "completion", "text", "preference", "prompt", "image_chat", "image_text"]
+FORMATS: tuple[Format, ...] = ("chat", "instruction", "completion", "text", "preference", "prompt", "image_chat",
+                               "image_text")
+IMAGE_FORMATS = ("image_chat", "image_text")  # records that hold images (data/images.py checks them)
 PROMPT_ROLES = ("system", "developer", "user", "assistant")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -35,6 +42,8 @@ FORMAT_FIELDS = {
     "text": "text",
     "preference": "prompt + chosen + rejected (or input + preferred_output + non_preferred_output)",
     "prompt": "messages without an assistant reply, or prompt alone (prompts for ppo / grpo)",
+    "image_chat": "messages whose content holds image_url parts",
+    "image_text": "image + text (or caption)",
 }
 
 
@@ -51,6 +60,10 @@ class Example:
         record = self.record
         if self.format == "chat":
             return record["messages"]
+        if self.format == "image_chat":  # the text of each turn (its images are in the record's parts)
+            return [{**m, "content": parts_text(m["content"])} for m in record["messages"]]
+        if self.format == "image_text":
+            return [{"role": "user", "content": record["text"]}]
         if self.format == "instruction":
             user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
             return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
@@ -70,7 +83,18 @@ def _as_turns(value: str | list, role: str) -> list[dict[str, Any]]:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
+def parts_text(parts: list[dict[str, Any]]) -> str:
+    """The text of a normalized image_chat content: its text parts joined."""
+    return "".join(part["text"] for part in parts if part["type"] == "text")
+
+
 def detect_format(record: dict[str, Any]) -> Format | None:
+    # Content given as parts (text and image_url) is OpenAI's vision format; a string content is chat.
+    messages = record.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+        return "image_chat"
+    if "image" in record and ("text" in record or "caption" in record):
+        return "image_text"
     # Before chat: a ShareGPT preference record holds its prompt as "conversations".
     if "chosen" in record and "rejected" in record or "preferred_output" in record:
         return "preference"
@@ -245,6 +269,77 @@ def _check_prompt(record: dict[str, Any], check: _Checker) -> dict[str, Any]:
     return dict(record)
 
 
+IMAGE_ROLES = ("user",)  # as in OpenAI's vision fine-tuning: images in user messages only
+
+
+def _content_parts(content: Any, check: _Checker, where: str, role: Any) -> list[dict[str, Any]] | None:
+    """A message's content as processor parts ({"type": "text"} / {"type": "image"}), or None after reporting."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        check.add("wrong_type", where, "a string or an array of content parts", json_type(content))
+        return None
+    parts = []
+    for index, part in enumerate(content):
+        at = f"{where}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                check.add("wrong_type", f"{at}.text", "a string", json_type(part.get("text")))
+                continue
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                check.add("missing_field", f"{at}.image_url.url", "the image as a data: URL or a path", json_type(url))
+                continue
+            if isinstance(image, dict) and image.get("detail", "auto") not in ("auto", "low", "high"):
+                check.add("wrong_type", f"{at}.image_url.detail", "auto, low or high", short_repr(image.get("detail")))
+                continue
+            if role not in IMAGE_ROLES:
+                check.add("misplaced_image", at, "images in user messages only", f"an image in a {role} message")
+                continue
+            parts.append({"type": "image", "image": url})
+        else:
+            check.add("unknown_part", f"{at}.type", "text or image_url", short_repr(kind))
+    return parts
+
+
+def _check_image_chat(record: dict[str, Any], check: _Checker) -> dict[str, Any] | None:
+    """Chat with content parts: the parts checked here, roles and order by the chat rules on the text."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        check.add("missing_field" if messages is None else "wrong_type", "messages", "a messages array",
+                  json_type(messages))
+        return None
+    normalized, flat = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            flat.append(message)
+            continue
+        parts = _content_parts(message.get("content"), check, f"messages[{index}].content", message.get("role"))
+        parts = parts or []
+        normalized.append({**message, "content": parts})
+        text = parts_text(parts)
+        # An image alone is content: the chat rules below see it as a placeholder.
+        flat.append({**message, "content": text if text.strip() or not any(p["type"] == "image" for p in parts)
+                     else "<image>"})
+    _check_messages(flat, check, "messages")
+    return None if check.problems else {"messages": normalized}
+
+
+def _check_image_text(record: dict[str, Any], check: _Checker) -> dict[str, Any] | None:
+    image = record.get("image")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str) or not url:
+        check.add("missing_field" if image is None else "wrong_type", "image",
+                  "the image as a data: URL or a path (or {url: ...})", json_type(image))
+    key = "text" if "text" in record else "caption"
+    check.text(record, key, key)
+    return None if check.problems else {"image": url, "text": record[key]}
+
+
 def validate_record(record: dict[str, Any], fmt: Format, *, file: str, line: int) -> list[DataProblem]:
     """Every problem of one record for the given format; empty when it is usable."""
     return validate_and_normalize(record, fmt, file=file, line=line)[1]
@@ -281,6 +376,10 @@ def validate_and_normalize(record: dict[str, Any], fmt: Format, *, file: str, li
         normalized = {"text": record.get("text")}
     elif fmt == "prompt":
         normalized = _check_prompt(record, check)
+    elif fmt == "image_chat":
+        normalized = _check_image_chat(record, check)
+    elif fmt == "image_text":
+        normalized = _check_image_text(record, check)
     else:
         if "preferred_output" in record:
             normalized = _openai_preference(record, check)

@@ -11,7 +11,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from tuneforge.data.formats import FORMAT_FIELDS, Example, Format, detect_format, validate_and_normalize
+from tuneforge.data.formats import FORMAT_FIELDS, IMAGE_FORMATS, Example, Format, detect_format, validate_and_normalize
+from tuneforge.data.images import image_problems
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.reader import InputLimits, UnusableInput, check_readable, iter_records
 
@@ -40,6 +41,9 @@ def iter_examples(path: str | Path, fmt: Format | str = "auto", *, byte_range: t
                 break
     fmt_final: Format = chosen or "chat"
 
+    # Images: paths relative to the dataset file for the user's own files; data: URLs only in uploads.
+    image_dir = None if limits is not None else path.parent
+
     def stream() -> Iterator[Example | DataProblem]:
         name = str(path)
         for line, item in _chain(pending, records):
@@ -47,6 +51,8 @@ def iter_examples(path: str | Path, fmt: Format | str = "auto", *, byte_range: t
                 yield item
                 continue
             normalized, problems = validate_and_normalize(item, fmt_final, file=name, line=line)
+            if not problems and fmt_final in IMAGE_FORMATS:
+                problems = image_problems(normalized, fmt_final, file=name, line=line, base_dir=image_dir)
             if problems:
                 yield from problems
             else:

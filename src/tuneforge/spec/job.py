@@ -18,8 +18,9 @@ from tuneforge.spec.graders import MAX_GRADERS, Grader
 from tuneforge.spec.monitoring import MonitoringSpec
 from tuneforge.spec.preference import DpoSpec, RewardModelSpec
 from tuneforge.spec.reinforcement import GrpoSpec, PpoSpec, RolloutSpec
+from tuneforge.spec.vision import VisionSpec, base_model_problem, vision_problem
 
-BUILTIN_BASE_MODELS = ("smollm2-135m-instruct", "tiny-llama")
+BUILTIN_BASE_MODELS = ("smollm2-135m-instruct", "tiny-llama", "tiny-llava", "tiny-clip")  # tiny-*: built from configs
 
 # Every number has an upper bound that the database (32-bit integer columns), numpy (32-bit seeds) and
 # real hardware can hold, and every list a length: a request can never overflow a column or make the
@@ -37,7 +38,8 @@ PositiveInt = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]
 
-Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "eval", "export"]  # eval: an eval run (no training, spec/evals.py)
+# vlm, clip: the methods that see images (spec/vision.py); eval: an eval run (no training, spec/evals.py)
+Method = Literal["sft", "reward", "dpo", "ppo", "grpo", "vlm", "clip", "eval", "export"]
 # export: an export of a registered model as deploy: describes it (the Exports API schedules it; no dataset)
 NO_DATASET = "none"  # dataset.path of a method that reads no data (export)
 PREFERENCE_METHODS = ("reward", "dpo")  # train on preference pairs
@@ -50,12 +52,15 @@ METHOD_FORMATS = {
     "dpo": ("preference",),
     "ppo": ("prompt", "chat"),  # chat: the turns before the last assistant reply are the prompt
     "grpo": ("prompt", "chat"),
+    "vlm": ("image_chat",),  # a vision-language model on chats with images (spec/vision.py)
+    "clip": ("image_text",),  # contrastive image-text pairs
 }
+VISION_METHODS = ("vlm", "clip")
 DEFAULT_METRICS = ("loss", "perplexity")
 # Methods that measure themselves on held-out data (reward: loss, pair accuracy and margin; ppo / grpo:
 # reward, pass rate and KL): of evaluation.metrics they take only these (or the untouched default), and
 # evaluation.graders are sft's and dpo's.
-OWN_METRICS = {"reward": ("loss",), "ppo": (), "grpo": ()}
+OWN_METRICS = {"reward": ("loss",), "ppo": (), "grpo": (), "clip": ("loss",)}  # clip: loss and retrieval recall@k
 
 GpuType = Literal[
     "any", "cpu", "t4", "l4", "a10g", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"
@@ -71,7 +76,8 @@ class Section(BaseModel):
 class ModelSpec(Section):
     base_model: str = Field(
         "smollm2-135m-instruct", max_length=4096,
-        description="Built-in base model (smollm2-135m-instruct, tiny-llama) or a local Hugging Face model directory.",
+        description="Built-in base model (smollm2-135m-instruct, tiny-llama; tiny-llava for vlm, tiny-clip for clip) or a "
+        "local Hugging Face model directory.",
     )
     quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
         "none", description="Load the base weights quantized with bitsandbytes: none, int8, nf4 or fp4 (4-bit is QLoRA)."
@@ -98,7 +104,8 @@ class DatasetSpec(Section):
     path: str = Field(
         ..., max_length=4096, description="Training data file: JSONL, JSON array, CSV or Parquet, optionally gzipped."
     )
-    format: Literal["auto", "chat", "instruction", "completion", "text", "preference", "prompt"] = Field(
+    format: Literal["auto", "chat", "instruction", "completion", "text", "preference", "prompt", "image_chat",
+                    "image_text"] = Field(
         "auto", description="Record format; auto detects it from the fields of the first record."
     )
     max_seq_length: int = Field(2048, gt=0, le=MAX_SEQ_LENGTH, description="Longest tokenized example, after the prompt template.")
@@ -135,8 +142,8 @@ class AdapterSpec(Section):
 
 class TrainingSpec(Section):
     learning_rate: Annotated[float, Field(gt=0, le=10)] | Auto = Field(
-        "auto", description="Peak learning rate; auto: with LoRA / QLoRA 2e-4 (sft, reward, dpo) or 5e-5 (ppo, grpo); "
-        "full fine-tuning 2e-5 (sft), 1e-4 (reward), 1e-6 (dpo, ppo, grpo)."
+        "auto", description="Peak learning rate; auto: with LoRA / QLoRA 2e-4 (sft, reward, dpo, vlm), 1e-4 (clip) or "
+        "5e-5 (ppo, grpo); full fine-tuning 2e-5 (sft, vlm), 1e-5 (clip), 1e-4 (reward), 1e-6 (dpo, ppo, grpo)."
     )
     batch_size: PositiveInt | Auto = Field(
         "auto", description="Examples per optimizer step over all devices (the effective batch); auto grows with the data."
@@ -500,7 +507,8 @@ class JobSpec(Section):
     )
     method: Method = Field(
         "sft", description="Training method: sft (supervised fine-tuning), reward (a reward model on preference pairs), "
-        "dpo (direct preference optimization), ppo or grpo (online RL against a reward model or graders); eval: an "
+        "dpo (direct preference optimization), ppo or grpo (online RL against a reward model or graders), vlm (a "
+        "vision-language model on chats with images), clip (contrastive image-text pairs); eval: an "
         "eval run (the Evals API schedules it; nothing is trained)."
     )
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model and how it is loaded.")
@@ -516,6 +524,8 @@ class JobSpec(Section):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="methods ppo and grpo: sampling and the reward.")
     ppo: PpoSpec = Field(default_factory=PpoSpec, description="method ppo: clipping, value loss, GAE and KL control.")
     grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="method grpo: group size, clipping and KL.")
+    vision: VisionSpec = Field(default_factory=VisionSpec, description="method vlm: what of the vision tower and the "
+                               "projector trains beside the language model.")
     eval_run: EvalRunSpec = Field(default_factory=EvalRunSpec, description="method eval: the model an eval run asks, "
                                   "the prompt of each item (dataset.path holds the items) and the graders.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="System sampling, MFU, "
@@ -562,8 +572,9 @@ class JobSpec(Section):
         own_metrics = OWN_METRICS.get(self.method)
         if own_metrics is not None and (evaluation.graders or tuple(evaluation.metrics) != DEFAULT_METRICS
                                         and not set(evaluation.metrics) <= set(own_metrics)):
-            own = ("loss, reward_accuracy and reward_margin on held-out pairs" if self.method == "reward" else
-                   "mean reward, pass rate and KL on held-out prompts (its graders are rollout.graders)")
+            own = {"reward": "loss, reward_accuracy and reward_margin on held-out pairs",
+                   "clip": "loss and retrieval recall@1/5/10 on held-out image-text pairs"}.get(
+                self.method, "mean reward, pass rate and KL on held-out prompts (its graders are rollout.graders)")
             raise ValueError(f"method {self.method} measures {own}: evaluation.metrics and evaluation.graders apply to "
                              "sft and dpo; leave them at their defaults")
         if self.method in RL_METHODS:
@@ -596,6 +607,12 @@ class JobSpec(Section):
             raise ValueError(f"export_run applies to method export only, not {self.method}; remove it")
         if self.method != "eval" and not self.eval_run.is_default():
             raise ValueError(f"eval_run applies to method eval only, not {self.method}; remove it")
+        if problem := base_model_problem(self):
+            raise ValueError(problem)
+        if self.method != "vlm" and not self.vision.is_default():
+            raise ValueError(f"vision applies to method vlm only, not {self.method}; remove it")
+        if self.method in VISION_METHODS and (problem := vision_problem(self)):
+            raise ValueError(problem)
         if self.method in RL_METHODS and not self.rollout.has_reward():
             raise ValueError(f"method {self.method} needs a reward: set rollout.reward_model (a reward model) or "
                              "rollout.graders (string_check, text_similarity, score_model, label_model, multi)")

@@ -32,6 +32,8 @@ RECIPES = {  # a closed table: a spec names a method, never a module
     "dpo": "tuneforge.recipes.dpo",
     "ppo": "tuneforge.recipes.ppo",
     "grpo": "tuneforge.recipes.grpo",
+    "vlm": "tuneforge.recipes.vlm",
+    "clip": "tuneforge.recipes.clip",
     "eval": "tuneforge.recipes.eval_run",
     "export": "tuneforge.recipes.export_run",
 }
@@ -143,6 +145,11 @@ class EvalMetrics(_Record):
     preference_accuracy: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # CLIP on held-out image-text pairs: how often the matching caption (image) is among the k nearest of every
+    # caption (image), the mean of both directions.
+    recall_at_1: float | None = None
+    recall_at_5: float | None = None
+    recall_at_10: float | None = None
     graders: dict[str, float] = {}  # each evaluation.graders entry's mean score, by name
     samples: list[GenerationSample] = []
 

@@ -3,7 +3,7 @@
 The OpenAI fields set what they mean (`model` the base model, `training_file` / `validation_file` the
 data, `method` with its hyperparameters, `suffix`, `seed`); "auto" or absent keeps the JobSpec default.
 OpenAI's methods map onto tuneforge's: supervised -> sft, dpo -> dpo (beta), reinforcement -> grpo (its
-grader is the reward); tuneforge adds `reward` (a reward model) and `ppo` as method types.
+grader is the reward); tuneforge adds `reward` (a reward model), `ppo`, `vlm` and `clip` as method types.
 Everything else tuneforge can do travels in one extension field, `tuneforge`: a partial JobSpec, e.g.
 {"adapter": {"type": "qlora", "rank": 8}, "training": {"max_steps": 100}, "resources": {"num_gpus": 2}}.
 A setting given both ways is an error rather than a silent choice. The spec keeps file *ids* in
@@ -180,7 +180,8 @@ def hyperparameters_of(spec: JobSpec) -> dict[str, Any]:
 
 
 # OpenAI's method types (and tuneforge's own) and the JobSpec method each one runs.
-METHOD_OF_TYPE = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo", "reward": "reward", "ppo": "ppo"}
+METHOD_OF_TYPE = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo", "reward": "reward", "ppo": "ppo",
+                  "vlm": "vlm", "clip": "clip"}
 TYPE_OF_METHOD = {method: kind for kind, method in METHOD_OF_TYPE.items()}
 DEFAULT_GENERATIONS = 8  # grpo.num_generations at compute_multiplier 1
 
