@@ -96,7 +96,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     _setup_logging()
     settings, db = _database()
-    store = LocalArtifactStore(settings.artifacts_dir)
+    store = LocalArtifactStore.from_settings(settings)  # opens (and seals) tenant uploads
     stop = threading.Event()
     stop_on_signals(stop)
     # The collector's first pass, at once, sweeps the staging folders of uploads that died with a server.

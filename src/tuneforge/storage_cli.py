@@ -1,8 +1,10 @@
-"""`tuneforge storage rotate-key|shred|fetch-outputs|register-dataset`: the object store, as its operator.
+"""`tuneforge storage rotate-key|shred|seal-artifacts|fetch-outputs|register-dataset`: storage, as its operator.
 
-These talk to the database and the store this machine's TUNEFORGE_* variables name (TUNEFORGE_STORE_URL,
-TUNEFORGE_KEYS_DIR). Rotation re-wraps every data key of the tenant under a new key version; shredding
-destroys the tenant's keys, after which its objects cannot be read by anyone; register-dataset makes an
+These talk to the database, the artifact folder and the store this machine's TUNEFORGE_* variables name
+(TUNEFORGE_ARTIFACTS_DIR, TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR). Rotation re-wraps every data key of the
+tenant (objects in the store and sealed blobs in the artifact folder) under a new key version; shredding
+destroys the tenant's keys, after which its objects and sealed uploads cannot be read by anyone;
+seal-artifacts seals the plaintext uploads of an install from before sealing; register-dataset makes an
 s3:// object a tenant's file without copying it (docs/storage.md).
 """
 
@@ -20,23 +22,46 @@ def cmd_storage(args: argparse.Namespace) -> int:
     from tuneforge.registry.storage.tenant_store import open_tenant_store
 
     settings, db = _database()
-    _check_tenant_name(args.tenant)
+    if args.tenant is None and args.action != "seal-artifacts":
+        raise UserError(f"{args.action} needs --tenant NAME")
+    if args.tenant is not None:
+        _check_tenant_name(args.tenant)
+    if args.action in ("rotate-key", "shred", "seal-artifacts") and not settings.encrypt_at_rest:
+        raise UserError("encryption at rest is off (TUNEFORGE_ENCRYPT_AT_REST=false): there are no tenant keys")
+    if args.action in ("rotate-key", "shred"):  # the store's objects and the artifact folder's sealed blobs alike
+        from tuneforge.registry.storage.keys import FolderKeyProvider
+        from tuneforge.registry.storage.tenant_keys import TenantKeys
+
+        keys = TenantKeys(db, FolderKeyProvider(Path(settings.keys_dir)))
+    if args.action == "rotate-key":
+        version = keys.rotate(args.tenant)
+        print(f"tenant {args.tenant}: data keys re-wrapped under key version {version}; older versions destroyed",
+              file=sys.stderr)
+        return 0
+    if args.action == "shred":
+        if not args.yes:
+            raise UserError(f"shred destroys every key of tenant {args.tenant}: its uploaded files, stored datasets and "
+                            "models become unreadable for good. Add --yes to do it")
+        keys.shred(args.tenant)
+        print(f"tenant {args.tenant}: keys destroyed; its sealed uploads and its objects in the store can no longer be "
+              "read", file=sys.stderr)
+        return 0
+    if args.action == "seal-artifacts":
+        from tuneforge.registry.artifacts import LocalArtifactStore
+        from tuneforge.registry.storage.reseal import DamagedBlob, seal_plaintext_uploads
+
+        try:
+            report = seal_plaintext_uploads(db, LocalArtifactStore.from_settings(settings), tenant_id=args.tenant)
+        except DamagedBlob as exc:
+            raise UserError(str(exc)) from None
+        print(f"sealed {report.sealed} tenant copies of plaintext uploads; removed {report.plaintext_removed} plaintext "
+              f"blobs, kept {report.plaintext_kept} still in use (the collector removes them later); "
+              f"{report.missing} named by rows but not in this artifact folder", file=sys.stderr)
+        return 0
     store = open_tenant_store(db, settings)
     if store is None:
         raise UserError("no object store is configured (TUNEFORGE_STORE_URL=s3://bucket/prefix or file:///folder)")
-    if args.action in ("rotate-key", "shred") and store.keys is None:
-        raise UserError("encryption at rest is off (TUNEFORGE_ENCRYPT_AT_REST=false): there are no tenant keys")
-    if args.action == "rotate-key":
-        version = store.rotate(args.tenant)
-        print(f"tenant {args.tenant}: data keys re-wrapped under key version {version}; older versions destroyed",
-              file=sys.stderr)
-    elif args.action == "shred":
-        if not args.yes:
-            raise UserError(f"shred destroys every key of tenant {args.tenant}: its stored datasets and models become "
-                            "unreadable for good. Add --yes to do it")
-        store.shred(args.tenant)
-        print(f"tenant {args.tenant}: keys destroyed; its objects in the store can no longer be read", file=sys.stderr)
-    elif args.action == "register-dataset":
+    if args.action == "register-dataset":
         from tuneforge.registry.storage.registered import NotRegistrable, register_dataset_uri
 
         if not args.uri:
@@ -63,11 +88,13 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 
 def add_storage_command(commands) -> None:
-    storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; fetch a job's published outputs; "
-                                  "register a dataset from s3:// without copying",
-                                  description="The object store's encryption keys (TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR).")
-    storage.add_argument("action", choices=("rotate-key", "shred", "fetch-outputs", "register-dataset"))
-    storage.add_argument("--tenant", required=True)
+    storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; seal plaintext uploads; fetch a "
+                                  "job's published outputs; register a dataset from s3:// without copying",
+                                  description="Encryption at rest and the object store (TUNEFORGE_ARTIFACTS_DIR, "
+                                              "TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR; docs/storage.md).")
+    storage.add_argument("action", choices=("rotate-key", "shred", "seal-artifacts", "fetch-outputs", "register-dataset"))
+    storage.add_argument("--tenant", help="the tenant (every action but seal-artifacts, which seals every tenant's "
+                                          "plaintext uploads without it)")
     storage.add_argument("--yes", action="store_true", help="shred: confirm that the tenant's data is to become unreadable")
     storage.add_argument("--job", help="fetch-outputs: the job whose outputs to fetch")
     storage.add_argument("--out", type=Path, help="fetch-outputs: where to write them (decrypted)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
 import pytest
 
@@ -148,11 +149,14 @@ def test_job_inputs_staged_decrypted_then_removed_and_outputs_published(store, t
         stage_inputs,
     )
 
+    from tuneforge.registry.artifacts import Content
+
     a, _ = tenants
     blob, marker = canary_file(tmp_path / "blob", 5000)
+    local = Content(tenant_id=a, sha256="0" * 64, path=blob)  # a plaintext blob of this machine's artifact folder
     file_id = f"file-{a}"
     job_dir = tmp_path / "jobs" / "ftjob-1"
-    staged = stage_inputs(store, tenant_id=a, blobs={file_id: blob}, job_dir=job_dir)  # the API machine: publishes first
+    staged = stage_inputs(store, store.scratch, tenant_id=a, contents={file_id: local}, job_dir=job_dir)  # publishes first
     assert staged == {file_id: job_dir / "inputs" / file_id} and staged[file_id].read_bytes() == blob.read_bytes()
     assert oct((job_dir / "inputs").stat().st_mode & 0o777) == "0o700"
     assert not any(marker in raw for raw in raw_objects(store).values())
@@ -160,7 +164,7 @@ def test_job_inputs_staged_decrypted_then_removed_and_outputs_published(store, t
     assert not (job_dir / "inputs").exists()
 
     elsewhere = tmp_path / "other-machine" / "ftjob-1"  # no local blob: from the store only
-    staged = stage_inputs(store, tenant_id=a, blobs={file_id: tmp_path / "absent"}, job_dir=elsewhere)
+    staged = stage_inputs(store, store.scratch, tenant_id=a, contents={file_id: None}, job_dir=elsewhere)
     assert staged[file_id].read_bytes() == blob.read_bytes()
     assert sorted(p.name for p in (elsewhere / "inputs").iterdir()) == [file_id]  # no .sealed / .partial left
     (elsewhere / "adapter").mkdir()
@@ -181,7 +185,7 @@ def test_job_inputs_staged_decrypted_then_removed_and_outputs_published(store, t
 
     store.shred(a)
     with pytest.raises(StoreUnavailable, match="tenant key is gone"):
-        stage_inputs(store, tenant_id=a, blobs={file_id: blob}, job_dir=tmp_path / "jobs" / "ftjob-2")
+        stage_inputs(store, store.scratch, tenant_id=a, contents={file_id: local}, job_dir=tmp_path / "jobs" / "ftjob-2")
     assert not (tmp_path / "jobs" / "ftjob-2" / "inputs").exists()  # nothing half-staged
 
 
@@ -203,3 +207,73 @@ def test_the_collector_removes_inputs_a_dead_worker_left(database, tmp_path):
     os.utime(left, (old, old))
     assert BlobCollector(database, settings, LocalArtifactStore(settings.artifacts_dir)).run_once()["stale job inputs"] == 1
     assert not left.exists() and (left.parent).is_dir() and (staging / "file-1").is_file()
+
+
+def test_the_collector_removes_objects_nothing_links_to_any_more(store, database, tmp_path, tenants, s3_server):
+    """The object store's collector: a deleted file's dataset object goes once no job that may still run
+    names the file; a deleted model's published outputs go; a live file's object, one a paused job needs,
+    and a dataset registered in the tenant's own bucket (only forgotten) stay."""
+    from tuneforge.db import files as file_rows
+    from tuneforge.db import jobs as job_rows
+    from tuneforge.db import models as model_rows
+    from sqlalchemy import select
+
+    from tuneforge.db import tenants as tenant_rows
+    from tuneforge.db.identifiers import new_id
+    from tuneforge.db.tables import FineTunedModel
+    from tuneforge.registry.storage.jobs import publish_outputs
+    from tuneforge.scheduler.blobs import BlobCollector
+    from tuneforge.settings import Settings
+    from tuneforge.spec import validate_job_spec
+
+    a, _ = tenants
+    with database.session() as session:
+        tenant_rows.ensure_tenant(session, tenant_id=a)
+        files = {name: file_rows.create_file(session, tenant_id=a, filename=f"{name}.jsonl", purpose="fine-tune",
+                                             size=1, sha256="0" * 64, report={}, status="processed",
+                                             status_details=None).id for name in ("live", "deleted", "paused")}
+        paused = job_rows.create_job(session, tenant_id=a, spec=validate_job_spec({"dataset": {"path": files["paused"]}}),
+                                     model="tiny-llama", training_file=files["paused"], validation_file=None,
+                                     suffix=None, metadata=None)
+        paused.status = "paused"
+        done = job_rows.create_job(session, tenant_id=a, spec=validate_job_spec({"dataset": {"path": files["live"]}}),
+                                   model="tiny-llama", training_file=files["live"], validation_file=None, suffix=None,
+                                   metadata=None)
+        done.status = "succeeded"
+        model_id = model_rows.create_model(session, model_id=f"ft:tiny-llama:{a}:{new_id('')[:8]}", tenant_id=a,
+                                           job_id=done.id, base_model="tiny-llama", kind="adapter",
+                                           location="jobs/x/adapter").id
+        job_ids = paused.id, done.id
+    objects = {name: store.put(tenant_id=a, path=canary_file(tmp_path / name, 100 + n)[0], owner=files[name],
+                               name="data", kind="dataset") for n, name in enumerate(files)}
+    output = tmp_path / "job"
+    (output / "adapter").mkdir(parents=True)
+    (output / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(500))
+    publish_outputs(store, tenant_id=a, job_id=job_ids[1], job_dir=output)
+    registered_bucket = s3_server.new_bucket()
+    s3_server.client().put_object(Bucket=registered_bucket, Key="own/train.jsonl", Body=b"{}\n")
+    with database.session() as session:
+        registered = file_rows.create_file(session, tenant_id=a, filename="train.jsonl", purpose="fine-tune", size=3,
+                                           sha256="1" * 64, report={}, status="processed", status_details=None)
+        obj = key_rows.add_object(session, object_id=new_id(key_rows.OBJECT), tenant_id=a, address="f" * 64,
+                                  location=f"s3://{registered_bucket}/own/train.jsonl", size=3, encrypted=False,
+                                  key_version=None, wrapped_key=None)
+        key_rows.link_object(session, owner=registered.id, name="data", tenant_id=a, kind="dataset", object_id=obj.id)
+        for name in ("deleted", "paused"):
+            file_rows.delete_file(session, file=file_rows.get_file(session, tenant_id=a, file_id=files[name]))
+        file_rows.delete_file(session, file=registered)
+        model_rows.delete_model(session, model=session.scalar(select(FineTunedModel).where(FineTunedModel.id == model_id)))
+    before = set(raw_objects(store))
+    assert len(before) == 4
+
+    settings = Settings.from_env(database_url=str(database.engine.url), artifacts_dir=tmp_path / "artifacts",
+                                 jobs_dir=tmp_path / "jobs", blob_grace_seconds=0, keys_dir=str(tmp_path / "keys"),
+                                 store_url=f"s3://{store.backend.bucket}/store", s3_endpoint_url=s3_server.endpoint_url)
+    collector = BlobCollector(database, settings, LocalArtifactStore(tmp_path / "artifacts"))
+    time.sleep(1.1)  # past the (zero) grace period, counted in whole seconds
+    counts = collector.run_once()
+    assert counts["store objects removed"] == 2  # the deleted file's dataset, the deleted model's adapter
+    assert set(raw_objects(store)) == {objects["live"].location, objects["paused"].location}
+    assert store.linked(tenant_id=a, owner=job_ids[1]) == {} and store.linked(tenant_id=a, owner=registered.id) == {}
+    assert "Contents" in s3_server.client().list_objects_v2(Bucket=registered_bucket)  # the tenant's own bucket: untouched
+    assert collector.run_once()["store objects removed"] == 0

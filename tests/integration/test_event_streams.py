@@ -232,7 +232,7 @@ def in_process(tmp_path):
             break
         time.sleep(0.1)
     url = f"http://127.0.0.1:{port}"
-    validator = UploadValidator(db, settings, LocalArtifactStore(settings.artifacts_dir))
+    validator = UploadValidator(db, settings, LocalArtifactStore.from_settings(settings))  # opens sealed uploads
     yield url, secret, key.id, app.state.streams, _queued_jobs(url, secret, 1, validate=validator.run_once)[0]
     server.should_exit = True
     thread.join(timeout=30)

@@ -235,7 +235,7 @@ def test_a_dataset_registered_from_s3_is_used_where_it_lies(s3_server, tmp_path)
         assert "Contents" not in client.list_objects_v2(Bucket=platform)  # nothing copied into the store
         assert [p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] == []
 
-        staged = stage_inputs(store, tenant_id="tenant-a", blobs={row.id: tmp_path / "absent"}, job_dir=tmp_path / "job")
+        staged = stage_inputs(store, store.scratch, tenant_id="tenant-a", contents={row.id: None}, job_dir=tmp_path / "job")
         assert staged[row.id].read_text() == good
         assert store.linked(tenant_id="tenant-b", owner=row.id) == {}  # another tenant's file id gets nothing
     finally:

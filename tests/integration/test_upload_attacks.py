@@ -71,8 +71,14 @@ def wait_for(predicate, *, timeout: float, what: str, server: ServerProcess | No
 
 
 def blob_path(server: ServerProcess, content: bytes) -> Path:
+    """Where a plaintext blob of these bytes would be (uploads are sealed by default: none should be)."""
     digest = hashlib.sha256(content).hexdigest()
     return server.home / "artifacts" / "sha256" / digest[:2] / digest
+
+
+def tenant_blobs(server: ServerProcess, tenant: str) -> list[Path]:
+    """The tenant's sealed upload blobs (artifacts/sealed/TENANT/ab/ID)."""
+    return sorted(p for p in (server.home / "artifacts" / "sealed" / tenant).rglob("*") if p.is_file())
 
 
 def staging_entries(server: ServerProcess) -> list[Path]:
@@ -158,7 +164,8 @@ def test_another_tenants_delete_keeps_the_blob_a_paused_job_needs_until_nothing_
         theirs = wait_validated(b, post_file(b, EXAMPLE_DATA / "train.jsonl", "b.jsonl")["id"])
         assert b.delete(f"/v1/files/{theirs['id']}").json()["deleted"]
         time.sleep(4)  # several collector passes, each past the 1 s grace
-        assert blob_path(server, content).is_file()
+        assert len(tenant_blobs(server, "tenant-a")) == 1 and not blob_path(server, content).exists()
+        assert tenant_blobs(server, "tenant-b") == []  # B's own sealed copy (nothing is shared) went with B's file
 
         # A resumes, and a worker trains on the bytes.
         assert a.post(f"/v1/fine_tuning/jobs/{job['id']}/resume").json()["status"] == "queued"
@@ -168,7 +175,7 @@ def test_another_tenants_delete_keeps_the_blob_a_paused_job_needs_until_nothing_
         assert done["status"] == "succeeded", done["error"]
 
         # Nothing refers to the bytes any more: the collector removes them.
-        wait_for(lambda: not blob_path(server, content).exists(), timeout=30, what="the collector", server=server)
+        wait_for(lambda: tenant_blobs(server, "tenant-a") == [], timeout=30, what="the collector", server=server)
     finally:
         server.stop()
 
@@ -456,7 +463,8 @@ def test_hostile_filenames_are_a_400_naming_the_file_and_store_nothing(server_fo
     error = response.json()["error"]
     assert error["param"] == "file" and says in error["message"], error
     assert http.get("/v1/files").json()["data"] == []
-    assert not blob_path(server, content).exists() and staging_entries(server) == []
+    assert not blob_path(server, content).exists() and tenant_blobs(server, "tenant-a") == []
+    assert staging_entries(server) == []
 
 
 def test_a_255_byte_unicode_filename_is_fine(server_for_names):

@@ -3,7 +3,8 @@
 Starlette's UploadFile spools the whole body to a temporary file before the endpoint runs, so a limit
 checked there comes after the disk has taken it all. Here a body is refused with a 413 on its
 Content-Length before a byte is read, or, without one (chunked), the moment the streamed bytes pass the
-limit; the file part is hashed and written as it arrives, off the event loop. The file's name is checked
+limit; the file part is hashed and written as it arrives, off the event loop, sealed (encrypted under a
+data key of its own) before it reaches the disk when the store seals uploads. The file's name is checked
 when its part headers arrive, before any of its bytes are kept.
 """
 
@@ -159,10 +160,11 @@ async def _in_thread(function, *args):
     return await anyio.to_thread.run_sync(function, *args)
 
 
-async def receive_upload(request: Request, store: LocalArtifactStore, *, max_bytes: int,
+async def receive_upload(request: Request, store: LocalArtifactStore, *, max_bytes: int, tenant_id: str,
                          field: str = "file") -> Upload:
     """Stream the request's multipart body into staging: 413 past max_bytes, 400 for a bad body or name.
-    `field` is the form field of the bytes ("file"; "data" for a part of /v1/uploads)."""
+    `field` is the form field of the bytes ("file"; "data" for a part of /v1/uploads); the bytes are the
+    tenant's, sealed for it as they stream in (LocalArtifactStore.open_staging)."""
     boundary = _boundary(request, field)
     limit = max_bytes + MULTIPART_OVERHEAD
     length = request.headers.get("content-length")
@@ -186,13 +188,13 @@ async def receive_upload(request: Request, store: LocalArtifactStore, *, max_byt
             if parts.file_bytes > max_bytes:
                 raise too_large(max_bytes, param=field)
             if parts.pending_bytes >= WRITE_BATCH:
-                writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes))
+                writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes, tenant_id=tenant_id))
                 await _in_thread(writer.write, parts.take())
         if not parts.ended:
             raise _bad_file("the multipart body ends before its closing boundary", param=field)
         if parts.filename is None:
             raise _bad_file("required parameter is missing", param=field)
-        writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes))
+        writer = writer or await _in_thread(lambda: store.open_staging(max_bytes=max_bytes, tenant_id=tenant_id))
         await _in_thread(writer.write, parts.take())
         staged = await _in_thread(writer.finish)
     except UploadTooLarge:

@@ -513,3 +513,26 @@ class ModelExport(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     __table_args__ = (Index("ix_model_exports_tenant_model", "tenant_id", "model_id", "seq"),)
+
+
+# ---- the artifact folder sealed at rest (issue 15; migration 0014) ----
+
+
+class SealedBlob(Base):
+    """An upload's bytes in the artifact folder, sealed with its own data key (envelope encryption), kept
+    at artifacts/sealed/TENANT/ID: once per tenant and content, never shared across tenants. The data key
+    is kept wrapped under the tenant key version named here; touched_at is the last commit of these bytes
+    (the collector removes only blobs nothing refers to and nobody committed within its grace period)."""
+
+    __tablename__ = "sealed_blobs"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the plaintext, as in files.sha256
+    bytes: Mapped[int] = mapped_column(BigInteger)  # plaintext size
+    key_version: Mapped[int] = mapped_column(Integer)
+    wrapped_key: Mapped[str] = mapped_column(String(120))  # base64 of nonce | sealed data key
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    touched_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_sealed_blobs_tenant_sha256"),
+                      Index("ix_sealed_blobs_tenant_key", "tenant_id", "key_version"))

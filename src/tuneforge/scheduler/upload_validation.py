@@ -3,7 +3,9 @@
 Each file is claimed (two schedulers never validate one file; a dead one's claim runs out) and validated
 by a child process (`python -m tuneforge.registry.datasets`, torch-free) that this loop bounds in wall time
 and resident memory, killing it past either; the child bounds its own reading (inflated bytes, compression
-ratio, lines). The file becomes processed or error, then the jobs waiting on it are admitted. A stop
+ratio, lines). A sealed upload is decrypted for the child into this loop's locked work folder (0700, under
+the artifact folder's staging; removed when the validation ends, swept if this process dies), a plaintext
+one is linked there. The file becomes processed or error, then the jobs waiting on it are admitted. A stop
 (SIGTERM) kills the child and gives the claim back: the file stays uploaded, validated at the next start.
 """
 
@@ -23,9 +25,11 @@ from pathlib import Path
 from tuneforge.db import files as file_rows
 from tuneforge.db.session import Database
 from tuneforge.db.tables import File
-from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.artifacts import ContentMissing, LocalArtifactStore
 from tuneforge.registry.datasets import refused_report
+from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.jobs import publish_dataset
+from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.registry.storage.tenant_store import open_tenant_store
 from tuneforge.scheduler.admission import admit_job
 from tuneforge.scheduler.loop import run_until_stopped
@@ -49,6 +53,11 @@ def resident_bytes(pid: int) -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _content_missing(file: File) -> DatasetReport:
+    return refused_report(file.filename, kind="content_missing", expected="its content in the artifact store",
+                          found="has no content in the artifact store")
 
 
 def _size(n: float) -> str:
@@ -88,10 +97,11 @@ class UploadValidator:
 
     def _validate_and_record(self, file: File) -> bool:
         try:
-            report = self.validate(file)
-            if report.valid and self.tenant_store is not None:  # before "processed": no job can run ahead of it
-                publish_dataset(self.tenant_store, tenant_id=file.tenant_id, file_id=file.id,
-                                blob=self.store.path_of(file.sha256))
+            publish = None
+            if self.tenant_store is not None:  # before "processed": no job can run ahead of its data
+                def publish(plaintext: Path) -> None:
+                    publish_dataset(self.tenant_store, tenant_id=file.tenant_id, file_id=file.id, blob=plaintext)
+            report = self.validate(file, on_valid=publish)
         except BaseException:  # stopping (Interrupted), or a fault here: the file waits for the next try
             with self.db.session() as session:
                 file_rows.release_validation(session, file_id=file.id, owner=self.owner)
@@ -116,19 +126,35 @@ class UploadValidator:
             for job in file_rows.jobs_waiting_on(session, file_id=file_id, status=VALIDATING_FILES):
                 admit_job(session, job=job)
 
-    def validate(self, file: File) -> DatasetReport:
-        """The file's report from a bounded child process; raises Interrupted when the scheduler stops."""
-        if not self.store.exists(file.sha256):
-            return refused_report(file.filename, kind="content_missing", expected="its content in the artifact store",
-                                  found="has no content in the artifact store")
+    def validate(self, file: File, *, on_valid=None) -> DatasetReport:
+        """The file's report from a bounded child process; raises Interrupted when the scheduler stops.
+        on_valid(plaintext path), when given, runs on a valid file before its plaintext is removed."""
+        with self.db.read_session() as session:
+            content = self.store.find_content(session, tenant_id=file.tenant_id, sha256=file.sha256)
+        if content is None:
+            return _content_missing(file)
         folder = self.store.work_folder()
         try:
-            # The child reads the blob under the upload's name, so the name's suffix tells the file type.
+            # The child reads the bytes under the upload's name, so the name's suffix tells the file type.
             data = folder.path / "data"
-            data.mkdir()
+            data.mkdir(mode=0o700)
             link = data / (file.filename if file.filename not in ("", ".", "..") and "/" not in file.filename
                            else "upload")
-            link.symlink_to(self.store.path_of(file.sha256))
+            try:
+                if content.sealed:
+                    self.store.write_plaintext(content, link)
+                else:
+                    link.symlink_to(content.path)
+            except ContentMissing:
+                return _content_missing(file)
+            except KeyUnavailable:
+                return refused_report(file.filename, kind="content_shredded",
+                                      expected="content readable under its tenant's key",
+                                      found="can no longer be read: the tenant's encryption key was destroyed "
+                                            "(crypto-shredded)")
+            except DecryptionFailed as exc:
+                return refused_report(file.filename, kind="content_damaged", expected="content that authenticates",
+                                      found=f"is damaged in storage ({exc})")
             output = folder.path / "report.json"
             with open(folder.path / "validate.log", "wb") as child_log:
                 # No preexec_fn: this process has threads; the child ties itself to us (registry.datasets).
@@ -144,7 +170,10 @@ class UploadValidator:
                 kind, expected, found = bound
                 return refused_report(file.filename, kind=kind, expected=expected, found=found)
             if output.is_file():
-                return DatasetReport.model_validate_json(output.read_text())
+                report = DatasetReport.model_validate_json(output.read_text())
+                if report.valid and on_valid is not None:
+                    on_valid(link)
+                return report
             tail = (folder.path / "validate.log").read_text(errors="replace")[-2000:]
             log.error("validating %s failed (exit %s):\n%s", file.id, child.returncode, tail)
             return refused_report(file.filename, kind="validation_failed", expected="a completed validation",

@@ -102,3 +102,58 @@ def test_a_staged_copy_of_a_stream_leaves_nothing_behind(tmp_path):
         assert staged.path.name == "upload" and staged.path.read_bytes() == CONTENT
         store.commit(staged)
     assert list(store.staging_root.iterdir()) == [] and store.exists(staged.sha256)
+
+
+def test_a_sealed_upload_never_writes_its_plaintext_and_reads_back_through_its_key(tmp_path):
+    """With a tenant, staging writes envelope ciphertext as the bytes arrive; the plaintext comes back
+    only through the tenant's key, a failed copy leaves nothing, and a shredded key opens nothing."""
+    import hashlib
+
+    import pytest
+
+    from tuneforge.registry.artifacts import Content, ContentMissing
+    from tuneforge.registry.storage.envelope import DecryptionFailed
+    from tuneforge.registry.storage.keys import FolderKeyProvider, KeyUnavailable
+    from tuneforge.registry.storage.tenant_keys import blob_wrap_context, wrap
+
+    keys = FolderKeyProvider(tmp_path / "keys")
+    store = LocalArtifactStore(tmp_path / "artifacts", keys=keys)
+    plain = b"CANARY-0123456789 " * 200_000  # 3.6 MB: four chunks
+    writer = store.open_staging(max_bytes=len(plain), tenant_id="tenant-a")
+    for start in range(0, len(plain), 65_536):
+        writer.write(plain[start:start + 65_536])
+    staged = writer.finish()
+    assert staged.sha256 == hashlib.sha256(plain).hexdigest() and staged.size == len(plain)
+    assert b"CANARY" not in staged.path.read_bytes()
+    with pytest.raises(ValueError, match="session"):
+        store.commit(staged)  # its wrapped key is a row: committed with the file's row, never alone
+
+    version = keys.new_version("tenant-a")
+    blob_id = staged.sealing.blob_id
+    content = Content(tenant_id="tenant-a", sha256=staged.sha256, path=staged.path, blob_id=blob_id, key_version=version,
+                      wrapped_key=wrap(keys, "tenant-a", version, staged.sealing.data_key,
+                                       blob_wrap_context("tenant-a", blob_id, version)))
+    with store.open_content(content) as reader:
+        assert reader.read() == plain
+    dest = tmp_path / "out" / "copy"
+    dest.parent.mkdir()
+    assert store.write_plaintext(content, dest).read_bytes() == plain and oct(dest.stat().st_mode & 0o777) == "0o600"
+
+    other_tenant = Content(**{**content.__dict__, "tenant_id": "tenant-b"})  # a blob moved under another tenant
+    with pytest.raises((KeyUnavailable, DecryptionFailed)):
+        store.write_plaintext(other_tenant, tmp_path / "out" / "stolen")
+    damaged = bytearray(staged.path.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    staged.path.write_bytes(bytes(damaged))
+    with pytest.raises(DecryptionFailed):
+        store.write_plaintext(content, tmp_path / "out" / "damaged")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["copy"]  # no partial copy of either
+    keys.shred("tenant-a")
+    with pytest.raises(KeyUnavailable):
+        store.open_content(content)
+    with pytest.raises(ContentMissing):
+        store.open_content(Content(**{**content.__dict__, "path": tmp_path / "absent"}))
+    for bad in ("../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            store.open_staging(max_bytes=10, tenant_id=bad)
+    writer.discard()

@@ -1,13 +1,16 @@
-"""/v1/files: upload (streamed into the content-addressed store; validated afterwards by the scheduler),
-list, retrieve, delete, content; and the native dataset report of a file (/v1/files/{id}/validation)."""
+"""/v1/files: upload (streamed into the content-addressed store, sealed for its tenant; validated afterwards
+by the scheduler), list, retrieve, delete, content (decrypted as it streams out); and the native dataset
+report of a file (/v1/files/{id}/validation)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
+from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from tuneforge.api.dependencies import Config, Db, FilesCaller, Reader, Store
 from tuneforge.api.errors import ApiError, not_found
@@ -16,8 +19,12 @@ from tuneforge.api.uploads import Upload, receive_upload
 from tuneforge.db import files as file_rows
 from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
+from tuneforge.registry.artifacts import CHUNK, ContentMissing
+from tuneforge.registry.storage.envelope import DecryptionFailed
+from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.spec.api import DatasetReport, FileDeleted, FileObject, ListObject
 
+log = logging.getLogger("tuneforge.api.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune", "evals")  # evals: items of an eval run (validated as eval items, not training data)
 UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -33,7 +40,8 @@ async def upload_file(request: Request, caller: FilesCaller, db: Db, store: Stor
     # The tenant's storage quota bounds the stream like the upload limit does: a 413 as soon as it passes.
     room = await anyio.to_thread.run_sync(_storage_room, db, caller.tenant_id)
     try:
-        upload = await receive_upload(request, store, max_bytes=min(config.max_upload_bytes, room))
+        upload = await receive_upload(request, store, max_bytes=min(config.max_upload_bytes, room),
+                                      tenant_id=caller.tenant_id)
     except ApiError as exc:
         if exc.code == "file_too_large" and room < config.max_upload_bytes:
             raise _storage_full(caller.tenant_id) from None
@@ -72,7 +80,7 @@ def _store_upload(db, store, tenant_id: str, upload: Upload) -> FileObject:
         if tenant is not None and tenant.max_storage_bytes is not None and \
                 quotas.stored_bytes(session, tenant_id=tenant_id) + upload.staged.size > tenant.max_storage_bytes:
             raise _storage_full(tenant_id)
-        store.commit(upload.staged)  # the blob before the row: a row never names bytes that are not there
+        store.commit(upload.staged, session=session)  # the blob before the row: a row never names bytes not there
         row = file_rows.create_file(
             session, tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, size=upload.staged.size,
             sha256=upload.staged.sha256, report={}, status=file_rows.UPLOADED, status_details=None,
@@ -112,12 +120,50 @@ def delete_file(file_id: str, caller: FilesCaller, db: Db) -> FileDeleted:
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, caller: Reader, db: Db, store: Store) -> FileResponse:
-    with db.session() as session:
+def file_content(file_id: str, caller: Reader, db: Db, store: Store):
+    """The file's bytes as uploaded. A sealed upload is decrypted as it streams out, one authenticated
+    1 MiB chunk at a time (no plaintext copy on disk, memory bounded whatever the size); 410 when the
+    tenant's key was destroyed (crypto-shredded)."""
+    with db.read_session() as session:
         row = _file(session, caller, file_id)
-    if not store.exists(row.sha256):
+        content = store.find_content(session, tenant_id=caller.tenant_id, sha256=row.sha256)
+    if content is None:
         raise not_found("file content", file_id, param="file_id")
-    return FileResponse(store.path_of(row.sha256), media_type="application/octet-stream", filename=row.filename)
+    if not content.sealed:  # an upload from before sealing (or with encryption at rest off)
+        return FileResponse(content.path, media_type="application/octet-stream", filename=row.filename)
+    try:
+        reader = store.open_content(content)
+    except ContentMissing:
+        raise not_found("file content", file_id, param="file_id") from None
+    except KeyUnavailable:
+        raise ApiError(410, f"the content of {file_id} can no longer be read: tenant {caller.tenant_id}'s encryption "
+                            "key was destroyed (crypto-shredded)", param="file_id", code="content_shredded") from None
+    except DecryptionFailed:
+        log.error("file %s: its sealed blob does not authenticate", file_id)
+        raise ApiError(500, f"the content of {file_id} is damaged in storage and cannot be read", param="file_id",
+                       code="content_damaged", type="server_error") from None
+    return StreamingResponse(_plaintext_chunks(reader, file_id), media_type="application/octet-stream",
+                             headers={"Content-Length": str(row.bytes),
+                                      "Content-Disposition": _attachment(row.filename)})
+
+
+def _plaintext_chunks(reader, file_id: str):
+    """The decrypted bytes chunk by chunk (Starlette iterates this in a worker thread). A chunk that does
+    not authenticate ends the response early; with Content-Length set, the client sees it cut short."""
+    try:
+        while chunk := reader.read(CHUNK):
+            yield chunk
+    except DecryptionFailed:
+        log.error("file %s: its sealed blob stopped authenticating mid-download; the response is cut short", file_id)
+        raise
+    finally:
+        reader.close()
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition as Starlette's FileResponse writes it (RFC 6266 filename* for non-ASCII names)."""
+    quoted = quote(filename)
+    return f"attachment; filename*=utf-8''{quoted}" if quoted != filename else f'attachment; filename="{filename}"'
 
 
 @router.get("/{file_id}/validation", response_model=DatasetReport)

@@ -97,7 +97,7 @@ async def add_part(upload_id: str, request: Request, caller: FilesCaller, db: Db
     left = await anyio.to_thread.run_sync(room)
     limit = min(PART_MAX_BYTES, left)
     try:
-        part = await receive_upload(request, store, max_bytes=limit, field="data")
+        part = await receive_upload(request, store, max_bytes=limit, tenant_id=caller.tenant_id, field="data")
     except ApiError as exc:
         if exc.code == "file_too_large":
             raise _past_size(upload_id, limit, left) from None
@@ -124,7 +124,7 @@ def _record_part(db, store, caller, upload_id: str, part) -> UploadPartObject:
         if upload_rows.count_parts(session, upload_id=row.id) >= MAX_PARTS:
             raise ApiError(400, f"upload {upload_id!r} has {MAX_PARTS} parts already, the most one may have",
                            param="upload_id")
-        store.commit(part.staged)  # the blob before the row: a part row never names bytes that are not there
+        store.commit(part.staged, session=session)  # the blob before the row: a part row never names missing bytes
         recorded = upload_rows.add_part(session, upload=row, size=part.staged.size, sha256=part.staged.sha256)
         if recorded is None:  # a concurrent part, a cancel or the deadline came first
             if row.status != upload_rows.PENDING:
@@ -148,6 +148,7 @@ def _complete(db, store, caller, upload_id: str, body: UploadComplete) -> Upload
         row = _pending(session, caller, upload_id)
         parts, unknown = upload_rows.parts_in_order(session, upload_id=row.id, part_ids=body.part_ids)
         size, purpose, filename = row.bytes, row.purpose, row.filename
+        contents = [store.find_content(session, tenant_id=caller.tenant_id, sha256=p.sha256) for p in parts]
     if unknown:
         raise ApiError(400, f"part_ids: {', '.join(unknown[:5])} {'is not a part' if len(unknown) == 1 else 'are not parts'} "
                             f"of upload {upload_id!r}", param="part_ids")
@@ -155,11 +156,13 @@ def _complete(db, store, caller, upload_id: str, body: UploadComplete) -> Upload
     if total != size:
         raise ApiError(400, f"part_ids: the parts hold {total:,} bytes; upload {upload_id!r} declared {size:,}",
                        param="part_ids", code="upload_size_mismatch")
-    writer = store.open_staging(max_bytes=size)
+    writer = store.open_staging(max_bytes=size, tenant_id=caller.tenant_id)
     md5 = hashlib.md5(usedforsecurity=False)
     try:
-        for part in parts:  # one chunk in memory at a time, however large the file
-            with store.open(part.sha256) as source:
+        for content in contents:  # one chunk in memory at a time, however large the file (decrypted as read)
+            if content is None:
+                raise ApiError(400, f"part_ids: a part of upload {upload_id!r} has lost its bytes", param="part_ids")
+            with store.open_content(content) as source:
                 while chunk := source.read(CHUNK):
                     md5.update(chunk)
                     writer.write(chunk)
@@ -181,7 +184,7 @@ def _store_file(db, store, caller, upload_id: str, staged, *, filename: str, pur
         room = _storage_room(session, caller.tenant_id)
         if room is not None and staged.size > room:
             raise _storage_full(caller.tenant_id, staged.size)
-        store.commit(staged)
+        store.commit(staged, session=session)
         file = file_rows.create_file(session, tenant_id=caller.tenant_id, filename=filename, purpose=purpose,
                                      size=staged.size, sha256=staged.sha256, report={}, status=file_rows.UPLOADED,
                                      status_details=None)

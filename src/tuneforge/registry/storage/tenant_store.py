@@ -23,6 +23,7 @@ from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.storage.backends import ObjectStore
 from tuneforge.registry.storage.envelope import decrypt_stream, encrypt_file, new_data_key
 from tuneforge.registry.storage.keys import KeyProvider
+from tuneforge.registry.storage.tenant_keys import TenantKeys, object_wrap_context, version_for_writing
 
 CHUNK = 1 << 20
 
@@ -44,8 +45,7 @@ def _data_context(tenant_id: str, object_id: str) -> bytes:
     return f"tuneforge-data/{tenant_id}/{object_id}".encode()
 
 
-def _wrap_context(tenant_id: str, object_id: str, version: int) -> bytes:
-    return f"tuneforge-key/{tenant_id}/{object_id}/v{version}".encode()
+_wrap_context = object_wrap_context
 
 
 class TenantStore:
@@ -58,11 +58,15 @@ class TenantStore:
     def put(self, *, tenant_id: str, path: Path, owner: str, name: str, kind: str) -> StoredObject:
         """Store a local file for the tenant (once per content) and link it as owner/name."""
         address = tenant_address(tenant_id, file_sha256(path))
-        with self.db.session() as session:
-            found = key_rows.find_object(session, tenant_id=tenant_id, address=address)
-            if found is not None and self._readable(session, found):
-                key_rows.link_object(session, owner=owner, name=name, tenant_id=tenant_id, kind=kind, object_id=found.id)
-                return found
+        try:
+            with self.db.session() as session:
+                found = key_rows.find_object(session, tenant_id=tenant_id, address=address)
+                if found is not None and self._readable(session, found):
+                    key_rows.link_object(session, owner=owner, name=name, tenant_id=tenant_id, kind=kind,
+                                         object_id=found.id)
+                    return found
+        except IntegrityError:
+            pass  # the collector removed it between finding and linking (scheduler/blobs.py): store the bytes anew
         object_id = new_id(key_rows.OBJECT)
         location = f"{tenant_id}/{address[:2]}/{object_id}"
         data_key = version = None
@@ -112,12 +116,7 @@ class TenantStore:
 
     def _current_version(self, tenant_id: str) -> int:
         with self.db.session() as session:
-            version = key_rows.current_key_version(session, tenant_id=tenant_id)
-            if version is not None and version in self.keys.versions(tenant_id):
-                return version
-            version = self.keys.new_version(tenant_id, after=key_rows.highest_key_version(session, tenant_id=tenant_id))
-            key_rows.add_key_version(session, tenant_id=tenant_id, version=version)
-            return version
+            return version_for_writing(session, self.keys, tenant_id)
 
     # ---- reading ------------------------------------------------------------------------------------
 
@@ -165,43 +164,18 @@ class TenantStore:
 
     def rotate(self, tenant_id: str) -> int:
         """A new tenant key version; every data key is re-wrapped under it (the objects are not rewritten),
-        then the older versions are destroyed. Returns the new version."""
+        then the older versions are destroyed. The artifact folder's sealed blobs are re-wrapped too (one
+        key per tenant seals both: registry/storage/tenant_keys.py). Returns the new version."""
         if self.keys is None:
             raise ValueError("encryption at rest is off: there is no tenant key to rotate")
-        with self.db.session() as session:
-            version = self.keys.new_version(tenant_id, after=key_rows.highest_key_version(session, tenant_id=tenant_id))
-            key_rows.add_key_version(session, tenant_id=tenant_id, version=version)
-        self._rewrap_all(tenant_id, version)
-        with self.db.session() as session:
-            old = [v for v in key_rows.live_key_versions(session, tenant_id=tenant_id) if v < version]
-            key_rows.retire_key_versions(session, tenant_id=tenant_id, versions=old)
-        self._rewrap_all(tenant_id, version)  # what a put wrapped under an old version before it saw the retirement
-        for old_version in old:  # only now: until every data key was re-wrapped, the old version still opens them
-            self.keys.destroy_version(tenant_id, old_version)
-        return version
-
-    def _rewrap_all(self, tenant_id: str, version: int) -> None:
-        while True:
-            with self.db.session() as session:
-                batch = key_rows.objects_wrapped_under_older(session, tenant_id=tenant_id, version=version)
-                for obj in batch:
-                    data_key = self.keys.unwrap(tenant_id, obj.key_version, base64.b64decode(obj.wrapped_key),
-                                                context=_wrap_context(tenant_id, obj.id, obj.key_version))
-                    wrapped = self.keys.wrap(tenant_id, version, data_key, context=_wrap_context(tenant_id, obj.id, version))
-                    key_rows.rewrap_object(session, object_id=obj.id, old_version=obj.key_version, version=version,
-                                           wrapped_key=base64.b64encode(wrapped).decode())
-            if not batch:
-                return
+        return TenantKeys(self.db, self.keys).rotate(tenant_id)
 
     def shred(self, tenant_id: str) -> None:
-        """Crypto-shredding: destroy every version of the tenant's key. Its objects stay in the store as
-        ciphertext nobody can open; removing them is then only about space."""
+        """Crypto-shredding: destroy every version of the tenant's key. Its objects (and its sealed blobs in
+        the artifact folder) stay as ciphertext nobody can open; removing them is then only about space."""
         if self.keys is None:
             raise ValueError("encryption at rest is off: there is no tenant key to destroy")
-        self.keys.shred(tenant_id)
-        with self.db.session() as session:
-            key_rows.retire_key_versions(session, tenant_id=tenant_id,
-                                         versions=key_rows.live_key_versions(session, tenant_id=tenant_id))
+        TenantKeys(self.db, self.keys).shred(tenant_id)
 
 
 def open_tenant_store(db: Database, settings) -> TenantStore | None:

@@ -1,0 +1,133 @@
+"""Data access for the sealed artifact folder: one row per tenant and content with its wrapped data key,
+and the references that keep a blob (sealed, or a plaintext one of an install from before sealing)."""
+
+from __future__ import annotations
+
+from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy.orm import Session
+
+from tuneforge.db.identifiers import now
+from tuneforge.db.tables import File, Job, SealedBlob, Upload, UploadPart
+from tuneforge.db.uploads import PENDING as PENDING_UPLOAD
+from tuneforge.spec.api import RUNNING
+
+BLOB = "blob_"
+
+
+def find_blob(session: Session, *, tenant_id: str, sha256: str) -> SealedBlob | None:
+    return session.scalar(select(SealedBlob).where(SealedBlob.tenant_id == tenant_id, SealedBlob.sha256 == sha256))
+
+
+def add_blob(session: Session, *, blob_id: str, tenant_id: str, sha256: str, size: int, key_version: int,
+             wrapped_key: str) -> SealedBlob:
+    at = now()
+    row = SealedBlob(id=blob_id, tenant_id=tenant_id, sha256=sha256, bytes=size, key_version=key_version,
+                     wrapped_key=wrapped_key, created_at=at, touched_at=at)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def touch_blob(session: Session, *, blob_id: str) -> bool:
+    """Mark the blob committed now (a second upload of the same bytes); False when it is gone already (a
+    collector removed it first: the caller stores its own copy)."""
+    return session.execute(update(SealedBlob).where(SealedBlob.id == blob_id).values(touched_at=now())
+                           .execution_options(synchronize_session=False)).rowcount == 1
+
+
+def drop_blob(session: Session, *, blob_id: str) -> None:
+    session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id).execution_options(synchronize_session=False))
+
+
+def drop_if_untouched(session: Session, *, blob_id: str, cutoff: int) -> bool:
+    """Forget the blob unless somebody committed it at or after cutoff; True when forgotten. One guarded
+    DELETE: a concurrent commit either touched it first (kept) or finds it gone (stores its own copy)."""
+    return session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id, SealedBlob.touched_at < cutoff)
+                           .execution_options(synchronize_session=False)).rowcount == 1
+
+
+def blobs_untouched_since(session: Session, *, cutoff: int, after_seq: int = 0, limit: int = 500) -> list[SealedBlob]:
+    return list(session.scalars(select(SealedBlob).where(SealedBlob.touched_at < cutoff, SealedBlob.seq > after_seq)
+                                .order_by(SealedBlob.seq).limit(limit)))
+
+
+def known_blob_ids(session: Session, *, blob_ids: list[str]) -> set[str]:
+    return set(session.scalars(select(SealedBlob.id).where(SealedBlob.id.in_(blob_ids)))) if blob_ids else set()
+
+
+def blobs_wrapped_under_older(session: Session, *, tenant_id: str, version: int, limit: int = 500) -> list[SealedBlob]:
+    return list(session.scalars(select(SealedBlob).where(SealedBlob.tenant_id == tenant_id,
+                                                         SealedBlob.key_version < version)
+                                .order_by(SealedBlob.seq).limit(limit)))
+
+
+def rewrap_blob(session: Session, *, blob_id: str, old_version: int, version: int, wrapped_key: str) -> bool:
+    return session.execute(update(SealedBlob).where(SealedBlob.id == blob_id, SealedBlob.key_version == old_version)
+                           .values(key_version=version, wrapped_key=wrapped_key)
+                           .execution_options(synchronize_session=False)).rowcount == 1
+
+
+def _files_keeping(sha256: str, deleted_after: int, active_statuses: tuple[str, ...], tenant_id: str | None):
+    """Conditions under which file rows with these bytes keep them: live, deleted within the grace period,
+    or named by a job that may still run."""
+    scope = [File.sha256 == sha256] + ([File.tenant_id == tenant_id] if tenant_id is not None else [])
+    with_blob = select(File.id).where(*scope)
+    live = exists().where(*scope, or_(File.deleted_at.is_(None), File.deleted_at >= deleted_after))
+    jobs = exists().where(Job.status.in_(active_statuses),
+                          or_(Job.training_file.in_(with_blob), Job.validation_file.in_(with_blob)))
+    return live, jobs
+
+
+def sealed_blob_referenced(session: Session, *, tenant_id: str, sha256: str, deleted_after: int,
+                           active_statuses: tuple[str, ...]) -> bool:
+    """Whether the tenant's sealed blob of these bytes must stay: a file of the tenant with them is live,
+    was deleted within the grace period or has a job that may still run; or a pending upload of the
+    tenant has a part with them. Only the tenant's own rows count: nothing is shared across tenants."""
+    live, jobs = _files_keeping(sha256, deleted_after, active_statuses, tenant_id)
+    part = exists().where(UploadPart.sha256 == sha256, UploadPart.upload_id == Upload.id,
+                          Upload.tenant_id == tenant_id, Upload.status == PENDING_UPLOAD)
+    return bool(session.scalar(select(or_(live, jobs, part))))
+
+
+def _not_sealed(tenant_column, sha256: str):
+    return ~exists().where(SealedBlob.tenant_id == tenant_column, SealedBlob.sha256 == sha256)
+
+
+def plaintext_blob_referenced(session: Session, *, sha256: str, deleted_after: int,
+                              active_statuses: tuple[str, ...]) -> bool:
+    """Whether a plaintext upload blob (artifacts/sha256/, an install from before sealing, or encryption at
+    rest off) must stay for a file or part: as files.blob_referenced and uploads.part_blob_pending, except
+    that a tenant whose copy is sealed no longer needs it. (Model versions' references are the caller's.)"""
+    scope = [File.sha256 == sha256, _not_sealed(File.tenant_id, sha256)]
+    live = exists().where(*scope, or_(File.deleted_at.is_(None), File.deleted_at >= deleted_after))
+    with_blob = select(File.id).where(*scope)
+    jobs = exists().where(Job.status.in_(active_statuses),
+                          or_(Job.training_file.in_(with_blob), Job.validation_file.in_(with_blob)))
+    # A job launched before its file was sealed may be reading the plaintext blob where it is.
+    any_file = select(File.id).where(File.sha256 == sha256)
+    running = exists().where(Job.status == RUNNING,
+                             or_(Job.training_file.in_(any_file), Job.validation_file.in_(any_file)))
+    part = exists().where(UploadPart.sha256 == sha256, UploadPart.upload_id == Upload.id,
+                          Upload.status == PENDING_UPLOAD, _not_sealed(Upload.tenant_id, sha256))
+    return bool(session.scalar(select(or_(live, jobs, running, part))))
+
+
+def unsealed_contents(session: Session, *, tenant_id: str | None = None) -> list[tuple[str, str]]:
+    """(tenant, sha256) of every file row and pending upload part with no sealed copy: what a re-seal
+    of an upgraded install has to do."""
+    file_scope = [_not_sealed(File.tenant_id, File.sha256)] + ([File.tenant_id == tenant_id] if tenant_id else [])
+    files = select(File.tenant_id, File.sha256).where(*file_scope)
+    part_scope = [UploadPart.upload_id == Upload.id, Upload.status == PENDING_UPLOAD,
+                  _not_sealed(Upload.tenant_id, UploadPart.sha256)] + ([Upload.tenant_id == tenant_id] if tenant_id else [])
+    parts = select(Upload.tenant_id, UploadPart.sha256).where(and_(*part_scope))
+    found = {tuple(row) for row in session.execute(files)} | {tuple(row) for row in session.execute(parts)}
+    return sorted(found)
+
+
+def running_jobs_on(session: Session, *, sha256: str, except_job: str) -> bool:
+    """Whether a running job other than except_job reads a file with these bytes (its tokenized copy is
+    in use)."""
+    with_blob = select(File.id).where(File.sha256 == sha256)
+    return bool(session.scalar(select(exists().where(
+        Job.id != except_job, Job.status == RUNNING,
+        or_(Job.training_file.in_(with_blob), Job.validation_file.in_(with_blob))))))
