@@ -40,7 +40,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     handlers = {"list": _list, "show": _show, "lineage": _lineage, "register": _register, "alias": _alias,
                 "delete": _delete, "download": _download}
     if args.action != "list" and args.action != "register" and not args.ref:
-        raise UserError(f"models {args.action} needs a model: NAME, NAME@vN or NAME:ALIAS")
+        raise UserError(f"models {args.action} needs a model: NAME, NAME@vN or NAME:ALIAS"
+                        + (" (or an export's id)" if args.action == "lineage" else ""))
     settings, db = _database()
     try:
         return handlers[args.action](args, settings, db)
@@ -75,11 +76,25 @@ def _show(args, settings, db) -> int:
 
 
 def _lineage(args, settings, db) -> int:
+    from tuneforge.db import model_versions as version_rows
+    from tuneforge.registry.exports import exports_of_version
     from tuneforge.registry.models import lineage_chain
 
+    store = _store(settings)
     with db.session() as session:
-        chain = lineage_chain(session, version=_version(session, args))
-    for depth, step in enumerate(chain):
+        if args.ref.startswith("export_"):  # an export: what it was made from, then that version's own lineage
+            artifact = _export(session, store, args)
+            source = artifact["lineage"]["source"]
+            _print_export(artifact, depth=0, with_source=True)
+            version = (version_rows.version_of_model(session, tenant_id=args.tenant, model_id=source["model"])
+                       if "version_id" in source else None)
+            chain = lineage_chain(session, version=version) if version is not None else []
+            exports, depth0 = [], 1
+        else:
+            version = _version(session, args)
+            chain = lineage_chain(session, version=version)
+            exports, depth0 = exports_of_version(session, store, version=version), 0
+    for depth, step in enumerate(chain, start=depth0):
         base = step["base_model"]
         if "name" not in step:
             print(f"{'  ' * depth}base model {base.get('ref')} ({base.get('kind')})")
@@ -88,7 +103,39 @@ def _lineage(args, settings, db) -> int:
                          for d in step.get("datasets") or [])
         print(f"{'  ' * depth}{step['name']} {step['version']} ({step['kind']}, {step['model']}) from job "
               f"{step['job_id']}, seed {step['seed']}, data: {data or '-'}, trained on {base.get('ref')}")
+    if exports:
+        print("exported as:")
+        for artifact in exports:
+            _print_export(artifact, depth=1, with_source=False)
     return 0
+
+
+def _export(session, store, args) -> dict:
+    from tuneforge.cli import UserError
+    from tuneforge.db import exports as export_rows
+    from tuneforge.registry.exports import export_artifact
+
+    if not args.tenant:
+        raise UserError(f"models lineage needs --tenant NAME (whose export {args.ref} is)")
+    export = export_rows.get_export_any_model(session, tenant_id=args.tenant, export_id=args.ref)
+    if export is None:
+        raise UserError(f"{args.ref}: tenant {args.tenant} has no export with this id")
+    artifact = export_artifact(session, store, export=export)
+    if artifact is None or artifact["lineage"] is None:
+        raise UserError(f"{args.ref}: not recorded in the registry (its export job has not succeeded)")
+    return artifact
+
+
+def _print_export(artifact: dict, *, depth: int, with_source: bool) -> None:
+    lineage = artifact["lineage"] or {}
+    source = lineage.get("source") or {}
+    made_from = (f"{source['name']} {source['version']} ({source['model']})" if "version" in source
+                 else source.get("model", "?"))
+    fallback = f", fell back from {lineage['deploy'].get('format')}" if lineage.get("fallback_from") else ""
+    line = (f"{'  ' * depth}export {artifact['export_id']} ({lineage.get('format')} for {lineage.get('target')}"
+            f"{fallback}, {lineage.get('files')} files, sha256:{(lineage.get('manifest_sha256') or '?')[:12]}) "
+            f"by job {lineage.get('job_id')}")
+    print(line + (f", made from {made_from}" if with_source else ""))
 
 
 def _register(args, settings, db) -> int:
@@ -176,7 +223,8 @@ def add_models_command(commands) -> None:
         description="List, inspect, alias, delete and download registered model versions (NAME, NAME@vN or "
         "NAME:ALIAS of a tenant), and register a local Hugging Face directory as a base model (admin).")
     models.add_argument("action", choices=("list", "show", "lineage", "register", "alias", "delete", "download"))
-    models.add_argument("ref", nargs="?", help="the model: NAME (newest version), NAME@vN or NAME:ALIAS")
+    models.add_argument("ref", nargs="?", help="the model: NAME (newest version), NAME@vN or NAME:ALIAS; lineage also "
+                        "takes an export's id (export_...)")
     models.add_argument("alias", nargs="?", help="alias: the alias to point at the version")
     models.add_argument("--tenant", help="whose models")
     models.add_argument("--base", nargs=2, metavar=("NAME", "DIR"),

@@ -136,6 +136,16 @@ class Settings:
     # key from keys_dir (default TUNEFORGE_HOME/keys, 0700/0600). TUNEFORGE_ENCRYPT_AT_REST=false: stored as is.
     encrypt_at_rest: bool = True
     keys_dir: str | None = None  # from_env: TUNEFORGE_KEYS_DIR, else TUNEFORGE_HOME/keys
+    # /v1/chat/completions and /v1/completions of `tuneforge server` (api/playground_pool.py): a playground process
+    # per base model, started on the first request for it (nothing runs before), at most playground_max_processes
+    # at once (the least recently used idle one stops for a new base), each with up to playground_max_adapters
+    # adapters. playground_devices: auto (what the server sees), cpu, or CUDA_VISIBLE_DEVICES for them ("1").
+    playground: bool = True
+    playground_max_processes: int = 2
+    playground_max_adapters: int = 8
+    playground_devices: str = "auto"
+    playground_start_timeout_seconds: float = 600.0
+    playground_request_timeout_seconds: float = 600.0
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -173,6 +183,11 @@ class Settings:
                 f"TUNEFORGE_EXECUTOR={values['executor']!r}: expected one of {', '.join(get_args(ExecutorKind))}"
             )
         settings = cls(**values)
+        if settings.playground_max_processes < 1 or settings.playground_max_adapters < 1:
+            raise SettingsError("TUNEFORGE_PLAYGROUND_MAX_PROCESSES and TUNEFORGE_PLAYGROUND_MAX_ADAPTERS must be 1 or more")
+        devices = settings.playground_devices
+        if devices not in ("auto", "cpu") and not all(part.strip().isdigit() for part in devices.split(",")):
+            raise SettingsError(f"TUNEFORGE_PLAYGROUND_DEVICES={devices!r}: expected auto, cpu or GPU indices like 0,1")
         if settings.heartbeat_seconds >= settings.lease_seconds:
             raise SettingsError(
                 f"TUNEFORGE_HEARTBEAT_SECONDS ({settings.heartbeat_seconds}) must be shorter than "

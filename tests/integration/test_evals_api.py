@@ -6,6 +6,7 @@ model of the caller works; another tenant sees none of it, and the fine-tuning e
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -190,6 +191,13 @@ def test_requests_that_cannot_run_are_refused_with_the_field_named(server):
     with pytest.raises(openai.BadRequestError, match="needs pass_threshold"):
         client.evals.create(data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
                             testing_criteria=[{**CRITERIA[1], "pass_threshold": None}])
+    # A judge served by an endpoint is checked against the operator's endpoints, not the loadable models.
+    judge = {"type": "score_model", "name": "judge", "model": "gpt-4o-mini", "endpoint": "not-configured",
+             "input": [{"role": "user", "content": "Rate {{sample.output_text}} from 0 to 1."}], "range": [0, 1],
+             "pass_threshold": 0.5}
+    with pytest.raises(openai.BadRequestError, match=r"testing_criteria\[0\].endpoint: judge endpoint 'not-configured' "
+                                                     "is not configured"):
+        client.evals.create(data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA}, testing_criteria=[judge])
     evaluation = client.evals.create(data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
                                      testing_criteria=CRITERIA)
 
@@ -286,3 +294,32 @@ def test_cancel_and_delete_runs_that_have_not_started(tmp_path, database_url):
         db.dispose()
     finally:
         server.stop()
+
+
+def test_an_eval_whose_judge_is_served_by_a_configured_endpoint_is_accepted(tmp_path, monkeypatch):
+    # POST /v1/evals used to check every judge against the models this server can load, refusing a judge that
+    # a configured endpoint serves ("gpt-4o-mini" is neither built in nor ft:...).
+    from fastapi.testclient import TestClient
+
+    from tuneforge.api.app import create_app
+    from tuneforge.db import tenants as tenant_rows
+    from tuneforge.db.migrate import upgrade
+    from tuneforge.db.session import Database
+    from tuneforge.settings import Settings
+
+    monkeypatch.setenv("TUNEFORGE_JUDGE_ENDPOINTS", json.dumps({"grader-box": {"base_url": "http://127.0.0.1:9/v1"}}))
+    monkeypatch.setenv("TUNEFORGE_JUDGE_ALLOWED_HOSTS", "127.0.0.1")  # loopback is refused unless allowed
+    settings = Settings.from_env(database_url=f"sqlite:///{tmp_path / 'tuneforge.db'}")
+    db = Database(settings.database_url)
+    upgrade(db.engine)
+    with db.session() as session:
+        _, secret = tenant_rows.create_api_key(session, tenant_id="tenant-a")
+    judge = {"type": "score_model", "name": "judge", "model": "gpt-4o-mini", "endpoint": "grader-box",
+             "input": [{"role": "user", "content": "Rate {{sample.output_text}} from 0 to 1."}], "range": [0, 1],
+             "pass_threshold": 0.5}
+    with TestClient(create_app(settings, db=db)) as client:
+        created = client.post("/v1/evals", headers={"Authorization": f"Bearer {secret}"}, json={
+            "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA}, "testing_criteria": [judge]})
+    db.dispose()
+    assert created.status_code == 200, created.text
+    assert created.json()["testing_criteria"][0]["endpoint"] == "grader-box"

@@ -133,6 +133,11 @@ def test_an_adapter_exported_for_vllm_through_the_api(server):
                 "chat_template.jinja"} <= set(names), names
         assert all(not n.startswith("/") and ".." not in n for n in names)
 
+    # The export is a registry artifact whose lineage names the model version it was made from.
+    lineage = server.cli("models", "lineage", export_id, "--tenant", "tenant-a")
+    assert lineage.startswith(f"export {export_id} (adapter for vllm, ") and f"({model})" in lineage, lineage
+    assert "exported as:" in server.cli("models", "lineage", f"{trained['model']}@v1", "--tenant", "tenant-a")
+
     # Another tenant's model and export answer exactly like missing ones.
     for path in (exports, f"{exports}/{export_id}", f"{exports}/{export_id}/content"):
         assert b.get(path).status_code == 404, path

@@ -1,5 +1,6 @@
 """The IDOR matrix, generated from the server's OpenAPI document: every operation on a route with a path id,
-called by tenant A with tenant B's real object ids, answers 404 with exactly the body a missing id gets,
+called by tenant A with tenant B's real object ids, answers 404 with exactly the body a missing id gets (so do
+the playground's chat and completions for B's model named in the body, by ft: id, version or alias),
 and changes nothing of B's; a route whose parent is A's own and whose last id is B's does the same; no
 read by A (lists, A's own objects, lists paged from B's ids) shows any of B's ids. A route with a path
 parameter that has no entry in ROUTES fails the test, named, so a new route cannot go unchecked.
@@ -63,6 +64,13 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/sweeps/{sweep_id}/trials": ("sweep",),
     "/v1/sweeps/{sweep_id}/cancel": ("sweep",),
 }
+# Routes that name a tenant's object in the body, not the path: the playground's, whose `model` is an ft: id or a
+# registry reference (NAME@vN, NAME:ALIAS) -> the kinds each reference is made of, and the rest of the body.
+BODY_ROUTES: dict[str, dict] = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 1},
+}
+BODY_REFERENCES = (("model",), ("registry_name", "@v1"), ("registry_name", ":", "alias"))
 ADMIN_KINDS = {"tenant", "key"}
 ITEM_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 CRITERIA = [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
@@ -93,7 +101,10 @@ MISSING = {"file": "file-000000000000000000000000", "job": "ftjob-00000000000000
 
 
 @pytest.fixture
-def server(tmp_path, database_url):
+def server(tmp_path, database_url, monkeypatch):
+    # A rate the matrix never reaches: it checks isolation, not the limiter (each cell is a request or two).
+    monkeypatch.setenv("TUNEFORGE_RATE_LIMIT_PER_MINUTE", "1000000")
+    monkeypatch.setenv("TUNEFORGE_RATE_LIMIT_BURST", "1000000")
     (tmp_path / "home").mkdir()
     process = ServerProcess(tmp_path / "home", database_url, worker=False)
     yield process
@@ -217,7 +228,21 @@ def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_ne
                     text = text.replace(MISSING[k], theirs[k]) if v == theirs[k] else text
                 assert got.text == text, (method, path, got.text, text)
                 cells += 1
-    print(f"IDOR matrix: {len(ROUTES)} routes with path ids, {cells} cells (operation x id combination)")
+    # The routes with the id in the body: B's model by its ft: id, version or alias answers like a missing one.
+    for path, rest in BODY_ROUTES.items():
+        for parts in BODY_REFERENCES:
+            mine = "".join(theirs.get(part, part) for part in parts)
+            missing = "".join(MISSING.get(part, part) for part in parts)
+            got = a.post(path, json={"model": mine, **rest})
+            expected = a.post(path, json={"model": missing, **rest})
+            assert got.status_code == expected.status_code == 404, (path, mine, got.text, expected.text)
+            text = expected.text
+            for part in parts:
+                text = text.replace(MISSING[part], theirs[part]) if part in MISSING else text
+            assert got.text == text, (path, got.text, text)
+            cells += 1
+    print(f"IDOR matrix: {len(ROUTES)} routes with path ids and {len(BODY_ROUTES)} with a model id in the body, "
+          f"{cells} cells (operation x id combination)")
 
     # Nothing of B's changed: every read B makes answers as before (cancel, pause, delete... were refused).
     b = client(server, "tenant-b")

@@ -23,6 +23,8 @@ from tuneforge.api.routers import evaluation as evaluation_routes
 from tuneforge.api.routers import registry as registry_routes
 from tuneforge.api.routers import sweeps as sweep_routes
 from tuneforge.api.routers import exports as export_routes
+from tuneforge.api.routers import inference as inference_routes
+from tuneforge.api.playground_pool import PlaygroundPool
 from tuneforge.api.streams import EventStreams
 from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import LocalArtifactStore
@@ -36,10 +38,11 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
                   description="Self-hosted fine-tuning with an OpenAI-compatible API.")
     app.state.settings = settings
     app.state.db = db or Database(settings.database_url, pool_size=10)
-    app.state.store = LocalArtifactStore(settings.artifacts_dir)
+    app.state.store = LocalArtifactStore.from_settings(settings)  # uploads sealed at rest (docs/storage.md)
     app.state.key_cache = KeyCache()
     app.state.rate_limiter = RateLimiter.for_settings(settings, app.state.db)
     app.state.streams = EventStreams(app.state.db, max_per_key=settings.max_streams_per_key)
+    app.state.playground = PlaygroundPool(settings)  # starts a process on the first request for a model, not here
     install_error_handlers(app)
     # Requests without a valid key spend their client address's bucket (429 once empty): key guessing is bounded.
     app.add_middleware(AddressLimit, limiter=app.state.rate_limiter, key_cache=app.state.key_cache)
@@ -58,6 +61,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.include_router(registry_routes.router)  # model names, versions, lineage, aliases, tags
     app.include_router(sweep_routes.router)  # hyperparameter sweeps (scheduler/sweeps.py)
     app.include_router(export_routes.router)  # exports of fine-tuned models, as export jobs
+    app.include_router(inference_routes.router)  # chat / completions from the tenant's models (the playground)
     app.include_router(health_router)  # /healthz, /readyz (api/health.py)
     app.include_router(metrics_router)  # Prometheus /metrics (api/metrics.py)
 

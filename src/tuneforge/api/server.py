@@ -74,6 +74,7 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
     upgrade(db.engine)
     bootstrap_admin_key(db)
     children = [spawn(command, env=dict(os.environ)) for command in child_commands(worker=worker, worker_args=worker_args)]
+    app = None
     try:
         app = create_app(settings, db=db)
         # Open event streams would hold a graceful shutdown forever: give connections a few seconds.
@@ -82,6 +83,8 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                       timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS, **tls, **proxies)).run()
     finally:
+        if app is not None:
+            app.state.playground.close()  # the playground processes started for /v1/chat/completions
         _stop_children(children)
         db.dispose()
     return 0

@@ -1,12 +1,13 @@
-"""Exports of fine-tuned models (the Exports API): each row names the job (method export) that makes it."""
+"""Exports of fine-tuned models (the Exports API): each row names the job (method export) that makes it; once
+it succeeded, the registry blobs it owns are its files and its lineage (registry/exports.py)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import new_id, now
-from tuneforge.db.tables import Job, ModelExport
+from tuneforge.db.tables import Job, ModelExport, RegistryBlob
 
 EXPORT = "export_"
 
@@ -29,3 +30,25 @@ def list_exports(session: Session, *, tenant_id: str, model_id: str) -> list[tup
     rows = session.execute(select(ModelExport, Job).join(Job, Job.id == ModelExport.job_id).where(
         ModelExport.tenant_id == tenant_id, ModelExport.model_id == model_id).order_by(ModelExport.seq))
     return [(export, job) for export, job in rows]
+
+
+def export_of_job(session: Session, *, job_id: str) -> ModelExport | None:
+    return session.scalar(select(ModelExport).where(ModelExport.job_id == job_id))
+
+
+def get_export_any_model(session: Session, *, tenant_id: str, export_id: str) -> ModelExport | None:
+    """The tenant's export by its id alone (the CLI names an export by id; another tenant's answers None)."""
+    return session.scalar(select(ModelExport).where(ModelExport.id == export_id, ModelExport.tenant_id == tenant_id))
+
+
+def record_artifact(session: Session, *, export_id: str, files: list[dict]) -> None:
+    """The export's files as registry blobs it owns ({"path", "sha256", "bytes"} each): the collector keeps them."""
+    session.execute(delete(RegistryBlob).where(RegistryBlob.owner == export_id))  # a retried registration: once
+    for entry in files:
+        session.add(RegistryBlob(owner=export_id, path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"]))
+    session.flush()
+
+
+def artifact_files(session: Session, *, export_id: str) -> list[dict]:
+    rows = session.scalars(select(RegistryBlob).where(RegistryBlob.owner == export_id).order_by(RegistryBlob.path))
+    return [{"path": row.path, "sha256": row.sha256, "bytes": row.bytes} for row in rows]

@@ -15,54 +15,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.export.source import ExportError, resolve_source
-
-MAX_NEW_TOKENS = 4096
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": bool}
-    seed: int | None = None
-    n: Literal[1] = 1
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        if any(part.get("type") != "text" for part in self.content):
-            raise ValueError("only text content parts are supported")
-        return "".join(part.get("text", "") for part in self.content)
-
-
-class ChatRequest(_Request):
-    messages: list[_Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-
-
-class CompletionRequest(_Request):
-    prompt: str
-    echo: bool = False
+from tuneforge.spec.playground import ChatMessage as _Message
+from tuneforge.spec.playground import ChatRequest, CompletionRequest
+from tuneforge.spec.playground import PlaygroundRequest as _Request
 
 
 @dataclass
@@ -74,12 +31,10 @@ class Generated:
 
 
 class Playground:
-    """The loaded base model, its adapters and its tokenizer."""
+    """The loaded base model, its adapters and their tokenizers."""
 
     def __init__(self, model_path: Path, *, adapters: dict[str, Path] | None = None, name: str | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        """model_path: a model, adapter or job directory (resolve_source); adapters: NAME -> adapter or job."""
         source = resolve_source(model_path)
         adapters = dict(adapters or {})
         if source.kind == "adapter":  # an adapter or a job with one: serve its base too, under the base's name
@@ -89,38 +44,91 @@ class Playground:
             base_dir, self.base_name = source.path, name or source.name
         if self.base_name in adapters:
             raise ExportError(f"the adapter name {self.base_name!r} is also the base model's name; choose another")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        # The adapter's tokenizer holds the chat template the job trained with (the base may have none).
-        first = next(iter(adapters.values()), None)
-        tokenizer_dir = first if first is not None and (first / "tokenizer_config.json").is_file() else base_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(self.device).eval()
-        self.adapters = list(adapters)
-        if adapters:
-            from peft import PeftModel
+        self._start(base_dir, adapters)
 
-            names = iter(adapters.items())
-            first_name, first_path = next(names)
-            model = PeftModel.from_pretrained(model, _adapter_dir(first_path), adapter_name=first_name)
-            for adapter_name, path in names:
-                model.load_adapter(_adapter_dir(path), adapter_name=adapter_name)
-            model.eval()
-        self.model = model
+    @classmethod
+    def on_base(cls, base_model, *, tokenizer_dir: Path, name: str) -> Playground:
+        """A playground on a base model loaded by the caller (the registry's playground process merges an
+        adapter's lineage into its base first), with tokenizer_dir's tokenizer; adapters come by add_adapter."""
+        playground = cls.__new__(cls)
+        playground.base_name = name
+        playground._start(tokenizer_dir, {}, base_model=base_model)
+        return playground
+
+    @staticmethod
+    def serving_dtype():
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+    def _start(self, base_dir: Path, adapters: dict[str, Path], base_model=None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = self.serving_dtype()
+        # Each adapter answers with its own tokenizer (the chat template its job trained with); the base with its
+        # own, or, when it has no chat template, the first adapter's.
+        first = next(iter(adapters.values()), None)
+        self.tokenizers = {self.base_name: _tokenizer(base_dir)}
+        if first is not None and not self.tokenizers[self.base_name].chat_template \
+                and (first / "tokenizer_config.json").is_file():
+            self.tokenizers[self.base_name] = _tokenizer(first)
+        self.tokenizer = self.tokenizers[self.base_name]
+        if base_model is None:
+            base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.dtype)
+        self.model = base_model.to(self.device).eval()
+        self.adapters: list[str] = []
         self.lock = threading.Lock()
+        for adapter_name, path in adapters.items():
+            self.add_adapter(adapter_name, path)
         self.created = int(time.time())
 
     @property
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
-    def chat_prompt(self, messages: list[_Message]) -> str:
-        if not self.tokenizer.chat_template:
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load a PEFT adapter beside the others (hot: requests for the others keep their answers)."""
+        from peft import PeftModel
+
+        directory = _adapter_dir(path)
+        if name == self.base_name or name in self.adapters:
+            raise ExportError(f"an adapter or the base is named {name!r} already")
+        with self.lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(directory, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, directory, adapter_name=name)
+            self.model.eval()
+            self.tokenizers[name] = (_tokenizer(directory) if (directory / "tokenizer_config.json").is_file()
+                                     else self.tokenizers[self.base_name])
+            self.adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter (PEFT delete_adapter), freeing its weights."""
+        if name not in self.adapters:
+            raise LookupError(name)
+        with self.lock:
+            if len(self.adapters) == 1:  # PEFT keeps one adapter at least: go back to the plain base
+                self.model = self.model.unload()
+            else:
+                if self.model.active_adapter == name:
+                    self.model.set_adapter(next(a for a in self.adapters if a != name))
+                self.model.delete_adapter(name)
+            self.adapters.remove(name)
+            del self.tokenizers[name]
+
+    def tokenizer_for(self, model: str):
+        return self.tokenizers.get(model, self.tokenizer)
+
+    def chat_prompt(self, messages: list[_Message], model: str | None = None) -> str:
+        tokenizer = self.tokenizer_for(model) if model else self.tokenizer
+        if not tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
         plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
 
     def generate(self, request: _Request, prompt: str, max_new_tokens: int, on_text=None, *,
                  special_tokens: bool = False) -> Generated:
@@ -131,19 +139,21 @@ class Playground:
 
         if request.model not in self.model_names:
             raise LookupError(request.model)
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens).to(self.device)
+        tokenizer = self.tokenizer_for(request.model)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens).to(self.device)
         stops = request.stops()
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self._eos_ids(), pad_token_id=self.tokenizer.pad_token_id)
+        eos = self._eos_ids(tokenizer)
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
         if request.temperature > 0:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stops:
-            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+            kwargs.update(stop_strings=stops, tokenizer=tokenizer)
         with self.lock:
             if request.seed is not None:
                 torch.manual_seed(request.seed)
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             result: dict = {}
 
             def run() -> None:
@@ -172,12 +182,12 @@ class Playground:
         final = text[:cut] if cut is not None else text
         if on_text and len(final) > sent:
             on_text(final[sent:])
-        ended = bool(new) and new[-1] in self._eos_ids()
+        ended = bool(new) and new[-1] in eos
         finish = "stop" if ended or cut is not None or len(new) < max_new_tokens else "length"
         return Generated(final, int(inputs["input_ids"].shape[1]), len(new), finish)
 
-    def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
+    def _eos_ids(self, tokenizer) -> list[int]:
+        ids = {tokenizer.eos_token_id}
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids |= set(configured) if isinstance(configured, list) else {configured}
         return sorted(i for i in ids if i is not None)
@@ -193,7 +203,18 @@ class Playground:
         return nullcontext()
 
 
+def _tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _adapter_dir(path: Path) -> Path:
+    if (path / "adapter_config.json").is_file():  # an adapter directory: its base is the playground's own
+        return path
     source = resolve_source(path)
     if source.kind != "adapter":
         raise ExportError(f"--adapter {path}: not a PEFT adapter (or a job with one)")
@@ -310,15 +331,14 @@ def create_app(playground: Playground):
         if request.model not in playground.model_names:
             return unknown_model(request.model)
         try:
-            prompt = playground.chat_prompt(request.messages)
+            prompt = playground.chat_prompt(request.messages, request.model)
         except ValueError as exc:
             return error(400, str(exc), param="messages")
-        max_new = request.max_completion_tokens or request.max_tokens or 256
-        return respond(request, prompt, max_new, "chat")
+        return respond(request, prompt, request.max_new_tokens(), "chat")
 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest):
-        return respond(request, request.prompt, request.max_tokens or 16, "completion",
+        return respond(request, request.prompt, request.max_new_tokens(), "completion",
                        echo_prefix=request.prompt if request.echo else "")
 
     return app

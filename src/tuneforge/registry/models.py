@@ -204,6 +204,10 @@ class ModelSource:
     directory: Path | None = None
     manifest: dict[str, Any] | None = None
     base: ModelSource | None = None
+    # A version's: the job that made it and the folder of its directory the files came from (adapter / model),
+    # under which that job published them to the object store (registry/storage/jobs.py stage_registered_model).
+    job_id: str | None = None
+    output: str | None = None
 
 
 def model_source(session: Session, *, tenant_id: str, base_model: str, home: Path, depth: int = 0) -> ModelSource:
@@ -225,7 +229,7 @@ def model_source(session: Session, *, tenant_id: str, base_model: str, home: Pat
     if version.kind == "adapter":
         base = model_source(session, tenant_id=tenant_id, base_model=version.lineage["base_model"]["ref"], home=home,
                             depth=depth + 1)
-    return ModelSource(manifest=version.manifest, base=base)
+    return ModelSource(manifest=version.manifest, base=base, job_id=version.job_id, output=version.kind)
 
 
 def materialize_source(store: LocalArtifactStore, source: ModelSource, root: Path) -> str:

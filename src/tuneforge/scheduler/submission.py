@@ -19,7 +19,7 @@ from tuneforge.db import jobs as job_rows
 from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.tables import Job
-from tuneforge.egress import spec_endpoint_problem
+from tuneforge.egress import judge_endpoint_problem, spec_endpoint_problem
 from tuneforge.launch.capabilities import reporter_problem
 from tuneforge.launch.deepspeed import deepspeed_problem
 from tuneforge.scheduler import cost
@@ -68,6 +68,12 @@ def check_submission(spec: JobSpec, inventories: list[dict[str, Any]]) -> Submis
     if found := spec_endpoint_problem(spec):  # a judge endpoint unknown, or its host private (SSRF)
         return SubmissionCheck(memory, SubmissionProblem(found[1], f"tuneforge.{found[0]}", "judge_endpoint_refused"))
     return SubmissionCheck(memory, None)
+
+
+def judge_endpoint_refusal(name: str, settings) -> str | None:
+    """Why a judge in a request (an eval's testing criteria) may not call the configured endpoint `name`: the
+    same rule a job spec's judges meet at submission (unknown endpoint, or a host the egress rules refuse)."""
+    return judge_endpoint_problem(name, settings)
 
 
 def budget_problem(spec: JobSpec, estimate) -> SubmissionProblem | None:

@@ -42,6 +42,7 @@ from tuneforge.launch.outcome import (
     interpret,
 )
 from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.exports import register_export
 from tuneforge.registry.models import (RegistryError, fine_tuned_model_id, materialize_source, model_source,
                                       register_job_output)
 from tuneforge.registry.versions import ManifestMismatch
@@ -104,7 +105,7 @@ class Worker:
     def __init__(self, db: Database, settings: Settings, executor: Executor, *, worker_id: str | None = None):
         self.db, self.settings, self.executor = db, settings, executor
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id('')[:6]}"
-        self.store = LocalArtifactStore(settings.artifacts_dir)
+        self.store = LocalArtifactStore.from_settings(settings)  # sealed uploads: staged decrypted into DIR/inputs
         self.tenant_store = open_tenant_store(db, settings)  # None: jobs read the blobs under artifacts_dir
         self.nodes = executor.inventory()
         self.strategies = executor.strategies()
@@ -173,7 +174,8 @@ class Worker:
                 spec = JobSpec.model_validate(claimed.spec)
                 ids = [] if spec.method == "export" else (  # an export job reads no data
                     [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else []))
-                blobs = {fid: self.store.path_of(row.sha256) for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
+                contents = {fid: self.store.find_content(session, tenant_id=claimed.tenant_id, sha256=row.sha256)
+                            for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
                 models = {model_id: row for _, model_id in registered_models(spec)
                           if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id, model_id=model_id))}
                 try:  # what the job trains from, through an adapter's lineage down to its base
@@ -191,9 +193,9 @@ class Worker:
             )
             self.attempts[claimed.job_id] = attempt
             try:
-                if self.tenant_store is not None:  # from the object store, decrypted into DIR/inputs until the job ends
-                    blobs = job_storage.stage_inputs(self.tenant_store, tenant_id=claimed.tenant_id, blobs=blobs,
-                                                     job_dir=job_dir)
+                # Decrypted into DIR/inputs until the run ends: from the object store, or the sealed artifact folder.
+                blobs = job_storage.stage_inputs(self.tenant_store, self.store, tenant_id=claimed.tenant_id,
+                                                 contents=contents, job_dir=job_dir)
                 missing = [fid for fid in ids if fid not in blobs or not blobs[fid].is_file()]
                 if missing:
                     raise LaunchError(f"the data of {', '.join(missing)} is missing from the artifact store")
@@ -202,6 +204,9 @@ class Worker:
                     raise LaunchError(f"the model {gone[0]} this job uses was deleted")
                 if isinstance(base_source, RegistryError):
                     raise LaunchError(base_source.message)
+                if self.tenant_store is not None:  # a version another machine made: its files from the object store
+                    job_storage.stage_registered_model(self.tenant_store, self.store, tenant_id=claimed.tenant_id,
+                                                       source=base_source)
                 base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry")
                 attempt.spec = materialize_spec(spec, blobs, {mid: tuneforge_home() / row.location
                                                               for mid, row in models.items()}, base_model=base_model)
@@ -388,8 +393,9 @@ class Worker:
             cost.finalize_if_finished(session, job_id=attempt.job_id)
         if attempt.run is not None:
             attempt.run.close()
-        if self.tenant_store is not None:
-            job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the job
+        job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the job
+        if self.settings.encrypt_at_rest:  # nor a tokenized one (docs/storage.md, "No plaintext left behind")
+            job_storage.remove_job_tokenized(self.db, job_id=attempt.job_id, home=tuneforge_home())
         self.attempts.pop(attempt.job_id, None)
         log.info("job %s attempt %d finished: exit %s, %s", attempt.job_id, attempt.attempt, code, attempt.stop_reason or "done")
 
@@ -461,7 +467,8 @@ class Worker:
                                             items=items)
             return
         if summary.method == "export":  # an export job: its files and serve.json in DIR/export, no new model
-            states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=None, trained_tokens=None)
+            if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=None, trained_tokens=None):
+                register_export(session, self.store, job=job, job_dir=attempt.job_dir)  # an artifact, with its lineage
             return
         model_id = fine_tuned_model_id(job)
         if states.succeed(session, job_id=job.id, attempt=attempt.attempt, fine_tuned_model=model_id,

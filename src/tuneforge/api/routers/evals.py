@@ -22,7 +22,7 @@ from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import capacity_problem, live_inventories
-from tuneforge.scheduler.submission import QuotaExceeded, submit_job
+from tuneforge.scheduler.submission import QuotaExceeded, judge_endpoint_refusal, submit_job
 from tuneforge.spec.api import ACTIVE_STATUSES, ListObject
 from tuneforge.spec.evals import (
     RUN_STATUS,
@@ -48,6 +48,7 @@ from tuneforge.spec.graders import Grader, ModelGrader, MultiGrader
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
 from tuneforge.spec.loader import format_validation_error
 from tuneforge.spec.openai_jobs import REGISTERED_MODEL
+from tuneforge.settings import Settings
 
 router = APIRouter(prefix="/v1/evals", tags=["evals"])
 INLINE_FILENAME = "eval-run-items.jsonl"
@@ -69,13 +70,19 @@ def _model_of_caller(session, caller: Principal, model: str, param: str):
     return row
 
 
-def _check_judges(session, caller: Principal, criteria: list) -> None:
+def _check_judges(session, caller: Principal, criteria: list, config: Settings) -> None:
+    """Every judge is a model the caller may load here, or a model served by an endpoint the operator
+    configured whose host the egress rules allow (the request names the endpoint, never a URL)."""
     for index, grader in enumerate(criteria):
         subs = grader.graders.items() if isinstance(grader, MultiGrader) else [(None, grader)]
         for name, sub in subs:
             if isinstance(sub, ModelGrader):
-                where = f"testing_criteria[{index}]" + (f".graders.{name}" if name else "") + ".model"
-                _model_of_caller(session, caller, sub.model, where)
+                where = f"testing_criteria[{index}]" + (f".graders.{name}" if name else "")
+                if sub.endpoint is None:
+                    _model_of_caller(session, caller, sub.model, where + ".model")
+                elif problem := judge_endpoint_refusal(sub.endpoint, config):
+                    raise ApiError(400, f"{where}.endpoint: {problem}", param=where + ".endpoint",
+                                   code="judge_endpoint_refused")
 
 
 def _eval(session, caller: Principal, eval_id: str):
@@ -86,9 +93,9 @@ def _eval(session, caller: Principal, eval_id: str):
 
 
 @router.post("", response_model=EvalObject)
-def create_eval(body: EvalCreateRequest, caller: Caller, db: Db) -> EvalObject:
+def create_eval(body: EvalCreateRequest, caller: Caller, db: Db, config: Config) -> EvalObject:
     with db.session() as session:
-        _check_judges(session, caller, body.testing_criteria)
+        _check_judges(session, caller, body.testing_criteria, config)
         row = eval_rows.create_eval(
             session, tenant_id=caller.tenant_id, name=body.name or "", metadata=body.metadata,
             data_source_config=body.data_source_config.model_dump(mode="json", exclude_none=True),
@@ -177,11 +184,11 @@ def _store_inline_items(session, store: LocalArtifactStore, caller: Principal, s
         raise ApiError(413, f"data_source.source: storing these items would pass tenant {caller.tenant_id!r}'s storage "
                             "quota (max_storage_bytes); delete files or ask an admin to raise it",
                        param="data_source.source", code="storage_quota_exceeded")
-    writer = store.open_staging(max_bytes=max_bytes, name=INLINE_FILENAME)
+    writer = store.open_staging(max_bytes=max_bytes, name=INLINE_FILENAME, tenant_id=caller.tenant_id)
     try:
         writer.write(body)
         staged = writer.finish()
-        store.commit(staged)  # the blob before the row: a row never names bytes that are not there
+        store.commit(staged, session=session)  # the blob before the row: a row never names bytes that are not there
     finally:
         writer.discard()
     row = file_rows.create_file(session, tenant_id=caller.tenant_id, filename=INLINE_FILENAME, purpose="evals",
@@ -224,7 +231,7 @@ def create_run(eval_id: str, body: RunCreateRequest, caller: Caller, db: Db, sto
         item_config = CustomDataSourceConfig.model_validate(eval_row.data_source_config)
         model_name = data_source.model if isinstance(data_source, CompletionsDataSource) else None
         registered = _model_of_caller(session, caller, model_name, "data_source.model") if model_name else None
-        _check_judges(session, caller, CRITERIA.validate_python(eval_row.testing_criteria))  # one may be deleted since
+        _check_judges(session, caller, CRITERIA.validate_python(eval_row.testing_criteria), config)  # may be gone since
         if isinstance(source, FileContentSource):
             _check_inline_items(source, data_source, item_config)
         else:

@@ -1,13 +1,17 @@
-"""A job's inputs from the object store and its outputs back to it, for workers that share no disk.
+"""A job's inputs, decrypted for the recipe while it runs, and its outputs to the object store.
 
-The worker that prepares a job fetches (and decrypts) its dataset files into DIR/inputs/, and removes
-that folder when the job ends, so no plaintext copy outlives the job. After success it publishes the
-output (DIR/adapter/ or DIR/model/), DIR/evaluation.json and DIR/export/ to the store, each file an
-object of the tenant linked to the job id under its path in the job directory.
+The worker that prepares a job decrypts its dataset files into DIR/inputs/ (0700): from the object store
+when one is configured (workers that share no disk), else from the sealed blobs of its artifact folder.
+It removes that folder when the job's run ends, and with it the tokenized copies the recipe made of those
+inputs (remove_tokenized), so no plaintext copy outlives the job. After success it publishes the output
+(DIR/adapter/ or DIR/model/), DIR/evaluation.json and DIR/export/ to the store, each file an object of
+the tenant linked to the job id under its path in the job directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tuneforge.registry.artifacts import Content, ContentMissing, LocalArtifactStore
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.registry.storage.tenant_store import TenantStore
@@ -36,7 +41,9 @@ def _store_errors(what: str):
     except StoreUnavailable:
         raise
     except KeyUnavailable as exc:
-        raise StoreUnavailable(f"{what}: the tenant key is gone ({exc})") from None
+        raise StoreUnavailable(f"{what}: the tenant key is gone: it was destroyed (crypto-shredded) ({exc})") from None
+    except ContentMissing as exc:
+        raise StoreUnavailable(f"{what}: {exc}") from None
     except DecryptionFailed as exc:
         raise StoreUnavailable(f"{what}: {exc}") from None
     except (BotoCoreError, ClientError) as exc:
@@ -50,22 +57,37 @@ def publish_dataset(store: TenantStore, *, tenant_id: str, file_id: str, blob: P
     store.put(tenant_id=tenant_id, path=blob, owner=file_id, name=DATASET_LINK, kind="dataset")
 
 
-def stage_inputs(store: TenantStore, *, tenant_id: str, blobs: dict[str, Path], job_dir: Path) -> dict[str, Path]:
-    """The job's files (file id -> this machine's blob path, which may be absent) as plaintext under
-    DIR/inputs/FILE_ID, fetched from the store; a file not in the store yet is published from the local
-    blob first (the machine that received the upload). Returns file id -> the path the recipe reads."""
+def stage_inputs(store: TenantStore | None, artifacts: LocalArtifactStore, *, tenant_id: str,
+                 contents: dict[str, Content | None], job_dir: Path) -> dict[str, Path]:
+    """The job's files (file id -> where this machine's artifact folder has them, None when it has not)
+    as the paths the recipe reads: plaintext under DIR/inputs/FILE_ID. With an object store they are
+    fetched from it, and a file not in it yet is published from the artifact folder first (the machine
+    that received the upload); without one, a sealed blob is decrypted there, and a plaintext blob (an
+    install from before sealing, or encryption at rest off) is read where it is. A file found nowhere is
+    left out (the caller names it missing); one that cannot be read raises StoreUnavailable (a shredded
+    key, a damaged blob) and leaves nothing staged."""
     folder = job_dir / INPUTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     staged = {}
     try:
-        for file_id, blob in blobs.items():
-            with _store_errors(f"the data of {file_id} cannot be read from the object store"):
+        for file_id, content in contents.items():
+            what = f"the data of {file_id} cannot be read"
+            with _store_errors(what + ("" if store is None else " from the object store")):
+                if store is None:
+                    if content is not None:
+                        staged[file_id] = (artifacts.write_plaintext(content, folder / file_id) if content.sealed
+                                           else content.path)
+                    continue
                 linked = store.linked(tenant_id=tenant_id, owner=file_id).get(DATASET_LINK)
                 if linked is None or not store.exists(linked[1]):
-                    if not blob.is_file():
+                    if content is None:
                         raise StoreUnavailable(f"the data of {file_id} is neither in the object store nor on this worker")
-                    publish_dataset(store, tenant_id=tenant_id, file_id=file_id, blob=blob)
+                    if content.sealed:  # decrypted once, here: published from this copy, and read by the recipe
+                        staged[file_id] = artifacts.write_plaintext(content, folder / file_id)
+                        publish_dataset(store, tenant_id=tenant_id, file_id=file_id, blob=staged[file_id])
+                        continue
+                    publish_dataset(store, tenant_id=tenant_id, file_id=file_id, blob=content.path)
                     linked = store.linked(tenant_id=tenant_id, owner=file_id)[DATASET_LINK]
                 staged[file_id] = store.fetch(linked[1], folder / file_id)
     except BaseException:
@@ -77,6 +99,43 @@ def stage_inputs(store: TenantStore, *, tenant_id: str, blobs: dict[str, Path], 
 def remove_inputs(job_dir: Path) -> None:
     """The job's decrypted inputs gone (the job ended; a resume fetches them again)."""
     shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)
+
+
+def remove_tokenized(home: Path, *, sha256s: set[str]) -> list[Path]:
+    """Remove the tokenization cache's entries (data/cache.py, under the recipe's TUNEFORGE_HOME) built from
+    datasets with these digests: token ids are the text in another alphabet, so with encryption at rest
+    they go when the job's decrypted inputs go. Each under the entry's build lock (the cache's .KEY.lock),
+    so a build in progress is never cut. Returns the folders removed."""
+    root = home / "cache" / "tokenized"
+    removed = []
+    for meta in sorted(root.glob("*/meta.json")) if root.is_dir() and sha256s else []:
+        try:
+            digest = json.loads(meta.read_text()).get("dataset_sha256")
+        except (OSError, ValueError):
+            continue
+        if digest not in sha256s:
+            continue
+        with open(root / f".{meta.parent.name}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shutil.rmtree(meta.parent, ignore_errors=True)
+        removed.append(meta.parent)
+    return removed
+
+
+def remove_job_tokenized(db, *, job_id: str, home: Path) -> list[Path]:
+    """remove_tokenized for the files of a job whose run ended, except those another running job reads."""
+    from tuneforge.db import files as file_rows
+    from tuneforge.db import jobs as job_rows
+    from tuneforge.db import sealed_blobs as blob_rows
+
+    with db.read_session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=job_id)
+        if job is None:
+            return []
+        ids = [fid for fid in (job.training_file, job.validation_file) if fid]
+        digests = {row.sha256 for row in file_rows.files_by_id(session, file_ids=ids).values()}
+        digests = {d for d in digests if not blob_rows.running_jobs_on(session, sha256=d, except_job=job_id)}
+    return remove_tokenized(home, sha256s=digests)
 
 
 def stale_input_folders(jobs_dir: Path, *, min_age_s: float) -> list[tuple[str, Path]]:
@@ -127,3 +186,45 @@ def fetch_outputs(store: TenantStore, *, tenant_id: str, job_id: str, dest: Path
         store.fetch(obj, target)
         names.append(name)
     return names
+
+
+def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, source) -> int:
+    """The files of a registered model version a job trains from (a registry.models.ModelSource, with the versions
+    down its lineage), brought from the object store into this machine's artifact folder where they are missing:
+    a worker on a machine that did not make the version can materialize it. Each file is the object its job
+    published (DIR/adapter/PATH or DIR/model/PATH), checked against the manifest's SHA-256 and size before it
+    becomes a blob. Returns how many files were fetched; StoreUnavailable names a file the store lacks."""
+    import hashlib
+
+    from tuneforge.registry.artifacts import CHUNK, StagedBlob
+
+    fetched = 0
+    while source is not None:
+        missing = [entry for entry in (source.manifest or {}).get("files", []) if not artifacts.exists(entry["sha256"])]
+        if missing:
+            what = f"the files of the model version made by job {source.job_id}"
+            if source.job_id is None or source.output is None:
+                raise StoreUnavailable(f"{what}: not on this worker, and no job published them to the object store")
+            with _store_errors(f"{what} cannot be read from the object store"):
+                linked = store.linked(tenant_id=tenant_id, owner=source.job_id)
+                folder = artifacts.work_folder()
+                try:
+                    for entry in missing:
+                        name = f"{source.output}/{entry['path']}"
+                        if name not in linked:
+                            raise StoreUnavailable(f"{what}: {name} is not in the object store")
+                        local = store.fetch(linked[name][1], folder.path / "blob")
+                        digest, size = hashlib.sha256(), 0
+                        with open(local, "rb") as handle:
+                            while chunk := handle.read(CHUNK):
+                                digest.update(chunk)
+                                size += len(chunk)
+                        if digest.hexdigest() != entry["sha256"] or size != entry["bytes"]:
+                            raise StoreUnavailable(f"{what}: {name} in the object store is not the registered file "
+                                                   f"(sha256 {digest.hexdigest()}, expected {entry['sha256']})")
+                        artifacts.commit(StagedBlob(local, entry["sha256"], size))
+                        fetched += 1
+                finally:
+                    folder.remove()
+        source = source.base
+    return fetched

@@ -1,0 +1,364 @@
+"""The playground processes behind the API's /v1/chat/completions and /v1/completions: one per base model,
+started on first use, at most TUNEFORGE_PLAYGROUND_MAX_PROCESSES at once (the least recently used idle one
+is stopped for a new base), each with up to TUNEFORGE_PLAYGROUND_MAX_ADAPTERS adapters hot-added.
+
+The API process never imports torch: each base runs in its own child (export/playground_process.py) on
+127.0.0.1, a port the kernel picks, answering only requests with this pool's random shared secret. What a
+child loads is resolved here from the registry (the version's manifest, materialized from the artifact store
+under TUNEFORGE_HOME/registry, or a built-in model's name), never from anything a request names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import httpx
+from sqlalchemy.orm import Session
+
+from tuneforge.home import models_dir, tuneforge_home
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.models import (
+    CHECKPOINT_SUFFIX,
+    ModelSource,
+    RegistryError,
+    materialize_source,
+    model_source,
+    resolve_base_reference,
+)
+from tuneforge.scheduler.executors.process import spawn
+from tuneforge.settings import Settings
+
+log = logging.getLogger("tuneforge.playground")
+SECRET_ENV = "TUNEFORGE_PLAYGROUND_SECRET"  # as export/playground_process.py reads it
+SECRET_HEADER = "x-tuneforge-playground-secret"
+BASE_NAME = "base"  # what a child calls its base model; adapters are "adapter-<digest>"
+STOP_SECONDS = 10.0
+
+
+class PlaygroundUnavailable(Exception):
+    """A playground process could not start, died, or none is free: status, code and a message without paths."""
+
+    def __init__(self, message: str, *, status: int = 503, code: str = "playground_unavailable",
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.message, self.status, self.code, self.retry_after = message, status, code, retry_after
+
+
+@dataclass(frozen=True)
+class Target:
+    """What answers a request: a base (a built-in model's name or a materialized directory) and, for an
+    adapter, its materialized directory."""
+
+    base: str
+    adapter: Path | None = None
+
+    @property
+    def adapter_name(self) -> str:
+        if self.adapter is None:
+            return BASE_NAME
+        return "adapter-" + sha256(str(self.adapter).encode()).hexdigest()[:16]
+
+
+# ---- which model a request names ------------------------------------------------------------------------
+
+
+def resolve_pinned(session: Session, *, tenant_id: str, ref: str) -> tuple[str, ModelSource]:
+    """The request's model as the tenant sees it: a base model, one of its ft: ids or NAME@vN / NAME:ALIAS.
+    Another tenant's model raises exactly what a missing one does (RegistryError 404)."""
+    if CHECKPOINT_SUFFIX in ref:
+        parent = ref.split(CHECKPOINT_SUFFIX)[0]
+        resolve_base_reference(session, tenant_id=tenant_id, ref=parent)  # 404 when not the tenant's
+        raise RegistryError(f"{ref}: the playground serves models, not their checkpoints; ask for the model itself",
+                            status=400, code="invalid_value")
+    pinned = resolve_base_reference(session, tenant_id=tenant_id, ref=ref)
+    source = model_source(session, tenant_id=tenant_id, base_model=pinned, home=tuneforge_home())
+    if source.directory is not None:  # a model row from before versions: no manifest to load it from
+        raise RegistryError(f"{ref} was registered before model versions existed, so the registry holds no files "
+                            "for it; serve its job directory with `tuneforge serve`", status=400, code="invalid_value")
+    return pinned, source
+
+
+def materialize_target(store: LocalArtifactStore, source: ModelSource, *, tenant_store=None,
+                       tenant_id: str | None = None) -> Target:
+    """The files a child loads, written out (and checked against their digests) under TUNEFORGE_HOME/registry
+    once, then reused. With an object store, a version a worker elsewhere registered is fetched from it first."""
+    if tenant_store is not None:
+        from tuneforge.registry.storage.jobs import stage_registered_model
+
+        stage_registered_model(tenant_store, store, tenant_id=tenant_id, source=source)
+    root = tuneforge_home() / "registry"
+    if source.base is not None:  # an adapter on its base (itself possibly an adapter, down its lineage)
+        return Target(base=materialize_source(store, source.base, root),
+                      adapter=Path(materialize_source(store, source, root)))
+    return Target(base=materialize_source(store, source, root))
+
+
+# ---- the processes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlaygroundProcess:
+    base: str
+    process: subprocess.Popen
+    url: str
+    client: httpx.Client
+    workdir: Path
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    adapters: OrderedDict = field(default_factory=OrderedDict)  # name -> requests in flight with it
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class Lease:
+    def __init__(self, pool: PlaygroundPool, child: PlaygroundProcess, name: str, *, adapter: bool):
+        self.pool, self.child, self.name, self.adapter = pool, child, name, adapter
+        self.holds_adapter = False
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.pool._release(self)
+
+
+class PlaygroundPool:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.secret = secrets.token_urlsafe(32)
+        self._lock = threading.Lock()
+        self._processes: dict[str, PlaygroundProcess] = {}
+        self._starting: dict[str, threading.Event] = {}
+        self._closed = False
+        self._tenant_store = None
+
+    # ---- leasing a model for one request ---------------------------------------------------------
+
+    def lease(self, target: Target) -> Lease:
+        """The process serving target's base, with target's adapter loaded, held (never stopped) until the
+        lease is released: after the answer, or after the last chunk of a streamed one."""
+        child = self._process_for(target.base)
+        lease = Lease(self, child, target.adapter_name, adapter=target.adapter is not None)
+        try:
+            self._ensure_adapter(child, target)
+            lease.holds_adapter = lease.adapter
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            lease.child.in_flight -= 1
+            lease.child.last_used = time.monotonic()
+        if lease.holds_adapter:
+            with lease.child.lock:
+                if lease.name in lease.child.adapters:
+                    lease.child.adapters[lease.name] -= 1
+
+    def tenant_store(self, db):
+        """The object store (TUNEFORGE_STORE_URL) the registered models' files may have to come from; opened on
+        first use, None without one."""
+        if self.settings.store_url is None:
+            return None
+        with self._lock:
+            if self._tenant_store is None:
+                from tuneforge.registry.storage.tenant_store import open_tenant_store
+
+                self._tenant_store = open_tenant_store(db, self.settings)
+            return self._tenant_store
+
+    def headers(self) -> dict[str, str]:
+        return {SECRET_HEADER: self.secret}
+
+    def _process_for(self, base: str) -> PlaygroundProcess:
+        deadline = time.monotonic() + self.settings.playground_start_timeout_seconds
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise PlaygroundUnavailable("the server is shutting down")
+                child = self._processes.get(base)
+                if child is not None and not child.alive():
+                    log.warning("the playground process for %s exited with %s; starting another", base,
+                                child.process.returncode)
+                    self._discard(child)
+                    child = None
+                if child is not None:
+                    child.in_flight += 1
+                    child.last_used = time.monotonic()
+                    self._processes[base] = self._processes.pop(base)
+                    return child
+                waiting = self._starting.get(base)
+                if waiting is None:
+                    evicted = self._make_room()
+                    waiting = self._starting[base] = threading.Event()
+                    starter = True
+                else:
+                    starter = False
+            if not starter:  # another request is starting this base: wait for it
+                if not waiting.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise PlaygroundUnavailable("the playground process for this model is still starting; retry",
+                                                retry_after=10)
+                if base not in self._processes:
+                    raise PlaygroundUnavailable("the playground process for this model could not start "
+                                                "(the server's log says why)")
+                continue
+            try:
+                for old in evicted:
+                    self._stop(old)
+                child = self._start(base)  # held by this request (in_flight 1)
+                with self._lock:
+                    self._processes[base] = child
+                return child
+            finally:
+                with self._lock:
+                    self._starting.pop(base).set()
+
+    def _make_room(self) -> list[PlaygroundProcess]:
+        """Under the lock: the least recently used idle processes to stop so a new one fits."""
+        limit = max(1, self.settings.playground_max_processes)
+        starting = len(self._starting)
+        evicted = []
+        for base, child in sorted(self._processes.items(), key=lambda item: item[1].last_used):
+            if len(self._processes) - len(evicted) + starting < limit:
+                break
+            if child.in_flight == 0:
+                evicted.append(child)
+        if len(self._processes) - len(evicted) + starting >= limit:
+            raise PlaygroundUnavailable(
+                f"every playground process ({limit}, TUNEFORGE_PLAYGROUND_MAX_PROCESSES) is answering another base "
+                "model's requests; retry", retry_after=5)
+        for child in evicted:
+            del self._processes[child.base]
+        return evicted
+
+    def _start(self, base: str) -> PlaygroundProcess:
+        home = tuneforge_home()
+        workdir = Path(tempfile.mkdtemp(prefix="playground-", dir=self._runtime_dir()))
+        port_file = workdir / "port"
+        command = [sys.executable, "-m", "tuneforge.export.playground_process", "--base", base, "--name", BASE_NAME,
+                   "--port-file", str(port_file)]
+        for root in (home / "registry", models_dir()):
+            command += ["--allowed-root", str(root)]
+        env = {**os.environ, SECRET_ENV: self.secret}
+        devices = self.settings.playground_devices
+        if devices == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        elif devices != "auto":
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        log_path = home / "logs" / "playground.log"
+        process = spawn(command, env=env, log_path=log_path)
+        deadline = time.monotonic() + self.settings.playground_start_timeout_seconds
+        log.info("starting a playground process (pid %d) for %s", process.pid, base)
+        while not port_file.is_file():
+            if process.poll() is not None or time.monotonic() > deadline:
+                self._kill(process)
+                shutil.rmtree(workdir, ignore_errors=True)
+                reason = (f"exited with {process.returncode}" if process.returncode is not None
+                          else f"did not start within {self.settings.playground_start_timeout_seconds:g} s")
+                log.error("the playground process for %s %s (see %s)", base, reason, log_path)
+                raise PlaygroundUnavailable(f"the playground process for this model {reason}; the server's log "
+                                            "says why", status=500 if process.returncode is not None else 503)
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        timeout = httpx.Timeout(self.settings.playground_request_timeout_seconds, connect=10.0)
+        client = httpx.Client(base_url=url, headers=self.headers(), timeout=timeout, trust_env=False)
+        child = PlaygroundProcess(base=base, process=process, url=url, client=client, workdir=workdir, in_flight=1)
+        log.info("playground process %d serving %s on %s", process.pid, base, url)
+        return child
+
+    def _runtime_dir(self) -> Path:
+        path = tuneforge_home() / "run"
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+        return path
+
+    def _ensure_adapter(self, child: PlaygroundProcess, target: Target) -> None:
+        """Load the target's adapter into the child when it is not there yet, unloading the least recently
+        used idle ones past TUNEFORGE_PLAYGROUND_MAX_ADAPTERS."""
+        name = target.adapter_name
+        if target.adapter is None:
+            return
+        with child.lock:
+            if name not in child.adapters:
+                idle = [n for n, users in child.adapters.items() if users == 0]
+                while idle and len(child.adapters) >= max(1, self.settings.playground_max_adapters):
+                    old = idle.pop(0)
+                    self._call(child, "DELETE", f"/tuneforge/adapters/{old}")
+                    del child.adapters[old]
+                self._call(child, "PUT", f"/tuneforge/adapters/{name}", json={"path": str(target.adapter)})
+                child.adapters[name] = 0
+            child.adapters[name] += 1
+            child.adapters.move_to_end(name)
+
+    def _call(self, child: PlaygroundProcess, method: str, path: str, **kwargs) -> None:
+        try:
+            response = child.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            self.forget(child)
+            raise PlaygroundUnavailable(f"the playground process stopped answering ({type(exc).__name__}); retry") \
+                from None
+        if response.status_code != 200:
+            log.error("the playground process refused %s %s: %s", method, path, response.text[:2000])
+            raise PlaygroundUnavailable("the playground process could not load this model's adapter; the server's "
+                                        "log says why", status=500)
+
+    # ---- stopping -----------------------------------------------------------------------------------
+
+    def forget(self, child: PlaygroundProcess) -> None:
+        """A child that failed a request: stopped, so the next request starts a fresh one."""
+        with self._lock:
+            if self._processes.get(child.base) is child:
+                del self._processes[child.base]
+        self._stop(child)
+
+    def _discard(self, child: PlaygroundProcess) -> None:
+        del self._processes[child.base]
+        child.client.close()
+        shutil.rmtree(child.workdir, ignore_errors=True)
+
+    def _stop(self, child: PlaygroundProcess) -> None:
+        log.info("stopping the playground process %d (%s)", child.process.pid, child.base)
+        child.client.close()
+        self._kill(child.process)
+        shutil.rmtree(child.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def running(self) -> list[str]:
+        """The bases with a process now, least recently used first."""
+        with self._lock:
+            return [base for base, _ in sorted(self._processes.items(), key=lambda item: item[1].last_used)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            children, self._processes = list(self._processes.values()), {}
+        for child in children:
+            self._stop(child)

@@ -1,0 +1,123 @@
+"""Exports as registry artifacts: when an export job succeeds, its files (DIR/export) go into the content-addressed
+store and its lineage (the model version it was made from, the export's choices and checks, the libraries) into
+one more blob beside them; the export's id owns both in registry_blobs, so the collector keeps them and the
+lineage outlives the job directory, the version (deleted later) and the export job's row.
+
+The lineage is written once, when the export succeeds, and never changes (a content-addressed blob):
+`tuneforge models lineage EXPORT_ID` and `tuneforge models lineage NAME@vN` (its exports) read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from tuneforge.db import exports as export_rows
+from tuneforge.db import model_versions as version_rows
+from tuneforge.db.identifiers import now
+from tuneforge.db.tables import Job, ModelExport, ModelVersion
+from tuneforge.registry.artifacts import CHUNK, LocalArtifactStore
+from tuneforge.registry.lineage import chat_template_sha256, without_server_paths
+from tuneforge.registry.versions import store_directory
+from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR
+
+LINEAGE_PATH = ".tuneforge/lineage.json"  # the lineage's blob among the export's rows; not a file of the export
+MAX_LINEAGE_BYTES = 1 << 20
+log = logging.getLogger("tuneforge.registry")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def source_record(session: Session, *, tenant_id: str, model_id: str) -> dict[str, Any]:
+    """The model version an export was made from (or the model alone, registered before versions existed)."""
+    version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=model_id)
+    if version is None:
+        return {"model": model_id, "kind": "model"}
+    return {"model": model_id, "kind": version.kind, "name": version.name, "version": f"v{version.version}",
+            "version_id": version.id, "manifest_sha256": version.manifest_sha256,
+            "base_model": (version.lineage or {}).get("base_model")}
+
+
+def export_lineage(session: Session, *, export: ModelExport, job: Job, job_dir: Path, manifest: dict[str, Any],
+                   manifest_sha256: str) -> dict[str, Any]:
+    descriptor = _read_json(job_dir / EXPORT_DIR / "serve.json") or {}
+    deploy = (job.spec or {}).get("deploy") or {}
+    return {
+        "kind": "export",
+        "export_id": export.id,
+        "job_id": job.id,
+        "tenant": export.tenant_id,
+        "created_at": now(),
+        "source": source_record(session, tenant_id=export.tenant_id, model_id=export.model_id),
+        "format": descriptor.get("format") or deploy.get("format"),
+        "target": deploy.get("target"),
+        "deploy": {key: deploy.get(key) for key in ("format", "target", "fallback", "gguf_type", "gpu_type")},
+        "fallback_from": descriptor.get("fallback_from"),
+        "checks": without_server_paths(descriptor.get("checks"), None),
+        "manifest_sha256": manifest_sha256,
+        "files": len(manifest["files"]),
+        "bytes": sum(entry["bytes"] for entry in manifest["files"]),
+        "chat_template_sha256": chat_template_sha256(job_dir / EXPORT_DIR),
+        "libraries": _read_json(job_dir / ENVIRONMENT_FILE),
+    }
+
+
+def _put_bytes(store: LocalArtifactStore, data: bytes) -> tuple[str, int]:
+    writer = store.open_staging(max_bytes=MAX_LINEAGE_BYTES, name="lineage.json")
+    try:
+        writer.write(data)
+        staged = writer.finish()
+        store.commit(staged)
+        return staged.sha256, staged.size
+    finally:
+        writer.discard()
+
+
+def register_export(session: Session, store: LocalArtifactStore, *, job: Job, job_dir: Path) -> dict[str, Any] | None:
+    """Record a succeeded export job's files and lineage in the registry; its lineage (None: the job is not an
+    Exports API export)."""
+    export = export_rows.export_of_job(session, job_id=job.id)
+    if export is None:
+        return None
+    manifest, digest = store_directory(store, job_dir / EXPORT_DIR)
+    lineage = export_lineage(session, export=export, job=job, job_dir=job_dir, manifest=manifest, manifest_sha256=digest)
+    sha256, size = _put_bytes(store, json.dumps(lineage, sort_keys=True, indent=1).encode())
+    export_rows.record_artifact(session, export_id=export.id,
+                                files=[*manifest["files"], {"path": LINEAGE_PATH, "sha256": sha256, "bytes": size}])
+    return lineage
+
+
+def export_artifact(session: Session, store: LocalArtifactStore, *, export: ModelExport) -> dict[str, Any] | None:
+    """{"export_id", "files": [...], "lineage": {...}} of a recorded export; None until its job succeeded."""
+    rows = export_rows.artifact_files(session, export_id=export.id)
+    recorded = next((row for row in rows if row["path"] == LINEAGE_PATH), None)
+    if recorded is None:
+        return None
+    try:
+        with store.open(recorded["sha256"]) as handle:
+            lineage = json.loads(handle.read(MAX_LINEAGE_BYTES + CHUNK))
+    except (OSError, ValueError):
+        log.error("the lineage of export %s cannot be read from the artifact store", export.id)
+        lineage = None
+    return {"export_id": export.id, "files": [row for row in rows if row["path"] != LINEAGE_PATH],
+            "lineage": lineage}
+
+
+def exports_of_version(session: Session, store: LocalArtifactStore, *, version: ModelVersion) -> list[dict[str, Any]]:
+    """The recorded exports made from a version's model, oldest first."""
+    found = []
+    for export, _job in export_rows.list_exports(session, tenant_id=version.tenant_id, model_id=version.model_id):
+        artifact = export_artifact(session, store, export=export)
+        if artifact is not None:
+            found.append(artifact)
+    return found
