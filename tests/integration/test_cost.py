@@ -123,7 +123,7 @@ def test_the_api_prices_jobs_refuses_them_over_budget_and_reports_usage_as_json_
     body = job_body(training, training={"max_steps": 10, "batch_size": 4}, resources={"gpu_type": "l4"})
     plan = a.post("/v1/fine_tuning/jobs/plan", json=body).json()["cost"]
     assert plan["device"] == "l4" and plan["price_per_gpu_hour"] == DEFAULT_PRICES["l4"][0]
-    assert "10 steps x 4 examples" in plan["basis"] and plan["tokens"] > 0
+    assert "10 steps x 4 packed rows" in plan["basis"] and plan["tokens"] > 0  # tiny-llama packs: rows of examples
     assert plan["cost_usd"] == pytest.approx(plan["gpu_hours"] * DEFAULT_PRICES["l4"][0])
     over = a.post("/v1/fine_tuning/jobs", json={**body, "tuneforge": {**body["tuneforge"], "resources": {
         "gpu_type": "l4", "max_gpu_hours": plan["gpu_hours"] / 2}}})
