@@ -92,11 +92,14 @@ def test_a_stale_attempt_can_never_overwrite_a_newer_one(db):
         assert not states.succeed(session, job_id=job_id, attempt=1, fine_tuned_model="stale", trained_tokens=1)
         assert not states.fail(session, job_id=job_id, attempt=1, error={"code": "x", "message": "stale", "param": None})
         assert not states.renew_lease(session, job_id=job_id, worker_id="w1", lease_until=time.time() + 60)
-        assert not states.release_lease(session, job_id=job_id, worker_id="w1")
+        assert not states.release_lease(session, job_id=job_id, worker_id="w1", gpu_seconds=7.0)
         assert states.succeed(session, job_id=job_id, attempt=2, fine_tuned_model="ft:x", trained_tokens=5)
     with db.session() as session:
         job = job_rows.get_job_any_tenant(session, job_id=job_id)
         assert (job.status, job.attempt, job.fine_tuned_model, job.lease_owner) == ("succeeded", 2, "ft:x", "w2")
+        # The stale worker lost the lease, not the device time it spent (a cancelled job whose lease ran out
+        # while it stopped counted 0 GPU-hours on the usage page).
+        assert job.gpu_seconds == 7.0
 
 
 def test_concurrent_workers_never_claim_the_same_job_twice(db):

@@ -175,11 +175,13 @@ def resume(session: Session, *, job_id: str) -> bool:
 
 
 def release_lease(session: Session, *, job_id: str, worker_id: str, gpu_seconds: float = 0.0) -> bool:
-    """The worker's process for this job has exited: let go of the lease and record the GPU time used."""
-    return _update(
-        session, Job.id == job_id, Job.lease_owner == worker_id,
-        lease_owner=None, lease_expires_at=None, gpu_seconds=Job.gpu_seconds + gpu_seconds,
-    )
+    """The worker's process for this job has exited: record the GPU time it used and let go of the lease. The
+    time counts even when the lease is no longer this worker's (a cancelled job whose lease ran out while it
+    stopped, and the reaper dropped it): the devices were busy all the same, and the usage records (the
+    bill) already count it."""
+    if gpu_seconds:
+        _update(session, Job.id == job_id, gpu_seconds=Job.gpu_seconds + gpu_seconds)
+    return _update(session, Job.id == job_id, Job.lease_owner == worker_id, lease_owner=None, lease_expires_at=None)
 
 
 def drop_expired_lease(session: Session, *, job_id: str, now_s: float) -> bool:
