@@ -43,8 +43,7 @@ def rl_job_dir(tmp_path, model_dir, method: str, name: str = "job", **sections):
         "model": {"base_model": str(model_dir)},
         "dataset": {"path": str(data), "max_seq_length": 96, "train_split": 0.8},
         "adapter": {"type": "lora", "rank": 8, "alpha": 16, "dropout": 0.0},
-        # 1e-2: with today's library releases 2e-2 collapsed the tiny policy onto one token by step 10 (pass rate 0);
-        # 1e-2 reaches 1.0 on seeds 0 and 1.
+        # 1e-2: 2e-2 collapsed the tiny policy onto one token by step 10 (pass rate 0).
         "training": {"learning_rate": 1e-2, "max_steps": 10, "seed": 0, "warmup_ratio": 0.0,
                      "lr_scheduler": "constant"},
         "rollout": {"prompts_per_step": 16, "max_new_tokens": 16, "graders": [LETTER_GRADER]},
@@ -72,16 +71,18 @@ def step_records(job_dir) -> dict[int, tuple]:
 
 
 def test_ppo_raises_the_pass_rate_and_writes_a_typed_summary(tmp_path, tiny_model_dir):
-    job_dir = rl_job_dir(tmp_path, tiny_model_dir, "ppo")
+    # 20 steps: the reward (an "a" among 16 random bytes) is sparse, and 10 steps found it on one seed of three
+    # with this session's libraries (20 steps reach 1.0 on seeds 0, 1 and 2 at lr 1e-2).
+    job_dir = rl_job_dir(tmp_path, tiny_model_dir, "ppo", training={"max_steps": 20})
     summary = ppo.run(job_dir, progress=False)
 
-    assert read_summary(job_dir) == summary and summary.method == "ppo" and summary.steps == 10
+    assert read_summary(job_dir) == summary and summary.method == "ppo" and summary.steps == 20
     base, tuned = summary.eval.base, summary.eval.fine_tuned
     assert base.pass_rate == 0.0 and base.kl_to_reference == pytest.approx(0.0, abs=1e-6)
     assert tuned.pass_rate >= 0.75 and tuned.mean_reward == tuned.graders["has_a"] == tuned.pass_rate
     assert 0.0 < tuned.kl_to_reference < 5.0  # nats per completion: near the reference
     metrics = [e["data"] for e in read_events(job_dir) if e["type"] == "metrics"]
-    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert [m["step"] for m in metrics] == list(range(1, 21))
     for m in metrics:
         assert {"train_reward", "train_kl", "train_entropy", "train_clip_fraction", "train_value_loss",
                 "train_response_length", "train_pass_rate", "train_kl_coef", "learning_rate"} <= set(m)
@@ -89,7 +90,7 @@ def test_ppo_raises_the_pass_rate_and_writes_a_typed_summary(tmp_path, tiny_mode
     resolved = json.loads((job_dir / "resolved_spec.json").read_text())
     assert resolved["training"]["batch_size"] == 8  # 16 prompts a step in 2 mini-batches
     # The value head is checkpointed beside the adapter; the published adapter is the policy's alone.
-    assert (job_dir / "checkpoints" / "step-000010" / "value_head.safetensors").is_file()
+    assert (job_dir / "checkpoints" / "step-000020" / "value_head.safetensors").is_file()
     assert not any("value_head" in k for k in load_file(str(job_dir / "adapter" / "adapter_model.safetensors")))
 
 
