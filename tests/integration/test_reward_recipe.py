@@ -137,5 +137,8 @@ def test_ddp_with_2_processes_trains_like_one(tmp_path, tiny_model_dir, tuneforg
     assert sorted(ours) == sorted(theirs) == [1, 2, 3, 4]
     assert all(abs(ours[s] - theirs[s]) <= 1e-4 * abs(theirs[s]) for s in theirs)
     adapter, reference = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (ddp, single))
-    assert adapter.keys() == reference.keys() and all(torch.allclose(adapter[k], reference[k], atol=1e-5) for k in adapter)
+    # 1e-4: the gradients agree to fp32 reduction order, but Adam divides by their root mean square, so an
+    # element whose gradient is near zero moves by a visibly different step (3.2e-5 measured after 4 steps at
+    # lr 2e-4 with today's libraries, against 1e-5 before); a real divergence moves weights by ~lr per step.
+    assert adapter.keys() == reference.keys() and all(torch.allclose(adapter[k], reference[k], atol=1e-4) for k in adapter)
     assert read_summary(ddp).eval.fine_tuned.reward_accuracy == read_summary(single).eval.fine_tuned.reward_accuracy
