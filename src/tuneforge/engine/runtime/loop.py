@@ -107,6 +107,7 @@ class _Loop:
         self.data_position, self.recipe_state, self.validate = data_position, recipe_state, validate
         self.experience = experience
         self.progress, self.start_step, self.losses = Progress(), 0, []
+        self.resumed_seconds = 0.0  # the training seconds the checkpoint carried, not this process's
         self.last_eval: dict[str, float] = {}
         self.keeper: CheckpointKeeper | None = None
         # A rank whose share of a step is short runs this with weight 0 (same collectives on every rank).
@@ -127,6 +128,7 @@ class _Loop:
                                         scaler=p.scaler, parallel=job.parallel)
             self.start_step = resume.step
             self.progress = Progress(**{k: resume.saved[k] for k in asdict(Progress()) if k in resume.saved})
+            self.resumed_seconds = self.progress.train_seconds
             job.note(f"resumed from {resume.path.name} at step {self.start_step}", kind="resumed", step=self.start_step,
                      path=resume.path.name)
         self.keeper = CheckpointKeeper(job.job_dir / CHECKPOINTS_DIR, every_steps=spec.checkpoint.every_steps,
@@ -214,7 +216,8 @@ class _Loop:
                 example_ids=self.batcher.example_ids(example_ids),
                 **self.system_metrics(result, len(example_ids), tokens_per_second),
             )
-        eta = (total - done) * self.progress.train_seconds / max(1, done - self.start_step)
+        # This process's pace: a resumed run's counters hold the earlier attempts' seconds too.
+        eta = (total - done) * (self.progress.train_seconds - self.resumed_seconds) / max(1, done - self.start_step)
         job.display.update(done, loss=result.loss, learning_rate=result.learning_rate,
                            tokens_per_second=tokens_per_second, eta_s=eta)
 
