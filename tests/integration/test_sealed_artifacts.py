@@ -290,3 +290,36 @@ def test_a_job_trains_on_a_sealed_upload_and_leaves_no_plaintext_behind(tmp_path
     assert list(cache.glob(".*.lock"))  # the recipe did tokenize into the cache (its entry's build lock stays)
     tokenized = [json.loads(m.read_text()) for m in cache.glob("*/meta.json")]
     assert [t for t in tokenized if t.get("dataset_sha256") == digest] == []
+
+
+def test_a_tokenized_copy_is_kept_while_an_unfinished_job_or_a_running_sweep_reads_its_bytes(tmp_path):
+    # Removing it after every job would make each sweep trial, and each resume, tokenize the file again.
+    from tuneforge.db import jobs as job_rows
+    from tuneforge.db import sweeps as sweep_rows
+    from tuneforge.scheduler import states
+    from tuneforge.spec import validate_job_spec
+
+    db = Database(f"sqlite:///{tmp_path / 'tuneforge.db'}")
+    upgrade(db.engine)
+    digest = "ab" * 32
+    with db.session() as session:
+        tenant_rows.ensure_tenant(session, tenant_id="acme")
+        file = file_rows.create_file(session, tenant_id="acme", filename="train.jsonl", purpose="fine-tune", size=1,
+                                     sha256=digest, report={}, status="processed", status_details=None)
+        spec = validate_job_spec({"dataset": {"path": file.id}})
+        job = job_rows.create_job(session, tenant_id="acme", spec=spec, model="tiny-llama", training_file=file.id,
+                                  validation_file=None, suffix=None, metadata=None)
+        job_id = job.id
+    with db.session() as session:
+        assert blob_rows.tokenized_copy_needed(session, sha256=digest)  # the job is still to run (or resume)
+        assert states.cancel(session, job_id=job_id)
+    with db.session() as session:
+        assert not blob_rows.tokenized_copy_needed(session, sha256=digest)
+        sweep = sweep_rows.create_sweep(session, tenant_id="acme", name="s", spec={"base": {"dataset": {"path": file.id}}})
+    with db.session() as session:
+        assert blob_rows.tokenized_copy_needed(session, sha256=digest)  # its next trials train on it
+        assert not blob_rows.tokenized_copy_needed(session, sha256="cd" * 32)
+        session.get(type(sweep), sweep.seq).status = "succeeded"
+    with db.session() as session:
+        assert not blob_rows.tokenized_copy_needed(session, sha256=digest)
+    db.dispose()

@@ -7,9 +7,9 @@ from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
-from tuneforge.db.tables import File, Job, SealedBlob, Upload, UploadPart
+from tuneforge.db.tables import File, Job, SealedBlob, Sweep, Upload, UploadPart
 from tuneforge.db.uploads import PENDING as PENDING_UPLOAD
-from tuneforge.spec.api import RUNNING
+from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING
 
 BLOB = "blob_"
 
@@ -124,10 +124,16 @@ def unsealed_contents(session: Session, *, tenant_id: str | None = None) -> list
     return sorted(found)
 
 
-def running_jobs_on(session: Session, *, sha256: str, except_job: str) -> bool:
-    """Whether a running job other than except_job reads a file with these bytes (its tokenized copy is
-    in use)."""
+def tokenized_copy_needed(session: Session, *, sha256: str) -> bool:
+    """Whether an unfinished job (running, queued, paused: it resumes) or a running sweep (its next trials) reads
+    a file with these bytes, so its tokenized copy is still in use: sweep trials share one tokenization."""
     with_blob = select(File.id).where(File.sha256 == sha256)
-    return bool(session.scalar(select(exists().where(
-        Job.id != except_job, Job.status == RUNNING,
-        or_(Job.training_file.in_(with_blob), Job.validation_file.in_(with_blob))))))
+    if session.scalar(select(exists().where(
+            Job.status.in_(ACTIVE_STATUSES), or_(Job.training_file.in_(with_blob), Job.validation_file.in_(with_blob))))):
+        return True
+    ids = set(session.scalars(with_blob))
+    for spec in session.scalars(select(Sweep.spec).where(Sweep.status == RUNNING)):
+        dataset = ((spec or {}).get("base") or {}).get("dataset") or {}
+        if ids & {dataset.get("path"), dataset.get("validation_path")}:
+            return True
+    return False

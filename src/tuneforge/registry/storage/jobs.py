@@ -123,7 +123,8 @@ def remove_tokenized(home: Path, *, sha256s: set[str]) -> list[Path]:
 
 
 def remove_job_tokenized(db, *, job_id: str, home: Path) -> list[Path]:
-    """remove_tokenized for the files of a job whose run ended, except those another running job reads."""
+    """remove_tokenized for the files of a job whose run ended, except those an unfinished job (this one too, when
+    it was paused or re-queued) or a running sweep still reads."""
     from tuneforge.db import files as file_rows
     from tuneforge.db import jobs as job_rows
     from tuneforge.db import sealed_blobs as blob_rows
@@ -134,7 +135,7 @@ def remove_job_tokenized(db, *, job_id: str, home: Path) -> list[Path]:
             return []
         ids = [fid for fid in (job.training_file, job.validation_file) if fid]
         digests = {row.sha256 for row in file_rows.files_by_id(session, file_ids=ids).values()}
-        digests = {d for d in digests if not blob_rows.running_jobs_on(session, sha256=d, except_job=job_id)}
+        digests = {d for d in digests if not blob_rows.tokenized_copy_needed(session, sha256=d)}
     return remove_tokenized(home, sha256s=digests)
 
 
