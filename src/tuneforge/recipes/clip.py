@@ -22,7 +22,6 @@ from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, file_sha256, load_exam
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.engine import runtime
 from tuneforge.engine.adapters import parameter_counts
-from tuneforge.engine.base_models import needs_import, resolve_base_model
 from tuneforge.engine.distributed import Prepared
 from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, format_metrics
 from tuneforge.engine.vision.data import ImageTextPair, PairBatcher
@@ -64,10 +63,7 @@ def clip(job: RecipeJob) -> JobSummary:
 def setup(job: RecipeJob) -> Setup:
     """Pairs, the checkpoint to resume from, the base CLIP and its retrieval score, what trains, the plan."""
     spec = job.spec
-    with job.parallel.main_first():
-        if needs_import(spec.model.base_model):
-            job.note(f"building {spec.model.base_model} into the model cache (first use only)", kind="model_import")
-        model_dir = resolve_base_model(spec.model.base_model)
+    model_dir = job.base_model_dir()
     processor = load_processor(model_dir)
     batcher, val_batcher = load_pairs(job, processor, model_dir)
     job.phase("data_s")

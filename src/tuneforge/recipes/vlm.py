@@ -24,10 +24,9 @@ from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, file_sha256, load_exam
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.engine import runtime
 from tuneforge.engine.adapters import parameter_counts
-from tuneforge.engine.base_models import needs_import, resolve_base_model
 from tuneforge.engine.distributed import Prepared
 from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, format_metrics
-from tuneforge.engine.vision.data import VisionBatcher, VisionChatTokenizer, VisionExample, fit_vision_examples
+from tuneforge.engine.vision.data import VisionBatcher, VisionChatTokenizer, fit_vision_examples
 from tuneforge.engine.vision.loss import VisionLMLoss
 from tuneforge.engine.vision.models import load_processor, load_vlm, trainable_vlm
 from tuneforge.evaluation.vision import generated_metrics, vlm_answers, vlm_likelihood
@@ -111,10 +110,7 @@ def setup(job: RecipeJob) -> Setup:
 def load_data(job: RecipeJob) -> Data:
     """The processor and the image chats: validated (images decoded and checked), tokenized, split, fitted."""
     spec, cfg = job.spec, job.spec.dataset
-    with job.parallel.main_first():
-        if needs_import(spec.model.base_model):
-            job.note(f"building {spec.model.base_model} into the model cache (first use only)", kind="model_import")
-        model_dir = resolve_base_model(spec.model.base_model)
+    model_dir = job.base_model_dir()
     processor = load_processor(model_dir)
     image_token_id = _image_token_id(processor, model_dir)
     examples = _image_chats(cfg.path, cfg.format)

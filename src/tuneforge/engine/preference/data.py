@@ -11,7 +11,6 @@ from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, load_examples, split_i
 from tuneforge.data.preference import TokenizedPair, fit_pairs, tokenize_pairs
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.data.templating import PromptRenderer, resolve_template
-from tuneforge.engine.base_models import needs_import, resolve_base_model
 from tuneforge.engine.model_loading import load_tokenizer
 
 
@@ -29,10 +28,7 @@ def load_preference_data(job, *, max_prompt_length: int | None = None, need_labe
     """Validated pairs (every problem of the file at once), tokenized, split (dataset.validation_path or
     dataset.train_split), fitted to dataset.max_seq_length; a `dataset` event says what was kept."""
     spec, data_cfg = job.spec, job.spec.dataset
-    with job.parallel.main_first():
-        if needs_import(spec.model.base_model):
-            job.note(f"importing {spec.model.base_model} into the model cache (first use only)", kind="model_import")
-        model_dir = resolve_base_model(spec.model.base_model)
+    model_dir = job.base_model_dir()
     tokenizer = load_tokenizer(model_dir)
     renderer = PromptRenderer(tokenizer, resolve_template(data_cfg.prompt_template, "preference", tokenizer))
     examples, _ = load_examples(data_cfg.path, "preference")

@@ -14,7 +14,6 @@ from tuneforge.data.batching import StepSchedule
 from tuneforge.data.loading import MIN_TRAINING_EXAMPLES, split_indices
 from tuneforge.data.problems import DataError, DataProblem
 from tuneforge.engine.adapters import trainable_model
-from tuneforge.engine.base_models import needs_import, resolve_base_model
 from tuneforge.engine.model_loading import load_base_model, load_tokenizer
 from tuneforge.engine.rl.prompts import PromptSet, load_prompts
 from tuneforge.spec.hyperparameters import resolve_hyperparameters
@@ -40,10 +39,7 @@ def load_prompt_data(job) -> PromptData:
     if budget < 1:
         raise SpecError(f"dataset.max_seq_length {data.max_seq_length} leaves no room for a prompt before "
                         f"rollout.max_new_tokens {spec.rollout.max_new_tokens}")
-    with job.parallel.main_first():
-        if needs_import(spec.model.base_model):
-            job.note(f"importing {spec.model.base_model} into the model cache (first use only)", kind="model_import")
-        model_dir = resolve_base_model(spec.model.base_model)
+    model_dir = job.base_model_dir()
     tokenizer = load_tokenizer(model_dir)
     options = dict(template=data.prompt_template, max_prompt_tokens=budget, too_long=data.too_long)
     prompts = load_prompts(data.path, tokenizer, **options)

@@ -21,7 +21,7 @@ from tuneforge.data.batching import StepSchedule
 from tuneforge.data.problems import DataError
 from tuneforge.data.templating import TemplateError
 from tuneforge.engine.alerts import AlertStop
-from tuneforge.engine.base_models import ModelNotFound
+from tuneforge.engine.base_models import ModelNotFound, needs_import, resolve_base_model
 from tuneforge.engine.distributed import Distributed, Prepared, init_distributed, prepare, shutdown
 from tuneforge.engine.events import EventReporter
 from tuneforge.engine.micro_batch import pick_micro_batch
@@ -215,6 +215,15 @@ class RecipeJob:
         """A milestone: into the event log and onto the terminal."""
         self.events.emit(message, **data)
         self.display.message(message)
+
+    def base_model_dir(self) -> Path:
+        """The spec's base model as a local directory, imported or built into the model cache on first use by
+        the main process alone (the others wait for it), with an event saying so."""
+        base = self.spec.model.base_model
+        with self.parallel.main_first():
+            if needs_import(base):
+                self.note(f"importing {base} into the model cache (first use only)", kind="model_import")
+            return resolve_base_model(base)
 
     def phase(self, name: str) -> None:
         """The start-up phase `name` ends now."""
