@@ -305,8 +305,9 @@ def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False,
         examples -= validation_examples
     training = resolve_hyperparameters(spec, examples).training
     if training.max_steps:
-        counts_rows = packed and spec.training.batch_size != "auto" or packed and "auto" not in (
+        explicit_batch = spec.training.batch_size != "auto" or "auto" not in (
             spec.training.per_device_batch_size, spec.training.gradient_accumulation_steps)
+        counts_rows = packed and explicit_batch
         per_item = packed_row_tokens(mean, spec.dataset.max_seq_length) if counts_rows else mean
         trained = training.max_steps * training.batch_size * per_item / mean
         steps = float(training.max_steps)
