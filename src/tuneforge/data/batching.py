@@ -91,7 +91,8 @@ class Batcher:
         self.row_length = max_seq_length if packing else None  # the capacity rows are packed to
         self.row_reason: str | None = None  # why that capacity, for the plan event
         if packing:
-            self.units = best_fit_decreasing([len(item.input_ids) for item in items], max_seq_length)
+            self.units = best_fit_decreasing([len(item.input_ids) for item in items], max_seq_length,
+                                             longer_alone=True)
         else:
             self.units = [[index] for index in range(len(items))]
 

@@ -51,13 +51,18 @@ class _Fenwick:
         return position
 
 
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Group example indices into rows of at most `capacity` tokens; deterministic for the same input."""
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, longer_alone: bool = False) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens; deterministic for the same input.
+    longer_alone: an example longer than capacity is a row of its own (SDPA rows are capped below the
+    longest example, spec/hyperparameters.py:packed_row_length) instead of an error."""
     counts = _Fenwick(capacity + 1)
     open_rows: list[list[int]] = [[] for _ in range(capacity + 1)]  # remaining capacity -> row ids
     rows: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         length = lengths[index]
+        if length > capacity and longer_alone:
+            rows.append([index])  # visited first (longest first), so no open row is left behind
+            continue
         if length > capacity:
             raise ValueError(f"an example of {length} tokens cannot be packed into rows of {capacity}")
         below = counts.prefix(length - 1) if length > 0 else 0

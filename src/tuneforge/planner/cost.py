@@ -250,15 +250,16 @@ def packs(spec, arch) -> bool:
     return spec.method == "sft" and arch.num_experts == 1
 
 
-def packed_row_tokens(mean: float, max_seq_length: int) -> float:
+def packed_row_tokens(mean: float, max_seq_length: int, row_cap: int | None = None) -> float:
     """Real tokens in one packed row: the SDPA rule of spec/hyperparameters.py:packed_row_length (rows of about
-    EXAMPLES_PER_ROW average examples, in multiples of ROW_MULTIPLE, at most max_seq_length) filled to
-    PACKED_FILL by best-fit decreasing. The longest example is not known at submission, so a file with one
-    very long example gets longer rows than this counts. Workers with flash-attention pack max_seq_length
-    rows; that is a worker's property, not the job's, so the estimate counts the SDPA rows."""
+    EXAMPLES_PER_ROW average examples, in multiples of ROW_MULTIPLE, at most row_cap and max_seq_length) filled
+    to PACKED_FILL by best-fit decreasing, and never less than one average example (longer examples train
+    alone). Workers with flash-attention pack max_seq_length rows; that is a worker's property, not the
+    job's, so the estimate counts the SDPA rows."""
     from tuneforge.spec.hyperparameters import EXAMPLES_PER_ROW, ROW_MULTIPLE
 
-    row = min(max_seq_length, -(-int(EXAMPLES_PER_ROW * mean) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    wanted = min(EXAMPLES_PER_ROW * mean, row_cap or EXAMPLES_PER_ROW * mean)
+    row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
     return max(mean, row * PACKED_FILL)
 
 
@@ -287,13 +288,13 @@ class TokenCount(NamedTuple):
     basis: str  # how they were counted
 
 
-def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False,
+def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False, row_cap: int | None = None,
                     validation_examples: int | None = None) -> TokenCount | None:
     """Tokens a job trains on (examples x epochs, or max_steps x batch) in SFT step-equivalents, its
     evaluations included; None for a method this model cannot price (PPO / GRPO generate) or an empty
     dataset. `packed`: the job packs (see packs()); a max_steps job's explicit batch then counts rows of
-    several examples. Without a validation file (validation_examples None) train_split carves the
-    validation set out of the examples."""
+    several examples, at most row_cap tokens (ModelArch.packed_row_cap). Without a validation file
+    (validation_examples None) train_split carves the validation set out of the examples."""
     from tuneforge.spec.hyperparameters import resolve_hyperparameters
 
     factor = METHOD_FACTOR.get(spec.method)
@@ -308,7 +309,7 @@ def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False,
         explicit_batch = spec.training.batch_size != "auto" or "auto" not in (
             spec.training.per_device_batch_size, spec.training.gradient_accumulation_steps)
         counts_rows = packed and explicit_batch
-        per_item = packed_row_tokens(mean, spec.dataset.max_seq_length) if counts_rows else mean
+        per_item = packed_row_tokens(mean, spec.dataset.max_seq_length, row_cap) if counts_rows else mean
         trained = training.max_steps * training.batch_size * per_item / mean
         steps = float(training.max_steps)
         what = f"{training.max_steps} steps x {training.batch_size} " + (

@@ -148,6 +148,12 @@ class ModelArch:
         mlp = 3 * self.hidden_size * self.intermediate_size * self.experts_per_token
         return self.num_layers * (attention + mlp + self.router_params) + self.vocab_size * self.hidden_size
 
+    def packed_row_cap(self) -> int:
+        """The longest packed row worth building on SDPA / eager (spec/hyperparameters.py:sdpa_row_cap)."""
+        from tuneforge.spec.hyperparameters import sdpa_row_cap
+
+        return sdpa_row_cap(self.active_matmul_params, self.hidden_size, self.num_layers)
+
     def largest_layer_params(self) -> int:
         """The biggest unit an FSDP / ZeRO-3 all-gather materializes: a decoder layer or the embedding."""
         return max(self.layer_params, self.embedding_params)

@@ -35,6 +35,7 @@ from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, for
 from tuneforge.evaluation.report import build_report
 from tuneforge.evaluation.runner import eval_metrics
 from tuneforge.evaluation.runner import evaluate as run_metrics
+from tuneforge.planner.models import PlannerError, arch_from_config
 from tuneforge.spec.hyperparameters import packed_row_length
 from tuneforge.spec.jobdir import CHECKPOINTS_DIR, REPORT_FILE, Evaluation, JobSummary, write_report
 from tuneforge.spec.loader import SpecError
@@ -170,7 +171,8 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     resolved_spec.json. Returns the batcher and why packing is off (None when it is on)."""
     cfg, max_len = job.spec.training, job.spec.dataset.max_seq_length
     attention = model.config._attn_implementation
-    row_length, row_reason = packed_row_length([len(t.input_ids) for t in data.train], max_len, attention)
+    row_length, row_reason = packed_row_length([len(t.input_ids) for t in data.train], max_len, attention,
+                                               _row_cap(model.config))
     supported, why_not = packing_support(model.config, attention, row_length)
     if cfg.packing is True and not supported:
         raise SpecError(f"training.packing: {why_not}; set it to auto or false")
@@ -183,6 +185,15 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     job.resolve_training(spec, examples=len(data.train), loss_module=loss, batcher=batcher, model_dir=data.model_dir,
                          packing=packing)
     return batcher, None if packing else (why_not or "training.packing is false")
+
+
+def _row_cap(config) -> int | None:
+    """The longest SDPA row worth packing for this model (spec/hyperparameters.py:sdpa_row_cap); None for
+    a config the planner cannot read, whose packing_support refuses it anyway."""
+    try:
+        return arch_from_config(config.to_dict(), config.model_type).packed_row_cap()
+    except PlannerError:
+        return None
 
 
 def describe_plan(job: RecipeJob, data: Data, batcher: Batcher, schedule: StepSchedule, trainable: int, total: int,

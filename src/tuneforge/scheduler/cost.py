@@ -86,7 +86,8 @@ def estimate_job(session: Session, *, tenant_id: str, spec: JobSpec, inventories
     except PlannerError:
         return None
     counted = training_tokens(spec, examples=int(report.get("examples") or 0), stats=report.get("stats") or {},
-                              packed=packs(spec, plan.model), validation_examples=validation_examples)
+                              packed=packs(spec, plan.model), row_cap=plan.model.packed_row_cap(),
+                              validation_examples=validation_examples)
     if counted is None:
         return None
     return estimate_cost(plan, tokens=counted.tokens, steps=counted.steps, rate=price_table().rate(device, tenant_id),

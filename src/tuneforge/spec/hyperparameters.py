@@ -90,19 +90,45 @@ def resolve_hyperparameters(spec: JobSpec, num_examples: int, *, num_rows: int |
 # Rows hold about this many average examples: best-fit decreasing then fills them to ~95-99%.
 EXAMPLES_PER_ROW = 4
 ROW_MULTIPLE = 64
+# On SDPA / eager a packed row's attention costs per token in proportion to the row's length (the whole
+# row x row product is computed under the block-diagonal mask); the matmuls cost per token whatever the row.
+# Rows stop growing where that attention term reaches ATTENTION_SHARE of the matmul FLOPs. Measured on
+# SmolLM2-135M LoRA (2-core CPU, fully packed rows of 4 examples): 240 tokens/s at 512-token rows, 224 at
+# 1024, 171 at 1472; the rule puts its cap at 576. Never below MIN_ROW_CAP: under 512 tokens the attention
+# term is small on any model, and per-row overheads dominate (tiny test models would get 64-token rows).
+ATTENTION_SHARE = 0.15
+MIN_ROW_CAP = 512
 
 
-def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: str) -> tuple[int, str]:
+def sdpa_row_cap(matmul_params: int, hidden_size: int, num_layers: int) -> int:
+    """The longest packed row worth building on SDPA / eager for a model: per token, the matmuls take
+    2 x matmul_params FLOPs forward and the attention over a row of L tokens 4 x L x hidden x layers
+    (QK^T and AV)."""
+    cap = ATTENTION_SHARE * 2 * matmul_params / (4 * hidden_size * num_layers)
+    return max(MIN_ROW_CAP, int(cap) // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: str,
+                      row_cap: int | None = None) -> tuple[int, str]:
     """The row length to pack into, and why. Flash-attention's variable-length kernel costs per example,
     so rows are max_seq_length. SDPA and eager compute the whole row x row attention under the
     block-diagonal mask, so a row of short examples costs as if it were one long sequence (2048-token
     rows of short chats trained at about a third of the tokens/s of 512-token rows): rows are sized
-    from the data instead, about EXAMPLES_PER_ROW average examples and never shorter than the longest."""
+    from the data instead, about EXAMPLES_PER_ROW average examples, and at most row_cap (sdpa_row_cap of
+    the model) where they would pass it. Examples longer than the row train alone in a row of their own
+    (100 chats of ~361 tokens packed into 1472-token rows trained at half the real tokens/s and twice the
+    memory of plain batches, docs/defaults.md)."""
     if attention == "flash_attention_2" or not lengths:
         return max_seq_length, f"rows of max_seq_length {max_seq_length} ({attention} attends per example)"
     mean, longest = sum(lengths) / len(lengths), max(lengths)
-    wanted = max(longest, EXAMPLES_PER_ROW * mean)
-    row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
-    return row, (f"rows of {row} tokens: {attention} computes each row's whole attention, so rows hold about "
-                 f"{EXAMPLES_PER_ROW} average examples ({mean:.0f} tokens; longest {longest}) rather than "
-                 f"max_seq_length {max_seq_length}")
+    wanted = EXAMPLES_PER_ROW * mean
+    capped = row_cap is not None and wanted > row_cap
+    row = min(max_seq_length, -(-int(min(wanted, row_cap or wanted)) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    alone = sum(1 for length in lengths if length > row)
+    why = (f"rows of {row} tokens: {attention} computes each row's whole attention, so rows hold about "
+           f"{EXAMPLES_PER_ROW} average examples ({mean:.0f} tokens; longest {longest})")
+    if capped:
+        why += f", at most {row_cap} tokens where the attention would pass {ATTENTION_SHARE:.0%} of the matmuls"
+    if alone:
+        why += f"; {alone} longer example{'s' if alone > 1 else ''} in rows of their own"
+    return row, why + f", rather than max_seq_length {max_seq_length}"
