@@ -1,7 +1,6 @@
 """Every training option of the job spec, exercised on the tiny model (a few CPU steps each)."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -137,3 +136,17 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(tmp_path, tiny_
     backoffs = [e["data"]["per_device_batch_size"] for e in read_events(job_dir) if e["data"].get("kind") == "micro_batch"]
     assert backoffs == [4, 2]
     assert losses == reference  # the same examples per step, the same result
+
+
+def test_auto_packing_stays_off_where_capped_rows_would_hold_one_long_example(tmp_path, tiny_model_dir):
+    # ~330-byte chats on the byte-level tiny model: 4 of them would be a 1,300-token row, past the SDPA row
+    # cap (512 here), and a 512-token row holds one of them: packing would only add the mask.
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Repeat number {i}: " + "lorem ipsum " * 12},
+                                      {"role": "assistant", "content": "dolor sit amet " * 12}]}) for i in range(24)]
+    (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
+    job_dir, _, losses = train(tmp_path, tiny_model_dir, dataset={"path": str(tmp_path / "long.jsonl")},
+                               training={"max_steps": 2, "packing": "auto", "per_device_batch_size": 4})
+    plan = [e for e in read_events(job_dir) if e["data"].get("kind") == "plan"][0]["data"]
+    assert plan["packing"] is False and "would hold 1.0 examples each" in plan["packing_disabled_because"]
+    assert json.loads((job_dir / "resolved_spec.json").read_text())["training"]["packing"] is False
+    assert len(losses) == 2

@@ -254,13 +254,15 @@ def packed_row_tokens(mean: float, max_seq_length: int, row_cap: int | None = No
     """Real tokens in one packed row: the SDPA rule of spec/hyperparameters.py:packed_row_length (rows of about
     EXAMPLES_PER_ROW average examples, in multiples of ROW_MULTIPLE, at most row_cap and max_seq_length) filled
     to PACKED_FILL by best-fit decreasing, and never less than one average example (longer examples train
-    alone). Workers with flash-attention pack max_seq_length rows; that is a worker's property, not the
-    job's, so the estimate counts the SDPA rows."""
+    alone; a row shorter than two average examples holds about one, and packing: auto stays off where
+    rows would hold under MIN_EXAMPLES_PER_ROW: priced as examples). Workers with
+    flash-attention pack max_seq_length rows; that is a worker's property, not the job's, so the estimate
+    counts the SDPA rows."""
     from tuneforge.spec.hyperparameters import EXAMPLES_PER_ROW, ROW_MULTIPLE
 
     wanted = min(EXAMPLES_PER_ROW * mean, row_cap or EXAMPLES_PER_ROW * mean)
     row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
-    return max(mean, row * PACKED_FILL)
+    return mean if row < 2 * mean else row * PACKED_FILL
 
 
 def evaluation_tokens(spec, *, validation_examples: int, mean: float, steps: float) -> tuple[int, str]:

@@ -36,7 +36,7 @@ from tuneforge.evaluation.report import build_report
 from tuneforge.evaluation.runner import eval_metrics
 from tuneforge.evaluation.runner import evaluate as run_metrics
 from tuneforge.planner.models import PlannerError, arch_from_config
-from tuneforge.spec.hyperparameters import packed_row_length
+from tuneforge.spec.hyperparameters import MIN_EXAMPLES_PER_ROW, packed_row_length
 from tuneforge.spec.jobdir import CHECKPOINTS_DIR, REPORT_FILE, Evaluation, JobSummary, write_report
 from tuneforge.spec.loader import SpecError
 
@@ -179,6 +179,11 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     packing = supported and cfg.packing in (True, "auto")
     batcher = Batcher(data.train, data.tokenizer.pad_token_id, packing=packing, max_seq_length=row_length,
                       attention=attention)
+    if packing and cfg.packing == "auto" and len(data.train) < MIN_EXAMPLES_PER_ROW * len(batcher):
+        # Rows of about one example save no padding and still pay the block-diagonal mask (~10% slower).
+        why_not = (f"rows of {row_length} tokens would hold {len(data.train) / len(batcher):.1f} examples each "
+                   f"(fewer than {MIN_EXAMPLES_PER_ROW:g}): packing saves no padding there")
+        packing, batcher = False, Batcher(data.train, data.tokenizer.pad_token_id, attention=attention)
     batcher.row_reason = row_reason if packing else None
     spec = job.spec.model_copy(deep=True)
     spec.dataset.format, spec.dataset.prompt_template = data.format, data.renderer.template

@@ -179,3 +179,11 @@ def test_tuneforge_plan_prints_the_cost_of_its_tokens(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tuneforge.cli", "plan", "--model", "smollm2-135m", "--tokens", "1B"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "prices.a100-80gb.on_demand" in bad.stderr
+
+
+def test_packed_rows_of_about_one_long_example_are_priced_as_examples():
+    from tuneforge.planner.cost import packed_row_tokens
+
+    assert packed_row_tokens(361, 2048, row_cap=576) == 361  # a 576-token row holds one 361-token chat: not packed
+    assert packed_row_tokens(361, 2048) == pytest.approx(1472 * 0.95)  # uncapped: four of them
+    assert packed_row_tokens(60, 2048, row_cap=576) == pytest.approx(256 * 0.95)  # short chats: the cap is not reached
