@@ -1,8 +1,9 @@
 """`tuneforge server`: the API, the scheduler and a local worker in one process tree.
 
 The API runs in this process (uvicorn); the scheduler (reaper) and the worker run as child processes
-that die with it. When the database has no live admin key it creates one for the tenant `default`, prints it once and
-keeps a copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless TUNEFORGE_ADMIN_KEY names the key to use.
+that die with it, and that it restarts, with a backoff, when they die first (api/supervisor.py). When
+the database has no live admin key it creates one for the tenant `default`, prints it once and keeps a
+copy in $TUNEFORGE_HOME/admin-key (mode 0600), unless TUNEFORGE_ADMIN_KEY names the key to use.
 Everything the server tree creates is private to its user (umask 077; the home is 0700). With a
 certificate and key (--tls-cert / --tls-key) the API speaks HTTPS only.
 """
@@ -11,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
+import socket
 import sys
-import time
 from pathlib import Path
 
+from tuneforge.api.supervisor import ChildExit, Supervisor
+from tuneforge.db import audit
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.migrate import upgrade
 from tuneforge.db.session import Database
 from tuneforge.home import make_private, tuneforge_home
-from tuneforge.scheduler.executors.process import spawn
 from tuneforge.settings import Settings
 
 log = logging.getLogger("tuneforge.server")
@@ -52,12 +53,20 @@ def bootstrap_admin_key(db: Database) -> str | None:
     return secret
 
 
-def child_commands(*, worker: bool, worker_args: list[str]) -> list[list[str]]:
+def child_commands(*, worker: bool, worker_args: list[str]) -> dict[str, list[str]]:
     base = [sys.executable, "-m", "tuneforge.cli"]
-    commands = [[*base, "scheduler"]]
+    commands = {"scheduler": [*base, "scheduler"]}
     if worker:
-        commands.append([*base, "worker", *worker_args])
+        commands["worker"] = [*base, "worker", *worker_args]
     return commands
+
+
+def audit_child_exit(db: Database, death: ChildExit) -> None:
+    """A server child's death in the audit log, where an operator finds it (action prefix `SERVER`)."""
+    with db.session() as session:
+        audit.record(session, tenant_id=None, key_id=None, action=f"SERVER restart {death.name}",
+                     object_id=death.describe(), status=503, request_id=f"server_{os.getpid()}",
+                     source=socket.gethostname())
 
 
 def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_level: str = "info",
@@ -73,7 +82,9 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
     db = Database(settings.database_url, pool_size=10)
     upgrade(db.engine)
     bootstrap_admin_key(db)
-    children = [spawn(command, env=dict(os.environ)) for command in child_commands(worker=worker, worker_args=worker_args)]
+    children = Supervisor(child_commands(worker=worker, worker_args=worker_args), env=dict(os.environ),
+                          on_exit=lambda death: audit_child_exit(db, death))
+    children.start()
     app = None
     try:
         app = create_app(settings, db=db)
@@ -85,21 +96,9 @@ def serve(*, host: str, port: int, worker: bool, worker_args: list[str], log_lev
     finally:
         if app is not None:
             app.state.playground.close()  # the playground processes started for /v1/chat/completions
-        _stop_children(children)
+        children.stop(CHILD_STOP_SECONDS)
         db.dispose()
     return 0
-
-
-def _stop_children(children: list[subprocess.Popen]) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + CHILD_STOP_SECONDS
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
 
 
 def admin_key_path() -> Path:
