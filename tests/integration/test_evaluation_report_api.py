@@ -1,7 +1,8 @@
 """A job's evaluation report through the API: a real job (tiny model, real worker and recipe) writes
 DIR/evaluation.json; GET /v1/fine_tuning/jobs/{id}/evaluation answers 404 in the API's error shape until
 then, and afterwards the typed report (every metric with its sample size and interval, the samples side
-by side), the same as the file; the human evaluation exports those samples.
+by side), the same as the file (sealed at rest once the job has ended: read back through the job's key);
+the human evaluation exports those samples.
 
 SQLite only: the database part is the tenant-scoped job lookup every job route shares.
 """
@@ -15,7 +16,7 @@ import httpx
 import pytest
 from conftest import EXAMPLE_DATA, ServerProcess, post_file, wait_validated
 
-from tuneforge.spec.jobdir import EvaluationReport, read_report
+from tuneforge.spec.jobdir import EvaluationReport
 
 JOB = {
     "training": {"max_steps": 2, "per_device_batch_size": 4},
@@ -24,6 +25,30 @@ JOB = {
                    "report_samples": 3},
     "checkpoint": {"every_steps": None},
 }
+
+
+def sealed_report(server: ServerProcess, job_id: str) -> EvaluationReport:
+    """DIR/evaluation.json as the worker left it: sealed at rest (no plaintext copy), opened with the job's key."""
+    from pathlib import Path
+
+    from tuneforge.db.session import Database
+    from tuneforge.registry.storage import job_files
+    from tuneforge.registry.storage.keys import FolderKeyProvider
+
+    job_dir = server.home / "jobs" / job_id
+    deadline = time.monotonic() + 60  # the worker seals right after the success is committed
+    while not (job_dir / "evaluation.json.tfe").is_file():
+        assert time.monotonic() < deadline, "the evaluation report was not sealed at rest"
+        time.sleep(0.2)
+    assert not (job_dir / "evaluation.json").exists()
+    db = Database(server.env["TUNEFORGE_DATABASE_URL"])
+    try:
+        with db.read_session() as session:
+            data = job_files.read_job_file(session, FolderKeyProvider(Path(server.home) / "keys"), tenant_id="tenant-a",
+                                           job_id=job_id, job_dir=job_dir, relative="evaluation.json")
+    finally:
+        db.dispose()
+    return EvaluationReport.model_validate_json(data)
 
 
 @pytest.fixture
@@ -55,7 +80,7 @@ def test_the_report_of_a_finished_job_is_served_typed_and_404_before(server):
     served = a.get(f"/v1/fine_tuning/jobs/{job_id}/evaluation")
     assert served.status_code == 200, served.text
     report = EvaluationReport.model_validate(served.json())
-    on_disk = read_report(server.home / "jobs" / job_id)
+    on_disk = sealed_report(server, job_id)
     assert str(server.home) in on_disk.dataset and str(server.home) not in served.text  # no server path leaves
     named = {"dataset": validation["id"], "base_model": "tiny-llama",
              "fine_tuned_model": a.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]}

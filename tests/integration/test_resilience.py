@@ -214,3 +214,33 @@ def test_a_spot_notice_command_preempts_like_sigterm(job, tuneforge_home, tmp_pa
     assert process.wait(timeout=120) == 75
     preempted = [e for e in read_events(job) if e["data"].get("status") == "preempted"]
     assert preempted and preempted[0]["data"]["reason"] == "spot notice (command)"
+
+
+def test_a_resume_from_checkpoints_sealed_at_rest_is_bit_identical(reference, job, tuneforge_home, tmp_path):
+    """What the worker does between runs with encryption at rest: the stopped run's checkpoints are sealed
+    in place (no safetensors header, no trainer state left readable), then unsealed for the run that resumes,
+    which ends exactly where an uninterrupted run does (registry/storage/job_files.py)."""
+    from tuneforge.db.migrate import upgrade
+    from tuneforge.db.session import Database
+    from tuneforge.registry.storage import job_files
+    from tuneforge.registry.storage.keys import FolderKeyProvider
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(db.engine)
+    keys = FolderKeyProvider(tmp_path / "keys")
+    process = recipe(job, tuneforge_home)
+    wait_for_step(job, 5, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 75
+    sealed = job_files.seal_job_dir(db, keys, tenant_id="tenant-a", job_id="job_1", job_dir=job)
+    assert sealed.files >= 5
+    checkpoint_files = [p for p in (job / "checkpoints").rglob("*") if p.is_file()]
+    assert checkpoint_files and all(p.name.endswith(".tfe") for p in checkpoint_files)
+    for path in checkpoint_files:
+        data = path.read_bytes()
+        assert b'"dtype"' not in data and b'"step"' not in data and b"PK\x03\x04" not in data, path  # safetensors, json, torch zip
+    assert job_files.unseal_job_dir(db, keys, tenant_id="tenant-a", job_id="job_1", job_dir=job) == len(checkpoint_files)
+    assert finish(job, tuneforge_home) == 0
+    assert "resumed" in kinds(job)
+    assert_identical_to(reference, job)
+    db.dispose()

@@ -258,7 +258,8 @@ def test_the_collector_removes_sealed_blobs_nothing_of_their_tenant_refers_to(tm
 
 def test_a_job_trains_on_a_sealed_upload_and_leaves_no_plaintext_behind(tmp_path, monkeypatch):
     """A real server and worker: the recipe reads the upload decrypted in DIR/inputs; once the job has
-    succeeded, no file under TUNEFORGE_HOME holds the canary, and no tokenized copy of it is left."""
+    succeeded, no file under TUNEFORGE_HOME holds the canary, and no tokenized copy of it is left. Its
+    checkpoints, adapter and evaluation report are sealed in the job directory, and the API reads the report."""
     home = tmp_path / "home"
     home.mkdir()
     path, marker = canary_dataset(tmp_path / "train.jsonl")
@@ -280,10 +281,17 @@ def test_a_job_trains_on_a_sealed_upload_and_leaves_no_plaintext_behind(tmp_path
             time.sleep(0.5)
         assert done["status"] == "succeeded", done["error"]
         assert http.get(f"/v1/files/{file['id']}/content").content == path.read_bytes()
+        job_dir = home / "jobs" / job["id"]
+        report = http.get(f"/v1/fine_tuning/jobs/{job['id']}/evaluation")
+        assert report.status_code == 200 and report.json()["fine_tuned_model"] == done["fine_tuned_model"], report.text
     finally:
         server.stop()
-    job_dir = home / "jobs" / job["id"]
     assert (job_dir / "adapter").is_dir() and not (job_dir / "inputs").exists()
+    outputs = [p for part in ("adapter", "checkpoints", "evaluation.json") for p in
+               ((job_dir / part).rglob("*") if (job_dir / part).is_dir() else [job_dir / (part + ".tfe")]) if p.is_file()]
+    assert any("checkpoints" in p.parts for p in outputs) and (job_dir / "evaluation.json.tfe").is_file()
+    assert all(p.name.endswith(".tfe") and p.read_bytes()[:4] == b"TFE1" for p in outputs), outputs
+    assert files_containing(job_dir, b'","shape":[') == []  # no safetensors header left readable in the job directory
     assert files_containing(home, marker) == []
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     cache = home / "cache" / "tokenized"

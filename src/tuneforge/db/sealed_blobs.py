@@ -1,5 +1,6 @@
 """Data access for the sealed artifact folder: one row per tenant and content with its wrapped data key,
-and the references that keep a blob (sealed, or a plaintext one of an install from before sealing)."""
+and the references that keep a blob (sealed, or a plaintext one of an install from before sealing); and the
+wrapped data key of each job directory sealed at rest (registry/storage/job_files.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
-from tuneforge.db.tables import File, Job, SealedBlob, Sweep, Upload, UploadPart
+from tuneforge.db.tables import File, Job, SealedBlob, SealedJobKey, Sweep, Upload, UploadPart
 from tuneforge.db.uploads import PENDING as PENDING_UPLOAD
 from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING
 
@@ -137,3 +138,32 @@ def tokenized_copy_needed(session: Session, *, sha256: str) -> bool:
         if ids & {dataset.get("path"), dataset.get("validation_path")}:
             return True
     return False
+
+
+# ---- job directories sealed at rest ------------------------------------------------------------------
+
+
+def find_job_key(session: Session, *, job_id: str) -> SealedJobKey | None:
+    return session.get(SealedJobKey, job_id)
+
+
+def add_job_key(session: Session, *, job_id: str, tenant_id: str, key_version: int, wrapped_key: str) -> SealedJobKey:
+    row = SealedJobKey(job_id=job_id, tenant_id=tenant_id, key_version=key_version, wrapped_key=wrapped_key,
+                       created_at=now())
+    session.add(row)
+    session.flush()
+    return row
+
+
+def job_keys_wrapped_under_older(session: Session, *, tenant_id: str, version: int,
+                                 limit: int = 500) -> list[SealedJobKey]:
+    return list(session.scalars(select(SealedJobKey).where(SealedJobKey.tenant_id == tenant_id,
+                                                           SealedJobKey.key_version < version)
+                                .order_by(SealedJobKey.job_id).limit(limit)))
+
+
+def rewrap_job_key(session: Session, *, job_id: str, old_version: int, version: int, wrapped_key: str) -> bool:
+    return session.execute(update(SealedJobKey).where(SealedJobKey.job_id == job_id,
+                                                      SealedJobKey.key_version == old_version)
+                           .values(key_version=version, wrapped_key=wrapped_key)
+                           .execution_options(synchronize_session=False)).rowcount == 1

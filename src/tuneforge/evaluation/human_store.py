@@ -30,7 +30,7 @@ from tuneforge.evaluation.human import (
     read_judgements,
 )
 from tuneforge.spec.human_eval import MODELS
-from tuneforge.spec.jobdir import read_report
+from tuneforge.spec.jobdir import EvaluationReport, read_report
 
 DIRECTORY = "human_eval"
 KEY_FILE = "key.json"  # the key, the seed and the creation time: never served
@@ -61,11 +61,12 @@ def _write_json(path: Path, value) -> None:
         staging.unlink(missing_ok=True)
 
 
-def create(job_dir: Path, *, seed: int, now: int) -> dict:
-    """Export the job's evaluation samples blinded and shuffled; AlreadyExists when the job has one."""
+def create(job_dir: Path, *, seed: int, now: int, report: EvaluationReport | None = None) -> dict:
+    """Export the job's evaluation samples blinded and shuffled; AlreadyExists when the job has one. report:
+    the job's evaluation report when the caller read it (sealed at rest, the server decrypts it), else read here."""
     if (job_dir / DIRECTORY).exists():
         raise AlreadyExists(str(job_dir / DIRECTORY))
-    report = read_report(job_dir)
+    report = report if report is not None else read_report(job_dir)
     if report is None:
         raise NoSamples("the job has no evaluation report yet (it is written when the job succeeds)")
     samples = [s for s in report.samples if s.base is not None and s.fine_tuned is not None]

@@ -48,6 +48,11 @@ def _from_job(job_dir: Path, *, base: Path | None, name: str | None) -> ExportSo
     resolved = read_resolved_spec(job_dir) or {}
     quantization = (resolved.get("model") or {}).get("quantization", spec.model.quantization)
     served = name or spec.name or job_dir.name
+    output = job_dir / summary.output
+    if not any(output.glob("*.json")) and any(output.rglob("*.tfe")):  # registry/storage/job_files.py SEALED_SUFFIX
+        raise ExportError(f"{job_dir}: its {summary.output} is sealed at rest (the server's encryption at rest); "
+                          "serve the model through `tuneforge server` (/v1/chat/completions), or `tuneforge models "
+                          "download` it and give that directory")
     if summary.output == MODEL_DIR:
         return ExportSource("model", job_dir / MODEL_DIR, None, served, quantization)
     adapter = job_dir / ADAPTER_DIR

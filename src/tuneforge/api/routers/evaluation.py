@@ -15,12 +15,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from tuneforge.api.dependencies import Config, Db, JobsCaller, Reader
+from tuneforge.api.dependencies import Config, Db, JobsCaller, Reader, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.db import jobs as job_rows
 import tuneforge.evaluation.human_store as human_store
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.storage import job_files
 from tuneforge.spec.human_eval import ExportFormat, HumanEval, HumanEvalCreateRequest, HumanEvalReport
-from tuneforge.spec.jobdir import EvaluationReport, read_report
+from tuneforge.spec.jobdir import REPORT_FILE, EvaluationReport
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["evaluation"])
 JOB_PARAM = "fine_tuning_job_id"
@@ -47,11 +49,29 @@ def _human_eval_dir(db, caller, job_id: str, settings) -> Path:
     return job_dir
 
 
+def _read_report(db, store: LocalArtifactStore, job, settings) -> EvaluationReport | None:
+    """DIR/evaluation.json, decrypted when the job's directory is sealed at rest (registry/storage/job_files.py)."""
+    with db.read_session() as session:
+        try:
+            data = job_files.read_job_file(session, store.keys, tenant_id=job.tenant_id, job_id=job.id,
+                                           job_dir=settings.jobs_dir / job.id, relative=REPORT_FILE)
+        except FileNotFoundError:
+            return None
+        except job_files.JobKeyShredded:
+            raise ApiError(410, f"the evaluation report of {job.id} can no longer be read: tenant {job.tenant_id}'s "
+                                "encryption key was destroyed (crypto-shredded)", param=JOB_PARAM,
+                           code="content_shredded") from None
+        except job_files.SealedFileRefused:
+            raise ApiError(500, f"the evaluation report of {job.id} is damaged in storage (it does not authenticate) "
+                                "and cannot be read", param=JOB_PARAM, code="artifact_damaged") from None
+    return EvaluationReport.model_validate_json(data)
+
+
 @router.get("/{job_id}/evaluation", response_model=EvaluationReport)
-def get_evaluation(job_id: str, caller: Reader, db: Db, settings: Config) -> EvaluationReport:
+def get_evaluation(job_id: str, caller: Reader, db: Db, settings: Config, store: Store) -> EvaluationReport:
     """tuneforge: the job's evaluation report (DIR/evaluation.json), written when the job succeeds."""
     job = _job(db, caller, job_id)
-    report = read_report(settings.jobs_dir / job.id)
+    report = _read_report(db, store, job, settings)
     if report is None:
         raise ApiError(404, f"job {job_id} has no evaluation report (a job writes it when it succeeds and its spec "
                             "evaluates)", param=JOB_PARAM, code="not_found")
@@ -70,13 +90,15 @@ def _report(job_id: str, report) -> HumanEvalReport:
 
 
 @router.post("/{job_id}/human_eval", response_model=HumanEval)
-def create_human_eval(job_id: str, caller: JobsCaller, db: Db, settings: Config,
+def create_human_eval(job_id: str, caller: JobsCaller, db: Db, settings: Config, store: Store,
                       body: HumanEvalCreateRequest | None = None) -> HumanEval:
     """tuneforge: export the job's evaluation samples (base vs fine-tuned) shuffled and blinded; the key
     that un-blinds them stays on the server."""
-    job_dir = _job_dir(db, caller, job_id, settings)
+    job = _job(db, caller, job_id)
+    job_dir = settings.jobs_dir / job.id
     try:
-        human_store.create(job_dir, seed=(body or HumanEvalCreateRequest()).seed, now=int(time.time()))
+        human_store.create(job_dir, seed=(body or HumanEvalCreateRequest()).seed, now=int(time.time()),
+                           report=_read_report(db, store, job, settings))
     except human_store.AlreadyExists:
         raise ApiError(409, f"job {job_id} already has a human evaluation", param=JOB_PARAM,
                        code="human_eval_exists") from None

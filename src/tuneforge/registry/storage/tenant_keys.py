@@ -1,6 +1,7 @@
-"""A tenant's key versions over everything they seal: the object store's objects and the artifact folder's
-sealed blobs. Writing picks (or creates) the live version; rotation re-wraps every data key of both under
-a new version before the old ones are destroyed; shredding destroys every version."""
+"""A tenant's key versions over everything they seal: the object store's objects, the artifact folder's
+sealed blobs and the job directories sealed at rest. Writing picks (or creates) the live version; rotation
+re-wraps every data key of them all under a new version before the old ones are destroyed; shredding
+destroys every version."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def object_wrap_context(tenant_id: str, object_id: str, version: int) -> bytes:
 
 def blob_wrap_context(tenant_id: str, blob_id: str, version: int) -> bytes:
     return f"tuneforge-blob-key/{tenant_id}/{blob_id}/v{version}".encode()
+
+
+def job_key_context(tenant_id: str, job_id: str, version: int) -> bytes:
+    return f"tuneforge-job-key/{tenant_id}/{job_id}/v{version}".encode()
 
 
 def version_for_writing(session: Session, keys: KeyProvider, tenant_id: str) -> int:
@@ -78,7 +83,14 @@ class TenantKeys:
                     blob_rows.rewrap_blob(session, blob_id=blob.id, old_version=blob.key_version, version=version,
                                           wrapped_key=wrap(self.keys, tenant_id, version, data_key,
                                                            blob_wrap_context(tenant_id, blob.id, version)))
-            if not objects and not blobs:
+                jobs = blob_rows.job_keys_wrapped_under_older(session, tenant_id=tenant_id, version=version)
+                for job in jobs:  # the data keys of job directories sealed at rest (registry/storage/job_files.py)
+                    data_key = unwrap(self.keys, tenant_id, job.key_version, job.wrapped_key,
+                                      job_key_context(tenant_id, job.job_id, job.key_version))
+                    blob_rows.rewrap_job_key(session, job_id=job.job_id, old_version=job.key_version, version=version,
+                                             wrapped_key=wrap(self.keys, tenant_id, version, data_key,
+                                                              job_key_context(tenant_id, job.job_id, version)))
+            if not objects and not blobs and not jobs:
                 return
 
     def shred(self, tenant_id: str) -> None:
