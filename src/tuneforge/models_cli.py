@@ -2,7 +2,8 @@
 
 Like `keys` and `tenants`, these talk to the database (TUNEFORGE_DATABASE_URL) and the artifact store of
 the machine they run on, as its operator: a tenant's models are named with --tenant. `register --base`
-is the only way a local directory becomes a model (an API request never names a server path), and
+is the only way a local directory becomes a model (an API request never names a server path; with an object
+store configured the files go there too, for workers on other machines), and
 `download` writes a version's files where the user asks and checks every file against the manifest.
 """
 
@@ -140,18 +141,25 @@ def _print_export(artifact: dict, *, depth: int, with_source: bool) -> None:
 
 def _register(args, settings, db) -> int:
     from tuneforge.cli import UserError
-    from tuneforge.registry.models import RegistryError, register_base_model
+    from tuneforge.registry.models import RegistryError, register_base_model, register_published_base_model
+    from tuneforge.registry.storage.tenant_store import open_tenant_store
 
     if not args.base:
         raise UserError("models register needs --base NAME DIR (the name, and the Hugging Face model directory)")
     name, directory = args.base
-    with db.session() as session:
-        try:
-            row = register_base_model(session, _store(settings), name=name, directory=Path(directory))
-        except (RegistryError, ValueError) as exc:
-            raise UserError(getattr(exc, "message", str(exc))) from None
-        print(f"registered base model {row.name}: {len(row.manifest['files'])} files, sha256:{row.manifest_sha256}",
-              file=sys.stderr)
+    object_store = open_tenant_store(db, settings)  # TUNEFORGE_STORE_URL: workers elsewhere read the model there
+    try:
+        if object_store is not None:
+            manifest, digest = register_published_base_model(db, _store(settings), object_store, name=name,
+                                                             directory=Path(directory))
+        else:
+            with db.session() as session:
+                row = register_base_model(session, _store(settings), name=name, directory=Path(directory))
+                manifest, digest = row.manifest, row.manifest_sha256
+    except (RegistryError, ValueError, OSError) as exc:
+        raise UserError(getattr(exc, "message", None) or str(exc)) from None
+    where = f", published to {settings.store_url}" if object_store is not None else ""
+    print(f"registered base model {name}: {len(manifest['files'])} files, sha256:{digest}{where}", file=sys.stderr)
     return 0
 
 
@@ -228,7 +236,8 @@ def add_models_command(commands) -> None:
     models.add_argument("alias", nargs="?", help="alias: the alias to point at the version")
     models.add_argument("--tenant", help="whose models")
     models.add_argument("--base", nargs=2, metavar=("NAME", "DIR"),
-                        help="register: the base model's name and the local Hugging Face directory to copy in")
+                        help="register: the base model's name and the local Hugging Face directory to copy in (and "
+                        "into the object store when TUNEFORGE_STORE_URL is set; the same files again publish them)")
     models.add_argument("--remove", action="store_true", help="alias: remove the alias instead")
     models.add_argument("--out", metavar="DIR", help="download: the new directory to write the files to")
     models.set_defaults(handler=cmd_models)

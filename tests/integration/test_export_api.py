@@ -1,8 +1,9 @@
 """The Exports API against a real `tuneforge server`: choices deploy: refuses (an adapter export of a fully
 fine-tuned model, a DoRA adapter for vLLM without fallback) answer 400 naming the rule, and nothing is
-scheduled (default suite, no worker); and (slow) on the tiny model with a worker, a trained adapter is
-exported for vLLM as a job of method export, its serve.json shows no server path, its files download as a
-tar stream, another tenant's ids answer 404."""
+scheduled (default suite, no worker); and (slow) on the tiny model with a worker, a job's deploy: export is
+recorded as an export of its model, a trained adapter is exported for vLLM as a job of method export, its
+serve.json shows no server path, its files download as a tar stream, both name the version they came from and
+the version's lineage lists both, another tenant's ids answer 404."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def wait_status(client: httpx.Client, path: str, server: ServerProcess, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = client.get(path).json()
+        assert "status" in body, f"{path}: {body}\n{server.log_text()[-4000:]}"
         if body["status"] in ("succeeded", "failed", "cancelled"):
             return body
         time.sleep(0.5)
@@ -92,19 +94,24 @@ def test_an_adapter_exported_for_vllm_through_the_api(server):
     file = wait_validated(a, post_file(a, EXAMPLE_DATA / "train.jsonl")["id"])
     job = a.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file["id"], "tuneforge": {
         "training": {"max_steps": 2, "per_device_batch_size": 4}, "dataset": {"max_seq_length": 256},
-        "evaluation": {"max_eval_examples": 2, "eval_before_training": False}}})
+        "evaluation": {"max_eval_examples": 2, "eval_before_training": False}, "deploy": {"target": "vllm"}}})
     assert job.status_code == 200, job.text
     trained = wait_status(a, f"/v1/fine_tuning/jobs/{job.json()['id']}", server)
     assert trained["status"] == "succeeded", trained["error"]
     model = trained["fine_tuned_model"]
     exports = f"/v1/models/{model}/exports"
 
+    # deploy: in the spec exported the adapter when the job succeeded, recorded as an export of its model.
+    (deployed,) = a.get(exports).json()["data"]
+    assert (deployed["origin"], deployed["status"], deployed["format"]) == ("deploy", "succeeded", "adapter")
+    assert deployed["source"]["version"] == "v1" and deployed["lineage"]["job_id"] == job.json()["id"]
+
     # Choices deploy: refuses are refused before anything is scheduled, naming what is wrong.
     wrong = a.post(exports, json={"format": "gguf", "target": "vllm"})
     assert wrong.status_code == 400 and "does not serve on target vllm" in wrong.json()["error"]["message"], wrong.text
     wrong = a.post(exports, json={"format": "merged", "fallback": "merged"})
     assert wrong.status_code == 400 and "fallback applies to adapter exports" in wrong.json()["error"]["message"]
-    assert a.get(exports).json()["data"] == []
+    assert [e["id"] for e in a.get(exports).json()["data"]] == [deployed["id"]]
 
     created = a.post(exports, json={"format": "adapter", "target": "vllm", "gpu_type": "l4"})
     assert created.status_code == 200, created.text
@@ -117,8 +124,13 @@ def test_an_adapter_exported_for_vllm_through_the_api(server):
     assert command.startswith("vllm serve $BASE_MODEL ") and "--lora-modules " in command
     assert "=adapter " in command and "--chat-template chat_template.jinja" in command
     assert "$BASE_MODEL" in done["placeholders"]
+    assert done["origin"] == "export_job" and done["source"] == deployed["source"]
+    assert done["lineage"]["source"]["version_id"] == deployed["source"]["version_id"]
     listed = a.get(exports).json()["data"]
-    assert [e["id"] for e in listed] == [export_id]
+    assert [e["id"] for e in listed] == [deployed["id"], export_id]
+    traced = a.get(f"/v1/registry/models/{deployed['source']['name']}/versions/v1/lineage").json()
+    assert [(e["id"], e["origin"]) for e in traced["exports"]] == [(deployed["id"], "deploy"), (export_id, "export_job")]
+    assert traced["exports"][1]["manifest_sha256"] == done["lineage"]["manifest_sha256"]
     for text in (a.get(f"{exports}/{export_id}").text, a.get(exports).text):
         assert str(server.home) not in text and "/tmp" not in text  # no server path in any answer
 

@@ -1,7 +1,10 @@
 """Exports as registry artifacts, against real SQLite and PostgreSQL: a succeeded export's files go into the
 content-addressed store (owned by the export, so the collector keeps them), its lineage names the model version
 it was made from and survives that version's deletion, and `tuneforge models lineage` shows it both ways (the
-export's id -> the version and its chain; the version -> its exports). Another tenant's export id is unknown."""
+export's id -> the version and its chain; the version -> its exports). Another tenant's export id is unknown.
+deploy: in a training job's spec is recorded the same way when the job's output is registered, and the API shows
+the lineage both ways too: an export object names its source version and its recorded lineage, a version's
+lineage lists its exports (deploy:, Exports API, one still queued)."""
 
 from __future__ import annotations
 
@@ -10,20 +13,22 @@ import os
 from pathlib import Path
 
 import pytest
-from test_registry_db import db, make_job, register  # noqa: F401 - db is the fixture
+from test_registry_db import db, make_job, register, write_output  # noqa: F401 - db is the fixture
 
 from tuneforge.cli import main
 from tuneforge.db import exports as export_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
+from tuneforge.db import tenants as tenant_rows
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.exports import LINEAGE_PATH, export_artifact, exports_of_version, register_export
-from tuneforge.registry.models import delete_model_and_version
+from tuneforge.registry.models import delete_model_and_version, register_job_output
 from tuneforge.registry.versions import manifest_digest, verify_directory
 from tuneforge.scheduler import states
 from tuneforge.spec import validate_job_spec
-from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR
+from tuneforge.settings import Settings
+from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR, Deployment, Evaluation, JobSummary, write_summary
 from tuneforge.spec.job import NO_DATASET
 
 
@@ -39,6 +44,12 @@ def export_job(db, home: Path, *, model_id: str, tenant: str = "t") -> tuple[str
         export = export_rows.create_export(session, tenant_id=tenant, model_id=model_id, job_id=job.id)
         job_id, export_id = job.id, export.id
     job_dir = home / "jobs" / job_id
+    write_export(job_dir, home)
+    return job_id, export_id, job_dir
+
+
+def write_export(job_dir: Path, home: Path) -> None:
+    """DIR/export as an adapter export for vLLM writes it (the export job's recipe, or a training job's deploy:)."""
     out = job_dir / EXPORT_DIR
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
@@ -49,7 +60,6 @@ def export_job(db, home: Path, *, model_id: str, tenant: str = "t") -> tuple[str
         "checks": {"server_rules": "vllm: all passed", "adapter": str(out / "adapter")},
         "commands": {"vllm": f"vllm serve {home}/models/tiny-llama --enable-lora"}}))
     (job_dir / ENVIRONMENT_FILE).write_text(json.dumps({"torch": "2.13.0", "peft": "1"}))
-    return job_id, export_id, job_dir
 
 
 def lineage_output(capsys, *args: str) -> str:
@@ -129,3 +139,106 @@ def test_a_job_that_is_not_an_exports_api_export_records_nothing(db, tmp_path):
         job = job_rows.get_job_any_tenant(session, job_id=trained)
         assert register_export(session, LocalArtifactStore(tmp_path / "artifacts"), job=job,
                                job_dir=home / "jobs" / trained) is None
+
+
+def trained_summary(deployment: Deployment | None) -> JobSummary:
+    return JobSummary(method="sft", adapter="lora", base_model="tiny-llama", device="cpu", precision="fp32", steps=2,
+                      epochs=1.0, train_loss=1.0, train_loss_last_10_mean=1.0, tokens_seen=10, trained_tokens=5,
+                      trainable_parameters=8, eval=Evaluation(), output="adapter", train_seconds=1.0, wall_time_s=2.0,
+                      world_size=1, strategy="single", ranks=[], deployment=deployment)
+
+
+def trained_with_deploy(db, store, home: Path, deployment: Deployment | None) -> tuple[str, str]:
+    """A training job with deploy: whose recipe wrote its adapter (and, when deploy: succeeded, DIR/export), then
+    registered as the worker registers a succeeded job's output; returns (job id, model id)."""
+    job_id, _ = make_job(db, deploy={"target": "vllm"})
+    job_dir = home / "jobs" / job_id
+    write_output(job_dir, b"deployed-weights")
+    if deployment is not None and deployment.status == "succeeded":
+        write_export(job_dir, home)
+    write_summary(job_dir, trained_summary(deployment))
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=job_id)
+        model = register_job_output(session, job=job, job_dir=job_dir, home=home, output="adapter", store=store)
+        job.status = "succeeded"  # as states.succeed left it, in the same transaction
+        return job_id, model.id
+
+
+def test_deploy_in_a_job_spec_is_recorded_and_the_api_shows_each_exports_lineage(db, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.api.app import create_app
+
+    home = Path(os.environ["TUNEFORGE_HOME"])
+    app = create_app(Settings.from_env(database_url=db.engine.url.render_as_string(hide_password=False),
+                                       artifacts_dir=tmp_path / "artifacts"), db=db)
+    store = app.state.store
+    keys = {}
+    with db.session() as session:
+        for tenant in ("t", "u"):
+            _, keys[tenant] = tenant_rows.create_api_key(session, tenant_id=tenant)
+    succeeded = Deployment(status="succeeded", target="vllm", format="adapter", path=EXPORT_DIR, command="vllm serve")
+    trained, model_id = trained_with_deploy(db, store, home, succeeded)
+
+    # Recorded as an export of the job's new model, through the path an Exports API export takes.
+    with db.session() as session:
+        ((deployed, job),) = export_rows.list_exports(session, tenant_id="t", model_id=model_id)
+        assert job.id == trained  # the training job made it: its status is the export's
+        version = version_rows.version_of_model(session, tenant_id="t", model_id=model_id)
+        lineage = export_artifact(session, store, export=deployed)["lineage"]
+    assert lineage["origin"] == "deploy" and lineage["job_id"] == trained
+    assert (lineage["source"]["name"], lineage["source"]["version"], lineage["source"]["version_id"]) == (
+        "support-bot", "v1", version.id)
+    assert (lineage["format"], lineage["target"], lineage["files"]) == ("adapter", "vllm", 4)
+
+    # An Exports API export of the same version (succeeded), and one still queued.
+    api_job, api_export, api_dir = export_job(db, home, model_id=model_id)
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=api_job)
+        register_export(session, store, job=job, job_dir=api_dir)
+        job.status = "succeeded"
+    queued_job, queued_export, _ = export_job(db, home, model_id=model_id)
+
+    client = TestClient(app, headers={"Authorization": f"Bearer {keys['t']}"})
+    listed = client.get(f"/v1/models/{model_id}/exports")
+    assert listed.status_code == 200, listed.text
+    objects = {e["id"]: e for e in listed.json()["data"]}
+    assert list(objects) == [deployed.id, api_export, queued_export]
+    assert [e["origin"] for e in objects.values()] == ["deploy", "export_job", "export_job"]
+    for export in objects.values():  # each names the version it came from
+        assert (export["source"]["version_id"], export["source"]["version"]) == (version.id, "v1")
+    shown = client.get(f"/v1/models/{model_id}/exports/{deployed.id}").json()
+    assert shown["status"] == "succeeded" and shown["lineage"] == lineage and shown["descriptor"]["format"] == "adapter"
+    assert objects[api_export]["lineage"]["origin"] == "export_job"
+    assert objects[queued_export]["status"] == "queued" and objects[queued_export]["lineage"] is None
+    assert str(home) not in listed.text
+
+    # The version's lineage lists its exports, with the digest of each recorded one's files.
+    traced = client.get("/v1/registry/models/support-bot/versions/v1/lineage")
+    assert traced.status_code == 200, traced.text
+    exports = traced.json()["exports"]
+    assert [(e["id"], e["origin"], e["status"]) for e in exports] == [
+        (deployed.id, "deploy", "succeeded"), (api_export, "export_job", "succeeded"), (queued_export, "export_job", "queued")]
+    assert exports[0]["manifest_sha256"] == lineage["manifest_sha256"] and exports[0]["job_id"] == trained
+    assert exports[2]["manifest_sha256"] is None and exports[2]["job_id"] == queued_job
+    assert traced.json()["chain"][0]["job_id"] == trained and str(home) not in traced.text
+
+    # Its deploy: leaves the training job a fine-tuning job; the export jobs stay out of that list.
+    assert client.get(f"/v1/fine_tuning/jobs/{trained}").status_code == 200
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs").json()["data"]] == [trained]
+
+    # Another tenant sees neither the exports nor the lineage.
+    other = TestClient(app, headers={"Authorization": f"Bearer {keys['u']}"})
+    assert other.get(f"/v1/models/{model_id}/exports/{deployed.id}").status_code == 404
+    assert other.get("/v1/registry/models/support-bot/versions/v1/lineage").status_code == 404
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_failed_or_absent_deploy_records_no_export(db, tmp_path):
+    home = Path(os.environ["TUNEFORGE_HOME"])
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    failed = Deployment(status="failed", target="vllm", format="adapter", error="ValueError: bias: bias is 'all'")
+    for deployment in (failed, None):
+        _, model_id = trained_with_deploy(db, store, home, deployment)
+        with db.session() as session:
+            assert export_rows.list_exports(session, tenant_id="t", model_id=model_id) == []

@@ -51,14 +51,15 @@ def db(database_url):
 
 
 def make_job(db: Database, *, base: str = "tiny-llama", suffix: str | None = "support-bot", tenant: str = "t",
-             keep_last: int = 2) -> tuple[str, str]:
-    """A queued job on a real file row; returns (job id, file id)."""
+             keep_last: int = 2, deploy: dict | None = None) -> tuple[str, str]:
+    """A queued job on a real file row (with deploy: when given); returns (job id, file id)."""
     with db.session() as session:
         tenant_rows.ensure_tenant(session, tenant_id=tenant)
         file = file_rows.create_file(session, tenant_id=tenant, filename="train.jsonl", purpose="fine-tune", size=10,
                                      sha256="ab" * 32, report={}, status="processed", status_details=None)
         spec = validate_job_spec({"name": suffix, "model": {"base_model": base}, "dataset": {"path": file.id},
-                                  "training": {"seed": 7}, "checkpoint": {"keep_last": keep_last}})
+                                  "training": {"seed": 7}, "checkpoint": {"keep_last": keep_last},
+                                  **({"deploy": deploy} if deploy else {})})
         job = job_rows.create_job(session, tenant_id=tenant, spec=spec, model=base, training_file=file.id,
                                   validation_file=None, suffix=suffix, metadata=None)
         assert states.admit(session, job_id=job.id)

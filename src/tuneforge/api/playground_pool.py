@@ -1,6 +1,8 @@
 """The playground processes behind the API's /v1/chat/completions and /v1/completions: one per base model,
 started on first use, at most TUNEFORGE_PLAYGROUND_MAX_PROCESSES at once (the least recently used idle one
-is stopped for a new base), each with up to TUNEFORGE_PLAYGROUND_MAX_ADAPTERS adapters hot-added.
+is stopped for a new base), each with up to TUNEFORGE_PLAYGROUND_MAX_ADAPTERS adapters hot-added. A process no
+request has used for TUNEFORGE_PLAYGROUND_IDLE_SECONDS is stopped by the pool's reaper thread, so a model tried
+once does not hold its memory for the server's life; the next request for its base starts it again.
 
 The API process never imports torch: each base runs in its own child (export/playground_process.py) on
 127.0.0.1, a port the kernel picks, answering only requests with this pool's random shared secret. What a
@@ -28,10 +30,12 @@ from pathlib import Path
 import httpx
 from sqlalchemy.orm import Session
 
+from tuneforge.db import model_versions as version_rows
 from tuneforge.home import models_dir, tuneforge_home
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.models import (
     CHECKPOINT_SUFFIX,
+    MAX_LINEAGE_DEPTH,
     ModelSource,
     RegistryError,
     materialize_source,
@@ -43,9 +47,20 @@ from tuneforge.settings import Settings
 
 log = logging.getLogger("tuneforge.playground")
 SECRET_ENV = "TUNEFORGE_PLAYGROUND_SECRET"  # as export/playground_process.py reads it
+EXIT_NOT_SERVABLE = 3  # export/playground_process.py: the base does not generate text (the reason in its refusal file)
+MAX_REFUSAL_CHARS = 2000
+# What the registry knows does not generate text, refused before a process starts for it: training methods whose
+# outputs are not causal language models, and the built-in bases they train.
+NOT_GENERATING = {
+    "reward": "it is a reward model: it scores text and does not generate it",
+    "clip": "it is a CLIP model: it embeds images and text and does not generate text",
+    "vlm": "it is a vision-language model, and the playground's requests carry text only",
+}
+BUILTIN_METHODS = {"tiny-clip": "clip", "tiny-llava": "vlm"}
 SECRET_HEADER = "x-tuneforge-playground-secret"
 BASE_NAME = "base"  # what a child calls its base model; adapters are "adapter-<digest>"
 STOP_SECONDS = 10.0
+MAX_REAP_INTERVAL = 30.0  # how often, at most, the reaper looks for idle processes
 
 
 class PlaygroundUnavailable(Exception):
@@ -55,6 +70,15 @@ class PlaygroundUnavailable(Exception):
                  retry_after: int | None = None):
         super().__init__(message)
         self.message, self.status, self.code, self.retry_after = message, status, code, retry_after
+        self.reason: str | None = None  # model_not_servable: why, for the answer to name the request's model
+
+
+def not_servable(reason: str) -> PlaygroundUnavailable:
+    """A base the playground process refused (its reason, no paths): a 400, the same for every later request."""
+    refused = PlaygroundUnavailable(f"the playground cannot serve this model: {reason}", status=400,
+                                    code="model_not_servable")
+    refused.reason = reason
+    return refused
 
 
 @dataclass(frozen=True)
@@ -84,11 +108,31 @@ def resolve_pinned(session: Session, *, tenant_id: str, ref: str) -> tuple[str, 
         raise RegistryError(f"{ref}: the playground serves models, not their checkpoints; ask for the model itself",
                             status=400, code="invalid_value")
     pinned = resolve_base_reference(session, tenant_id=tenant_id, ref=ref)
+    if problem := generation_problem(session, tenant_id=tenant_id, pinned=pinned):
+        raise RegistryError(f"the playground cannot serve {ref}: {problem}", status=400, code="model_not_servable")
     source = model_source(session, tenant_id=tenant_id, base_model=pinned, home=tuneforge_home())
     if source.directory is not None:  # a model row from before versions: no manifest to load it from
         raise RegistryError(f"{ref} was registered before model versions existed, so the registry holds no files "
                             "for it; serve its job directory with `tuneforge serve`", status=400, code="invalid_value")
     return pinned, source
+
+
+def generation_problem(session: Session, *, tenant_id: str, pinned: str) -> str | None:
+    """Why the registry already knows a pinned model does not generate text (its version's method, or that of
+    a version down its lineage, or a built-in base's), None when it knows no reason: the playground process
+    checks the base's config itself when it loads it."""
+    ref: str | None = pinned
+    for _ in range(MAX_LINEAGE_DEPTH):
+        if ref in BUILTIN_METHODS:
+            return NOT_GENERATING[BUILTIN_METHODS[ref]]
+        version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=ref) if ref else None
+        if version is None:
+            return None
+        lineage = version.lineage or {}
+        if lineage.get("method") in NOT_GENERATING:
+            return NOT_GENERATING[lineage["method"]]
+        ref = (lineage.get("base_model") or {}).get("ref")
+    return None
 
 
 def materialize_target(store: LocalArtifactStore, source: ModelSource, *, tenant_store=None,
@@ -146,6 +190,9 @@ class PlaygroundPool:
         self._starting: dict[str, threading.Event] = {}
         self._closed = False
         self._tenant_store = None
+        self._closing = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._refused: dict[str, str] = {}  # base -> why its process refused it (a base's files never change)
 
     # ---- leasing a model for one request ---------------------------------------------------------
 
@@ -192,6 +239,8 @@ class PlaygroundPool:
             with self._lock:
                 if self._closed:
                     raise PlaygroundUnavailable("the server is shutting down")
+                if base in self._refused:
+                    raise not_servable(self._refused[base])
                 child = self._processes.get(base)
                 if child is not None and not child.alive():
                     log.warning("the playground process for %s exited with %s; starting another", base,
@@ -214,6 +263,8 @@ class PlaygroundPool:
                 if not waiting.wait(timeout=max(0.0, deadline - time.monotonic())):
                     raise PlaygroundUnavailable("the playground process for this model is still starting; retry",
                                                 retry_after=10)
+                if base in self._refused:
+                    raise not_servable(self._refused[base])
                 if base not in self._processes:
                     raise PlaygroundUnavailable("the playground process for this model could not start "
                                                 "(the server's log says why)")
@@ -224,6 +275,7 @@ class PlaygroundPool:
                 child = self._start(base)  # held by this request (in_flight 1)
                 with self._lock:
                     self._processes[base] = child
+                    self._start_reaper()
                 return child
             finally:
                 with self._lock:
@@ -250,9 +302,9 @@ class PlaygroundPool:
     def _start(self, base: str) -> PlaygroundProcess:
         home = tuneforge_home()
         workdir = Path(tempfile.mkdtemp(prefix="playground-", dir=self._runtime_dir()))
-        port_file = workdir / "port"
+        port_file, refusal_file = workdir / "port", workdir / "refused"
         command = [sys.executable, "-m", "tuneforge.export.playground_process", "--base", base, "--name", BASE_NAME,
-                   "--port-file", str(port_file)]
+                   "--port-file", str(port_file), "--refusal-file", str(refusal_file)]
         for root in (home / "registry", models_dir()):
             command += ["--allowed-root", str(root)]
         env = {**os.environ, SECRET_ENV: self.secret}
@@ -268,6 +320,12 @@ class PlaygroundPool:
         while not port_file.is_file():
             if process.poll() is not None or time.monotonic() > deadline:
                 self._kill(process)
+                if process.returncode == EXIT_NOT_SERVABLE and refusal_file.is_file():
+                    reason = refusal_file.read_text(encoding="utf-8", errors="replace")[:MAX_REFUSAL_CHARS]
+                    shutil.rmtree(workdir, ignore_errors=True)
+                    with self._lock:
+                        self._refused[base] = reason
+                    raise not_servable(reason)
                 shutil.rmtree(workdir, ignore_errors=True)
                 reason = (f"exited with {process.returncode}" if process.returncode is not None
                           else f"did not start within {self.settings.playground_start_timeout_seconds:g} s")
@@ -320,6 +378,37 @@ class PlaygroundPool:
 
     # ---- stopping -----------------------------------------------------------------------------------
 
+    def stop_idle(self, now: float | None = None) -> list[str]:
+        """One pass of the reaper: stop every process that answers no request and has answered none for
+        TUNEFORGE_PLAYGROUND_IDLE_SECONDS (0: never), freeing its model's memory. Returns the bases stopped."""
+        idle_seconds = self.settings.playground_idle_seconds
+        if idle_seconds <= 0:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:  # a request takes a process under this lock too: one removed here is leased by none
+            idle = [child for child in self._processes.values()
+                    if child.in_flight == 0 and now - child.last_used >= idle_seconds]
+            for child in idle:
+                del self._processes[child.base]
+        for child in idle:
+            log.info("the playground process for %s answered nothing for %g s", child.base, idle_seconds)
+            self._stop(child)
+        return [child.base for child in idle]
+
+    def _start_reaper(self) -> None:
+        """Under the lock: the reaper thread, once, when the first process starts (none runs before)."""
+        if self._reaper is None and self.settings.playground_idle_seconds > 0:
+            self._reaper = threading.Thread(target=self._reap, name="playground-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        interval = min(MAX_REAP_INTERVAL, max(0.2, self.settings.playground_idle_seconds / 4))
+        while not self._closing.wait(interval):
+            try:
+                self.stop_idle()
+            except Exception:  # a stop that failed is logged; the reaper keeps going for the others
+                log.exception("stopping idle playground processes failed")
+
     def forget(self, child: PlaygroundProcess) -> None:
         """A child that failed a request: stopped, so the next request starts a fresh one."""
         with self._lock:
@@ -357,6 +446,7 @@ class PlaygroundPool:
             return [base for base, _ in sorted(self._processes.items(), key=lambda item: item[1].last_used)]
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             self._closed = True
             children, self._processes = list(self._processes.values()), {}

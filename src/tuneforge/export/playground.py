@@ -77,6 +77,12 @@ class Playground:
             self.tokenizers[self.base_name] = _tokenizer(first)
         self.tokenizer = self.tokenizers[self.base_name]
         if base_model is None:
+            from tuneforge.export.playground_process import NotServable, check_generates
+
+            try:
+                check_generates(base_dir)  # a CLIP or LLaVA directory: say so, not AutoModelForCausalLM's traceback
+            except NotServable as exc:
+                raise ExportError(f"{base_dir}: {exc}") from None
             base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=self.dtype)
         self.model = base_model.to(self.device).eval()
         self.adapters: list[str] = []

@@ -1,6 +1,7 @@
 """The playground process `tuneforge server` starts for registered models (api/playground_pool.py).
 
     python -m tuneforge.export.playground_process --base BASE --name NAME --port-file FILE --allowed-root DIR ...
+        [--refusal-file FILE]
 
 One base model (a built-in name, or a directory the API process materialized from the registry; a registry
 adapter that later versions trained on is merged into its own base first, as training did) served by the
@@ -8,6 +9,9 @@ playground's app (export/playground.py), adapters hot-added by the API process (
 request for them. Torch lives here, never in the API process. It listens on 127.0.0.1 only, on a port the
 kernel picks (written to FILE once the model is loaded), and answers only requests carrying the shared secret
 the API process put in TUNEFORGE_PLAYGROUND_SECRET; an adapter it loads must lie under an --allowed-root.
+A base that does not generate text (a CLIP or vision-language model, a classifier head) is refused before its
+weights load: the reason goes to --refusal-file and the process exits with EXIT_NOT_SERVABLE, which the API
+process answers as a 400 naming it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,35 @@ import socket
 import sys
 from pathlib import Path
 
+from tuneforge.export.source import ExportError
 from tuneforge.spec.jobdir import BASE_OF_ADAPTER
 
 SECRET_ENV = "TUNEFORGE_PLAYGROUND_SECRET"
 SECRET_HEADER = "x-tuneforge-playground-secret"
 MAX_LINEAGE_DEPTH = 32
+EXIT_NOT_SERVABLE = 3
+CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+class NotServable(ExportError):
+    """A base model the playground cannot generate text with; the message names why, without a path."""
+
+
+def check_generates(directory: Path) -> None:
+    """Refuse a model directory transformers cannot load as a causal language model, or whose weights are a
+    classification head's (a reward model trained in full: loaded as a causal LM its answer would come from an
+    untrained lm_head), from its config alone."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(directory)
+    architectures = list(getattr(config, "architectures", None) or [])
+    named = f" ({', '.join(architectures)})" if architectures else ""
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NotServable(f"it is a {config.model_type} model{named}, which transformers cannot load as a causal "
+                          "language model; the playground serves models that generate text")
+    if architectures and all(name.endswith(CLASSIFIER_HEADS) for name in architectures):
+        raise NotServable(f"its weights are a classification head{named}: it scores text and does not generate it")
 
 
 def load_base(ref: str, dtype, *, depth: int = 0):
@@ -49,6 +77,7 @@ def load_base(ref: str, dtype, *, depth: int = 0):
         merged = PeftModel.from_pretrained(parent, path).merge_and_unload()
         return merged.to(dtype), path
     directory = resolve_base_model(ref)
+    check_generates(directory)
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype), directory
 
 
@@ -108,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", required=True, type=Path, help="where to write the port once serving")
     parser.add_argument("--allowed-root", action="append", type=Path, default=[],
                         help="a directory adapters may be loaded from (repeatable)")
+    parser.add_argument("--refusal-file", type=Path, help="where to write why the base cannot be served, if it cannot")
     args = parser.parse_args(argv)
     secret = os.environ.pop(SECRET_ENV, "")
     if len(secret) < 32:
@@ -117,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuneforge.export.playground import Playground
 
-    model, tokenizer_dir = load_base(args.base, Playground.serving_dtype())
+    try:
+        model, tokenizer_dir = load_base(args.base, Playground.serving_dtype())
+    except NotServable as exc:
+        print(f"playground process: not serving {args.base}: {exc}", file=sys.stderr, flush=True)
+        if args.refusal_file is not None:
+            staging = args.refusal_file.with_name(args.refusal_file.name + ".tmp")
+            staging.write_text(str(exc), encoding="utf-8")
+            os.replace(staging, args.refusal_file)
+        return EXIT_NOT_SERVABLE
     playground = Playground.on_base(model, tokenizer_dir=tokenizer_dir, name=args.name)
     app = create_process_app(playground, secret=secret, allowed_roots=args.allowed_root)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -3,8 +3,11 @@ store and its lineage (the model version it was made from, the export's choices 
 one more blob beside them; the export's id owns both in registry_blobs, so the collector keeps them and the
 lineage outlives the job directory, the version (deleted later) and the export job's row.
 
+Two doors make an export: the Exports API (a job of method export) and deploy: in a training job's spec (the
+recipe exports its own output into DIR/export); both are recorded here, the same way, as a model export row.
 The lineage is written once, when the export succeeds, and never changes (a content-addressed blob):
-`tuneforge models lineage EXPORT_ID` and `tuneforge models lineage NAME@vN` (its exports) read it.
+`tuneforge models lineage EXPORT_ID`, `tuneforge models lineage NAME@vN` (its exports) and the API's export
+objects and version lineage read it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tuneforge.db.tables import Job, ModelExport, ModelVersion
 from tuneforge.registry.artifacts import CHUNK, LocalArtifactStore
 from tuneforge.registry.lineage import chat_template_sha256, without_server_paths
 from tuneforge.registry.versions import store_directory
-from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR
+from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR, read_summary
 
 LINEAGE_PATH = ".tuneforge/lineage.json"  # the lineage's blob among the export's rows; not a file of the export
 MAX_LINEAGE_BYTES = 1 << 20
@@ -48,6 +51,11 @@ def source_record(session: Session, *, tenant_id: str, model_id: str) -> dict[st
             "base_model": (version.lineage or {}).get("base_model")}
 
 
+def _origin(job: Job) -> str:
+    """export_job: the Exports API's job of method export; deploy: a training job's deploy: exported its output."""
+    return "export_job" if (job.spec or {}).get("method") == "export" else "deploy"
+
+
 def export_lineage(session: Session, *, export: ModelExport, job: Job, job_dir: Path, manifest: dict[str, Any],
                    manifest_sha256: str) -> dict[str, Any]:
     descriptor = _read_json(job_dir / EXPORT_DIR / "serve.json") or {}
@@ -55,6 +63,7 @@ def export_lineage(session: Session, *, export: ModelExport, job: Job, job_dir: 
     return {
         "kind": "export",
         "export_id": export.id,
+        "origin": _origin(job),
         "job_id": job.id,
         "tenant": export.tenant_id,
         "created_at": now(),
@@ -84,8 +93,8 @@ def _put_bytes(store: LocalArtifactStore, data: bytes) -> tuple[str, int]:
 
 
 def register_export(session: Session, store: LocalArtifactStore, *, job: Job, job_dir: Path) -> dict[str, Any] | None:
-    """Record a succeeded export job's files and lineage in the registry; its lineage (None: the job is not an
-    Exports API export)."""
+    """Record a succeeded export's files and lineage in the registry; its lineage (None: no export row names the
+    job: neither an Exports API export nor a recorded deploy:)."""
     export = export_rows.export_of_job(session, job_id=job.id)
     if export is None:
         return None
@@ -95,6 +104,23 @@ def register_export(session: Session, store: LocalArtifactStore, *, job: Job, jo
     export_rows.record_artifact(session, export_id=export.id,
                                 files=[*manifest["files"], {"path": LINEAGE_PATH, "sha256": sha256, "bytes": size}])
     return lineage
+
+
+def register_deploy_export(session: Session, store: LocalArtifactStore, *, job: Job, job_dir: Path,
+                           model_id: str) -> dict[str, Any] | None:
+    """deploy: in a training job's spec: the export its recipe wrote to DIR/export, recorded as an export of the job's
+    new model (model_id, registered just before) exactly as an Exports API export is; its lineage (None: deploy:
+    made no export, or it failed and the summary says why)."""
+    try:
+        summary = read_summary(job_dir)
+    except ValueError:
+        return None
+    deployment = summary.deployment if summary is not None else None
+    if deployment is None or deployment.status != "succeeded" or not (job_dir / EXPORT_DIR / "serve.json").is_file():
+        return None
+    if export_rows.export_of_job(session, job_id=job.id) is None:
+        export_rows.create_export(session, tenant_id=job.tenant_id, model_id=model_id, job_id=job.id)
+    return register_export(session, store, job=job, job_dir=job_dir)
 
 
 def export_artifact(session: Session, store: LocalArtifactStore, *, export: ModelExport) -> dict[str, Any] | None:
@@ -111,6 +137,25 @@ def export_artifact(session: Session, store: LocalArtifactStore, *, export: Mode
         lineage = None
     return {"export_id": export.id, "files": [row for row in rows if row["path"] != LINEAGE_PATH],
             "lineage": lineage}
+
+
+def export_summary(session: Session, store: LocalArtifactStore, *, export: ModelExport, job: Job) -> dict[str, Any]:
+    """One export of a version as its lineage lists it: the export, its status, how it was made and, once
+    recorded, the digest of its files."""
+    artifact = export_artifact(session, store, export=export) if job.status == "succeeded" else None
+    lineage = (artifact or {}).get("lineage") or {}
+    deploy = (job.spec or {}).get("deploy") or {}
+    return {"id": export.id, "status": job.status, "created_at": export.created_at, "job_id": job.id,
+            "origin": _origin(job),
+            "format": lineage.get("format") or deploy.get("format"), "target": lineage.get("target") or deploy.get("target"),
+            "fallback_from": lineage.get("fallback_from"), "manifest_sha256": lineage.get("manifest_sha256"),
+            "files": lineage.get("files"), "bytes": lineage.get("bytes")}
+
+
+def version_exports(session: Session, store: LocalArtifactStore, *, version: ModelVersion) -> list[dict[str, Any]]:
+    """Every export of a version's model (scheduled, running, failed or recorded), oldest first."""
+    return [export_summary(session, store, export=export, job=job)
+            for export, job in export_rows.list_exports(session, tenant_id=version.tenant_id, model_id=version.model_id)]
 
 
 def exports_of_version(session: Session, store: LocalArtifactStore, *, version: ModelVersion) -> list[dict[str, Any]]:

@@ -23,11 +23,13 @@ from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
 from tuneforge.db.tables import FineTunedModel, Job, JobCheckpoint, ModelVersion
 from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.exports import register_deploy_export
 from tuneforge.registry.lineage import job_lineage
 from tuneforge.registry.retention import apply_retention
 from tuneforge.registry.versions import materialize, store_directory
 from tuneforge.spec.api import ACTIVE_STATUSES
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
+from tuneforge.spec.jobdir import MODEL_DIR
 from tuneforge.spec.openai_jobs import REGISTERED_MODEL, registered_models
 
 BASE_MODEL_OWNER = "tuneforge"
@@ -69,8 +71,8 @@ def model_name_of(job: Job) -> str:
 def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path, output: str,
                         store: LocalArtifactStore | None = None) -> FineTunedModel:
     """Record the adapter (or full model) a job wrote as a model of the job's tenant and, with a store, as
-    the next version of its model name: files into the store (deduplicated), manifest, lineage; then the
-    checkpoint retention policy."""
+    the next version of its model name: files into the store (deduplicated), manifest, lineage; the export its
+    deploy: made, as an export of that model with its own lineage; then the checkpoint retention policy."""
     location = os.path.relpath(job_dir / output, home)
     kind = "model" if output == "model" else "adapter"
     model = model_rows.create_model(
@@ -84,6 +86,7 @@ def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path
             manifest=manifest, manifest_sha256=digest,
             lineage=job_lineage(session, job=job, job_dir=job_dir, output=job_dir / output),
         )
+        register_deploy_export(session, store, job=job, job_dir=job_dir, model_id=model.id)
         apply_retention(session, job_id=job.id, job_dir=job_dir,
                         keep_last=JobSpec.model_validate(job.spec).checkpoint.keep_last, best_step=_best_step(job_dir))
     return model
@@ -208,6 +211,10 @@ class ModelSource:
     # under which that job published them to the object store (registry/storage/jobs.py stage_registered_model).
     job_id: str | None = None
     output: str | None = None
+    # A registered base model's: its name, and its manifest's digest, which names its files in the object store
+    # (registry/storage/jobs.py publish_base_model).
+    registered_base: str | None = None
+    manifest_sha256: str | None = None
 
 
 def model_source(session: Session, *, tenant_id: str, base_model: str, home: Path, depth: int = 0) -> ModelSource:
@@ -216,7 +223,8 @@ def model_source(session: Session, *, tenant_id: str, base_model: str, home: Pat
         raise RegistryError(f"the lineage of {base_model} is deeper than {MAX_LINEAGE_DEPTH} models")
     registered = version_rows.get_base_model(session, name=base_model) if NAME.fullmatch(base_model) else None
     if registered is not None:
-        return ModelSource(manifest=registered.manifest)
+        return ModelSource(manifest=registered.manifest, output=MODEL_DIR, registered_base=registered.name,
+                           manifest_sha256=registered.manifest_sha256)
     if not REGISTERED_MODEL.match(base_model):  # a built-in model (or a spec from the CLI's own door)
         return ModelSource(as_is=base_model)
     version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=base_model)
@@ -290,15 +298,46 @@ def checkpoint_models(session: Session, *, models: list[FineTunedModel]) -> list
 # ---- base models an admin registers -----------------------------------------------------------------
 
 
-def register_base_model(session: Session, store: LocalArtifactStore, *, name: str, directory: Path):
-    """Copy a local Hugging Face model directory into the store as the base model `name` (CLI, admin only)."""
+def _stored_base_model(store: LocalArtifactStore, *, name: str, directory: Path, registered_sha256: str | None):
+    """A base model directory's files into the artifact store, checked first; (manifest, digest)."""
     if not NAME.fullmatch(name) or name in BUILTIN_BASE_MODELS:
         raise RegistryError(f"base model name {name!r}: expected lowercase letters, digits and dashes (at most 64), "
                             f"not a built-in model's", status=400, code="invalid_value")
-    if version_rows.get_base_model(session, name=name) is not None:
-        raise RegistryError(f"a base model named {name!r} is registered already", status=409, code="conflict")
     if not (directory / "config.json").is_file():
         raise RegistryError(f"{directory}: not a Hugging Face model directory (no config.json)", status=400,
                             code="invalid_value")
     manifest, digest = store_directory(store, directory)
+    if registered_sha256 is not None and registered_sha256 != digest:
+        raise RegistryError(f"a base model named {name!r} is registered already, with other files "
+                            f"(sha256:{registered_sha256[:12]}); choose another name", status=409, code="conflict")
+    return manifest, digest
+
+
+def register_base_model(session: Session, store: LocalArtifactStore, *, name: str, directory: Path):
+    """Copy a local Hugging Face model directory into the store as the base model `name` (CLI, admin only)."""
+    if NAME.fullmatch(name) and version_rows.get_base_model(session, name=name) is not None:
+        raise RegistryError(f"a base model named {name!r} is registered already", status=409, code="conflict")
+    manifest, digest = _stored_base_model(store, name=name, directory=directory, registered_sha256=None)
     return version_rows.create_base_model(session, name=name, manifest=manifest, manifest_sha256=digest)
+
+
+def register_published_base_model(db, store: LocalArtifactStore, object_store, *, name: str,
+                                  directory: Path) -> tuple[dict[str, Any], str]:
+    """register_base_model with an object store (a registry.storage TenantStore): the files go into it too,
+    before the row exists, so a worker on another machine can stage them (outside any write transaction: the
+    store records its objects in the same database). The same files registered again under their name are
+    published again (a base model registered before the store was configured); other files are refused.
+    Returns (manifest, digest)."""
+    from tuneforge.registry.storage.jobs import publish_base_model
+
+    with db.read_session() as session:
+        existing = version_rows.get_base_model(session, name=name) if NAME.fullmatch(name) else None
+        registered_sha256 = existing.manifest_sha256 if existing is not None else None
+    manifest, digest = _stored_base_model(store, name=name, directory=directory, registered_sha256=registered_sha256)
+    publish_base_model(object_store, directory=directory, manifest=manifest, manifest_sha256=digest)
+    if existing is None:
+        with db.session() as session:
+            if version_rows.get_base_model(session, name=name) is not None:  # registered meanwhile
+                raise RegistryError(f"a base model named {name!r} is registered already", status=409, code="conflict")
+            version_rows.create_base_model(session, name=name, manifest=manifest, manifest_sha256=digest)
+    return manifest, digest

@@ -340,6 +340,9 @@ class ModelLineage(Response):
     object: Literal["model.lineage"] = "model.lineage"
     id: str
     chain: list[dict[str, Any]]
+    exports: list[dict[str, Any]] = Field(
+        default_factory=list, description="The version's exports, oldest first (Exports API and deploy:): id, status, "
+        "origin, format, target, job_id and, once recorded, the SHA-256 of the export's files' manifest.")
 
 
 class AliasRequest(Request):

@@ -41,3 +41,13 @@ class ExportObject(BaseModel):
         None, description="serve.json with the server's paths replaced: files of the export are named relative to "
         "the downloaded archive's root, an adapter's base model is $BASE_MODEL (see placeholders).")
     placeholders: dict[str, str] = Field(default_factory=dict, description="What each placeholder in the commands stands for.")
+    origin: Literal["export_job", "deploy"] = Field(
+        "export_job", description="export_job: made by POST /v1/models/{model_id}/exports; deploy: by deploy: in the "
+        "spec of the job that trained the model, when that job succeeded.")
+    source: dict[str, Any] | None = Field(
+        None, description="The model version the export was made from: model, name, version (v2), version_id, "
+        "manifest_sha256 and the base model it was trained on (as recorded when the export succeeded).")
+    lineage: dict[str, Any] | None = Field(
+        None, description="The export's lineage in the registry, once it succeeded: source, choices, checks, the "
+        "SHA-256 of its files' manifest, their count and bytes, the chat template's hash, the library versions; "
+        "what `tuneforge models lineage EXPORT_ID` prints.")

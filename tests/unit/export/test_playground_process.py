@@ -1,6 +1,8 @@
 """The playground process `tuneforge server` starts (export/playground_process.py), in this process: every request
 needs the shared secret; adapters load only from under an allowed root (a symbolic link out is refused), hot-add
-and unload again; a registry adapter that a later version trained on is merged into its base as training did."""
+and unload again; a registry adapter that a later version trained on is merged into its base as training did; a
+base that does not generate text (CLIP, LLaVA, a classification head) is refused from its config, with the reason
+in the refusal file and exit code 3, before any weights load."""
 
 from __future__ import annotations
 
@@ -9,7 +11,16 @@ import json
 import pytest
 import torch
 
-from tuneforge.export.playground_process import SECRET_HEADER, create_process_app, load_base
+from tuneforge.export.playground_process import (
+    EXIT_NOT_SERVABLE,
+    SECRET_ENV,
+    SECRET_HEADER,
+    NotServable,
+    check_generates,
+    create_process_app,
+    load_base,
+    main,
+)
 from tuneforge.spec.jobdir import BASE_OF_ADAPTER
 
 SECRET = "s" * 43
@@ -94,3 +105,32 @@ def test_an_adapter_trained_on_is_merged_into_its_base_down_the_lineage(tiny_mod
     (tmp_path / "v0" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match=BASE_OF_ADAPTER):
         load_base(str(tmp_path / "v0"), torch.float32)
+
+
+def test_bases_that_do_not_generate_text_are_refused_with_the_reason(tiny_model_dir, tiny_clip_dir, tiny_llava_dir,
+                                                                      tmp_path, monkeypatch):
+    check_generates(tiny_model_dir)  # a causal language model passes
+    with pytest.raises(NotServable, match=r"a clip model \(CLIPModel\), which transformers cannot load as a causal"):
+        check_generates(tiny_clip_dir)
+    with pytest.raises(NotServable, match="a llava model"):
+        check_generates(tiny_llava_dir)
+    scorer = tmp_path / "scorer"  # a reward model trained in full: the tiny llama's config with a score head
+    scorer.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (scorer / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(NotServable, match=r"classification head \(LlamaForSequenceClassification\)"):
+        check_generates(scorer)
+
+    # `tuneforge serve` on it: the same reason as its error (exit 2), not AutoModelForCausalLM's traceback.
+    from tuneforge.export.playground import Playground
+    from tuneforge.export.source import ExportError
+
+    with pytest.raises(ExportError, match="clip model"):
+        Playground(tiny_clip_dir)
+
+    # The process itself: the reason in the refusal file (no path in it), exit code 3, nothing served.
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    refusal, port = tmp_path / "refused", tmp_path / "port"
+    assert main(["--base", str(tiny_clip_dir), "--name", "base", "--port-file", str(port),
+                 "--refusal-file", str(refusal)]) == EXIT_NOT_SERVABLE
+    assert "clip model" in refusal.read_text() and str(tiny_clip_dir) not in refusal.read_text() and not port.exists()

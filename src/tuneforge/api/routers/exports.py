@@ -1,7 +1,9 @@
 """/v1/models/{model_id}/exports: export a fine-tuned model for vLLM, SGLang, TGI or llama.cpp as an API call.
 
 Each export is a scheduled job of method export (recipes/export_run.py runs export.export_model, with every
-check `tuneforge export` makes); its status is the job's. Responses never show a server path: serve.json's
+check `tuneforge export` makes); its status is the job's. A training job's deploy: is listed here too, as an
+export of the model it made (origin deploy). Each export names the version it was made from (source) and, once it
+succeeded, its lineage in the registry (registry/exports.py). Responses never show a server path: serve.json's
 commands name the export's files relative to the downloaded archive and an adapter's base as $BASE_MODEL.
 """
 
@@ -16,13 +18,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from tuneforge.api.auth import Principal
-from tuneforge.api.dependencies import Caller, Config, Db
+from tuneforge.api.dependencies import Caller, Config, Db, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.db import exports as export_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db import models as model_rows
 from tuneforge.home import tuneforge_home
+from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.exports import export_artifact, source_record
 from tuneforge.registry.models import model_name_of
+from tuneforge.registry.storage import job_files
 from tuneforge.scheduler.admission import capacity_problem, live_inventories
 from tuneforge.scheduler.submission import QuotaExceeded, submit_job
 from tuneforge.spec.api import ListObject
@@ -60,7 +65,8 @@ def _export_spec(source_job, model_id: str, body: ExportCreateRequest) -> JobSpe
 
 
 @router.post("", response_model=ExportObject)
-def create_export(model_id: str, body: ExportCreateRequest, caller: Caller, db: Db, config: Config) -> ExportObject:
+def create_export(model_id: str, body: ExportCreateRequest, caller: Caller, db: Db, store: Store,
+                  config: Config) -> ExportObject:
     """Schedule an export of the caller's fine-tuned model."""
     with db.read_session() as session:
         row = _model(session, caller, model_id)
@@ -74,18 +80,18 @@ def create_export(model_id: str, body: ExportCreateRequest, caller: Caller, db: 
             job = submit_job(session, tenant_id=caller.tenant_id, spec=spec, model=model_id, training_file="",
                              validation_file=None, suffix=None, metadata=None, idempotency_key=None, request_hash=None)
             export = export_rows.create_export(session, tenant_id=caller.tenant_id, model_id=model_id, job_id=job.id)
-            return _export_object(export, job, config.jobs_dir)
+            return _export_object(session, store, export, job, config.jobs_dir)
     except QuotaExceeded as exc:
         raise ApiError(429, exc.problem.message, param=exc.problem.param, code=exc.problem.code,
                        type="rate_limit_error") from None
 
 
 @router.get("", response_model=ListObject)
-def list_exports(model_id: str, caller: Caller, db: Db, config: Config) -> ListObject:
+def list_exports(model_id: str, caller: Caller, db: Db, store: Store, config: Config) -> ListObject:
     with db.session() as session:
         _model(session, caller, model_id)
         rows = export_rows.list_exports(session, tenant_id=caller.tenant_id, model_id=model_id)
-        return ListObject(data=[_export_object(export, job, config.jobs_dir) for export, job in rows])
+        return ListObject(data=[_export_object(session, store, export, job, config.jobs_dir) for export, job in rows])
 
 
 def _export(session, caller: Principal, model_id: str, export_id: str):
@@ -97,48 +103,71 @@ def _export(session, caller: Principal, model_id: str, export_id: str):
 
 
 @router.get("/{export_id}", response_model=ExportObject)
-def get_export(model_id: str, export_id: str, caller: Caller, db: Db, config: Config) -> ExportObject:
+def get_export(model_id: str, export_id: str, caller: Caller, db: Db, store: Store, config: Config) -> ExportObject:
+    """The export, the version it was made from and, once it succeeded, its lineage."""
     with db.session() as session:
-        return _export_object(*_export(session, caller, model_id, export_id), config.jobs_dir)
+        return _export_object(session, store, *_export(session, caller, model_id, export_id), config.jobs_dir)
 
 
 @router.get("/{export_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}, "description": "The export's files (tar)."}})
-def download_export(model_id: str, export_id: str, caller: Caller, db: Db, config: Config) -> StreamingResponse:
+def download_export(model_id: str, export_id: str, caller: Caller, db: Db, config: Config,
+                    store: Store) -> StreamingResponse:
     """The export's files (serve.json, the adapter / model / GGUF file, the chat template...) as a tar stream."""
     with db.session() as session:
         export, job = _export(session, caller, model_id, export_id)
         status = job.status
+        if status == "succeeded":  # decrypted as they stream out when sealed at rest (registry/storage/job_files.py)
+            try:
+                key, entries = job_files.folder_entries(session, store.keys, tenant_id=job.tenant_id, job_id=job.id,
+                                                        job_dir=config.jobs_dir / job.id, part=EXPORT_DIR)
+            except job_files.JobKeyShredded:
+                raise ApiError(410, f"the files of export {export_id} can no longer be read: the tenant's encryption "
+                                    "key was destroyed (crypto-shredded)", param="export_id", code="content_shredded") from None
     if status != "succeeded":
         raise ApiError(409, f"export {export_id} is {status}; only a succeeded export has files", param="export_id",
                        code="invalid_export_state")
-    root = config.jobs_dir / job.id / EXPORT_DIR
-    return StreamingResponse(_tar_stream(root), media_type="application/x-tar",
+    return StreamingResponse(_tar_stream(key, entries), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{export_id}.tar"'})
 
 
 # ---- what a response shows ---------------------------------------------------------------------------
 
 
-def _export_object(export, job, jobs_dir: Path) -> ExportObject:
+def _export_object(session, store: LocalArtifactStore, export, job, jobs_dir: Path) -> ExportObject:
     deploy = job.spec["deploy"]
-    descriptor, placeholders = (_descriptor(jobs_dir / job.id / EXPORT_DIR) if job.status == "succeeded"
-                                else (None, {}))
+    descriptor, placeholders = (_descriptor(jobs_dir / job.id / EXPORT_DIR, _serve_json(session, store, job, jobs_dir))
+                                if job.status == "succeeded" else (None, {}))
     fmt = descriptor["format"] if descriptor else deploy["format"]
+    artifact = export_artifact(session, store, export=export) if job.status == "succeeded" else None
+    lineage = artifact["lineage"] if artifact else None
+    # Recorded: the version as it was when the export succeeded (it outlives the version); until then, as it is now.
+    source = (lineage or {}).get("source") or source_record(session, tenant_id=export.tenant_id, model_id=export.model_id)
     return ExportObject(id=export.id, model=export.model_id, created_at=export.created_at,
                         finished_at=job.finished_at, status=job.status, format=fmt, target=deploy["target"],
                         error=job.error, fallback_from=descriptor.get("fallback_from") if descriptor else None,
                         checks=descriptor.get("checks") if descriptor else None, descriptor=descriptor,
-                        placeholders=placeholders)
+                        placeholders=placeholders, origin="export_job" if job.spec.get("method") == "export" else "deploy",
+                        source=source, lineage=lineage)
 
 
-def _descriptor(root: Path) -> tuple[dict | None, dict[str, str]]:
-    """serve.json with every server path replaced: the export's own files by their names in the archive, an
-    adapter's base by $BASE_MODEL, anything else under TUNEFORGE_HOME by $TUNEFORGE_HOME."""
+def _serve_json(session, store: LocalArtifactStore, job, jobs_dir: Path) -> str | None:
+    """DIR/export/serve.json, decrypted when sealed at rest; None when it cannot be read."""
     try:
-        text = (root / SERVE_FILE).read_text(encoding="utf-8")
-        raw = json.loads(text)
-    except (OSError, ValueError):
+        return job_files.read_job_file(session, store.keys, tenant_id=job.tenant_id, job_id=job.id,
+                                       job_dir=jobs_dir / job.id, relative=f"{EXPORT_DIR}/{SERVE_FILE}").decode("utf-8")
+    except (OSError, ValueError):  # job_files.SealedFileRefused included
+        return None
+
+
+def _descriptor(root: Path, text: str | None) -> tuple[dict | None, dict[str, str]]:
+    """serve.json (its text) with every server path replaced: the export's own files by their names in the
+    archive, an adapter's base by $BASE_MODEL, anything else under TUNEFORGE_HOME by $TUNEFORGE_HOME."""
+    try:
+        raw = json.loads(text) if text is not None else None
+    except ValueError:
+        return None, {}
+    if not isinstance(raw, dict):
         return None, {}
     placeholders = {}
     replacements = [(str(root) + "/", ""), (str(root), ".")]
@@ -166,12 +195,20 @@ class _Chunks:
         yield from parts
 
 
-def _tar_stream(root: Path):
+def _tar_stream(key, entries):
+    """The export's folders and files (job_files.folder_entries: plain files and folders only, sealed ones
+    decrypted as they go out; one that stops authenticating cuts the stream short, visibly)."""
     sink = _Chunks()
     with tarfile.open(fileobj=sink, mode="w|") as tar:
-        for path in sorted(root.rglob("*")):
-            if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                continue  # the export writes plain files and folders only
-            tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
+        for entry in entries:
+            info = tarfile.TarInfo(entry.name)
+            info.mtime = int(entry.path.stat().st_mtime)
+            if entry.is_dir:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = entry.size, 0o644
+                with job_files.open_entry(key, entry) as handle:
+                    tar.addfile(info, handle)
             yield from sink.drain()
     yield from sink.drain()

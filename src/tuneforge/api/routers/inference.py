@@ -1,7 +1,9 @@
 """/v1/chat/completions and /v1/completions: a tenant tries its models on the server, OpenAI-compatible.
 
 `model` is a base model, one of the tenant's fine-tuned model ids (ft:...) or a registered version (NAME@vN,
-NAME:ALIAS); another tenant's answers exactly like a missing one. The answer comes from the playground process
+NAME:ALIAS); another tenant's answers exactly like a missing one, and a model that does not generate text (a reward,
+CLIP or vision-language model, known from the registry or refused by its process on load) answers 400
+model_not_servable naming the reason. The answer comes from the playground process
 of the model's base (api/playground_pool.py; started on the first request, streamed through as it generates),
 and names the model that answered: the pinned ft: id (or the base model). Scope `jobs`: an answer spends the
 server's devices like a job does, which a read-only key (a dashboard, a monitor) must not. TUNEFORGE_PLAYGROUND=
@@ -80,6 +82,9 @@ async def _answer(request: Request, path: str, body: PlaygroundRequest, caller: 
     try:
         lease = await run_in_threadpool(pool.lease, target)
     except PlaygroundUnavailable as exc:
+        if exc.reason is not None:  # its process refused the base: say which model, and why
+            raise ApiError(exc.status, f"the playground cannot serve {body.model}: {exc.reason}", param="model",
+                           code=exc.code) from None
         raise _unavailable(exc) from None
     payload = {**body.model_dump(mode="json", exclude_unset=True), "model": lease.name}
     client = httpx.AsyncClient(base_url=lease.child.url, headers=pool.headers(), trust_env=False,

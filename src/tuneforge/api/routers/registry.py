@@ -10,12 +10,13 @@ import re
 
 from fastapi import APIRouter
 
-from tuneforge.api.dependencies import Db, JobsCaller, Reader
+from tuneforge.api.dependencies import Db, JobsCaller, Reader, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
 from tuneforge.db.tables import ModelVersion
 from tuneforge.home import tuneforge_home
+from tuneforge.registry.exports import version_exports
 from tuneforge.registry.models import RegistryError, delete_model_and_version, lineage_chain, remove_model_files
 from tuneforge.spec.api import (
     AliasRequest,
@@ -94,11 +95,13 @@ def get_version(name: str, version: str, caller: Reader, db: Db) -> ModelVersion
 
 
 @router.get("/models/{name}/versions/{version}/lineage", response_model=ModelLineage)
-def get_lineage(name: str, version: str, caller: Reader, db: Db) -> ModelLineage:
-    """The version, the version it was trained from, and so on down to the base model."""
+def get_lineage(name: str, version: str, caller: Reader, db: Db, store: Store) -> ModelLineage:
+    """The version, the version it was trained from, and so on down to the base model; and the exports made
+    from the version (each one's own lineage: GET /v1/models/{model}/exports/{export_id})."""
     with db.session() as session:
         row = _version(session, caller.tenant_id, name, version)
-        return ModelLineage(id=row.id, chain=lineage_chain(session, version=row))
+        return ModelLineage(id=row.id, chain=lineage_chain(session, version=row),
+                            exports=version_exports(session, store, version=row))
 
 
 @router.delete("/models/{name}/versions/{version}", response_model=RegistryDeleted)

@@ -5,7 +5,8 @@ when one is configured (workers that share no disk), else from the sealed blobs 
 It removes that folder when the job's run ends, and with it the tokenized copies the recipe made of those
 inputs (remove_tokenized), so no plaintext copy outlives the job. After success it publishes the output
 (DIR/adapter/ or DIR/model/), DIR/evaluation.json and DIR/export/ to the store, each file an object of
-the tenant linked to the job id under its path in the job directory.
+the tenant linked to the job id under its path in the job directory. A base model the operator registers is
+published too (publish_base_model), so a worker on another machine can stage it like a version.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tuneforge.registry.artifacts import Content, ContentMissing, LocalArtifactStore
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
-from tuneforge.registry.storage.tenant_store import TenantStore
+from tuneforge.registry.storage.tenant_store import TenantStore, tenant_address
 from tuneforge.spec.jobdir import ADAPTER_DIR, EXPORT_DIR, MODEL_DIR, REPORT_FILE
 
 INPUTS_DIR = "inputs"
 DATASET_LINK = "data"
 OUTPUT_KINDS = {ADAPTER_DIR: "adapter", MODEL_DIR: "model", EXPORT_DIR: "export", REPORT_FILE: "evaluation"}
+# Registered base models are the operator's, no tenant's: their objects belong to this store-only owner (the dot
+# keeps it out of tenant names, which are lowercase letters, digits and dashes) and are sealed under its own key.
+BASE_MODELS_TENANT = "tuneforge.base-models"
 
 
 class StoreUnavailable(OSError):
@@ -189,12 +193,33 @@ def fetch_outputs(store: TenantStore, *, tenant_id: str, job_id: str, dest: Path
     return names
 
 
+def base_model_owner(manifest_sha256: str) -> str:
+    """The link owner of a registered base model's files: its manifest's digest (fits the 64-character owner)."""
+    return "base:" + manifest_sha256[:59]
+
+
+def publish_base_model(store: TenantStore, *, directory: Path, manifest: dict, manifest_sha256: str) -> int:
+    """Put a base model's files (as the manifest lists them) into the store, linked as MODEL_DIR/PATH of its
+    owner; returns how many. Each stored object's content must be the manifest's (a file changed since it was
+    hashed fails the registration), so what workers stage is what was registered."""
+    owner = base_model_owner(manifest_sha256)
+    for entry in manifest["files"]:
+        with _store_errors(f"{entry['path']} cannot be written to the object store"):
+            obj = store.put(tenant_id=BASE_MODELS_TENANT, path=directory / entry["path"], owner=owner,
+                            name=f"{MODEL_DIR}/{entry['path']}", kind="model")
+            if obj.address != tenant_address(BASE_MODELS_TENANT, entry["sha256"]):
+                raise StoreUnavailable(f"{entry['path']} changed while it was being registered; register the "
+                                       "directory again once nothing writes to it")
+    return len(manifest["files"])
+
+
 def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, source) -> int:
     """The files of a registered model version a job trains from (a registry.models.ModelSource, with the versions
     down its lineage), brought from the object store into this machine's artifact folder where they are missing:
     a worker on a machine that did not make the version can materialize it. Each file is the object its job
-    published (DIR/adapter/PATH or DIR/model/PATH), checked against the manifest's SHA-256 and size before it
-    becomes a blob. Returns how many files were fetched; StoreUnavailable names a file the store lacks."""
+    published (DIR/adapter/PATH or DIR/model/PATH), or, for a registered base model, the object
+    publish_base_model linked, checked against the manifest's SHA-256 and size before it becomes a blob.
+    Returns how many files were fetched; StoreUnavailable names a file the store lacks."""
     import hashlib
 
     from tuneforge.registry.artifacts import CHUNK, StagedBlob
@@ -203,17 +228,22 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
     while source is not None:
         missing = [entry for entry in (source.manifest or {}).get("files", []) if not artifacts.exists(entry["sha256"])]
         if missing:
-            what = f"the files of the model version made by job {source.job_id}"
-            if source.job_id is None or source.output is None:
+            registered = source.registered_base is not None
+            what = (f"the files of the registered base model {source.registered_base}" if registered
+                    else f"the files of the model version made by job {source.job_id}")
+            if not registered and (source.job_id is None or source.output is None):
                 raise StoreUnavailable(f"{what}: not on this worker, and no job published them to the object store")
             with _store_errors(f"{what} cannot be read from the object store"):
-                linked = store.linked(tenant_id=tenant_id, owner=source.job_id)
+                linked = (store.linked(tenant_id=BASE_MODELS_TENANT, owner=base_model_owner(source.manifest_sha256))
+                          if registered else store.linked(tenant_id=tenant_id, owner=source.job_id))
                 folder = artifacts.work_folder()
                 try:
                     for entry in missing:
                         name = f"{source.output}/{entry['path']}"
                         if name not in linked:
-                            raise StoreUnavailable(f"{what}: {name} is not in the object store")
+                            hint = (" (registered before an object store was configured, or on a machine without"
+                                    " it: `tuneforge models register --base` it again there)" if registered else "")
+                            raise StoreUnavailable(f"{what}: {name} is not in the object store{hint}")
                         local = store.fetch(linked[name][1], folder.path / "blob")
                         digest, size = hashlib.sha256(), 0
                         with open(local, "rb") as handle:
