@@ -130,6 +130,47 @@ def test_an_idefics3_smolvlm_trains_its_connector_beside_the_lora(tmp_path, shap
     assert dataset["train_image_tokens"] == 4 * dataset["train_images"]  # 16 patches pixel-shuffled by 2
 
 
+def test_qlora_quantizes_the_language_model_only_and_its_adapter_reloads(tmp_path, tiny_llava_dir, shapes_dir):
+    """QLoRA: the language model's linear layers in 4-bit NF4 (bitsandbytes, on CPU as text QLoRA), the vision
+    tower and projector left in full precision; the loss goes down and the adapter reloads over the 4-bit base."""
+    from bitsandbytes.nn import Linear4bit
+    from peft import PeftModel
+
+    from tuneforge.engine.precision import resolve_precision
+    from tuneforge.engine.vision.data import VisionBatcher, VisionChatTokenizer
+    from tuneforge.engine.vision.loss import VisionLMLoss
+    from tuneforge.engine.vision.models import load_processor, load_vlm
+    from tuneforge.data.loading import load_examples
+    from tuneforge.spec.jobdir import read_spec
+
+    job_dir = vlm_job(tmp_path, tiny_llava_dir, shapes_dir, adapter={"type": "qlora"},
+                      training={"max_steps": 40}, evaluation={"metrics": ["loss"]})
+    summary = vlm.run(job_dir, progress=False)
+    assert summary.eval.fine_tuned.loss < summary.eval.base.loss / 2, summary.eval
+    adapter = load_file(job_dir / "adapter" / "adapter_model.safetensors")
+    assert any("language_model" in k and "lora_B" in k for k in adapter) and not any("vision_tower" in k for k in adapter)
+
+    spec = read_spec(job_dir)
+    base = load_vlm(tiny_llava_dir, spec, resolve_precision(spec.training.precision, torch.device("cpu")))
+    language = [m for n, m in base.named_modules() if n.startswith("model.language_model.") and isinstance(m, torch.nn.Linear)]
+    assert language and all(isinstance(m, Linear4bit) for m in language)
+    kept = [m for n, m in base.named_modules() if n.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+            and isinstance(m, torch.nn.Linear)]
+    assert kept and not any(isinstance(m, Linear4bit) for m in kept)
+    assert all(m.weight.dtype == torch.float32 for m in kept)
+
+    processor = load_processor(tiny_llava_dir)
+    tokenizer = VisionChatTokenizer(processor, processor.image_token_id, shapes_dir)
+    items = [tokenizer.tokenize(e) for e in load_examples(shapes_dir / "chat.val.jsonl")[0][:8]]
+    batch = VisionBatcher(items, processor.tokenizer.pad_token_id, tokenizer).collate(range(len(items)))
+    with torch.no_grad():
+        loss, tokens, _ = VisionLMLoss(base)(**{k: v for k, v in batch.items() if k != "tokens"})
+        base_loss = float(loss) / tokens
+        reloaded = PeftModel.from_pretrained(base, job_dir / "adapter").eval()
+        loss, tokens, _ = VisionLMLoss(reloaded)(**{k: v for k, v in batch.items() if k != "tokens"})
+    assert float(loss) / tokens < base_loss / 2
+
+
 def recipe(job_dir: Path, home: Path, faults: str = "") -> int:
     env = {**os.environ, "TUNEFORGE_HOME": str(home), "TUNEFORGE_FAULT_INJECTION": faults}
     done = subprocess.run([sys.executable, "-m", "tuneforge.recipes.vlm", "--job-dir", str(job_dir), "--no-progress"],

@@ -66,10 +66,15 @@ def export_model(path: Path | ExportSource, *, format: str | None = None, target
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --out")
     fallback_from = None
+    vision = _is_vision_model(source)
+    if vision and format == "gguf":
+        raise ExportError("--format gguf: a vision-language model's GGUF needs its vision projector as a separate "
+                          "mmproj file, which tuneforge does not write; export --format merged (or adapter) for vLLM")
     if format == "adapter":
         if source.kind != "adapter":
             raise ExportError(f"{source.path} is a whole model (full fine-tuning), not an adapter: use --format merged")
-        failures = check_adapter(read_adapter_facts(source.path, source.base_dir), target)
+        facts = read_adapter_facts(source.path, source.base_dir)
+        failures = check_adapter(facts, target) + (_vision_adapter_failures(facts, source.base_dir) if vision else [])
         if failures:
             if fallback != "merged":
                 raise ServerRulesError(target, failures)
@@ -192,6 +197,8 @@ def _build_merged(source: ExportSource, model_dir: Path, dtype: str) -> dict:
 
     from tuneforge.export.merge import merge_adapter, save_merged
 
+    if _is_vision_model(source):
+        return _build_merged_vision(source, model_dir, dtype)
     if source.kind == "adapter":
         model, tokenizer, check = merge_adapter(source.path, source.base_dir)
         checks = {"merge": {**check.as_dict(), "precision": "float32",
@@ -206,6 +213,40 @@ def _build_merged(source: ExportSource, model_dir: Path, dtype: str) -> dict:
         config = _config(source.path)
     _keep_eos(model, tokenizer)
     save_merged(model, tokenizer, model_dir, dtype=getattr(torch, _saved_dtype(dtype, config)))
+    return checks
+
+
+def _is_vision_model(source: ExportSource) -> bool:
+    from tuneforge.export.vision import is_vision_model  # torch and transformers load only for an export
+
+    return is_vision_model(source.base_dir or source.path)
+
+
+def _vision_adapter_failures(facts, base_dir: Path) -> list:
+    from tuneforge.export.vision import vision_adapter_failures
+
+    return vision_adapter_failures(facts, base_dir)
+
+
+def _build_merged_vision(source: ExportSource, model_dir: Path, dtype: str) -> dict:
+    """A VLM's merged directory (export/vision.py): the adapter merged, its projector in place, the processor."""
+    import torch
+
+    from tuneforge.engine.vision.models import load_processor
+    from tuneforge.export.vision import load_vision_base_fp32, merge_vision_adapter, save_merged_vision
+
+    if source.kind == "adapter":
+        model, processor, check = merge_vision_adapter(source.path, source.base_dir)
+        checks = {"merge": {**check.as_dict(), "precision": "float32", "prompts": "an image and text through the "
+                            f"processor; base {source.base_dir} loaded unquantized (trained on: "
+                            f"{source.trained_quantization})"}}
+        config = _config(source.base_dir)
+    else:
+        model, processor = load_vision_base_fp32(source.path), load_processor(source.path)
+        checks = {"merge": "none: a fully fine-tuned model is exported as it is"}
+        config = _config(source.path)
+    _keep_eos(model, processor.tokenizer)
+    save_merged_vision(model, processor, model_dir, dtype=getattr(torch, _saved_dtype(dtype, config)))
     return checks
 
 

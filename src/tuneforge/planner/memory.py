@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tuneforge.planner import vision
 from tuneforge.planner.hardware import GiB, device
 from tuneforge.planner.models import ModelArch
 from tuneforge.planner.setup import TrainingSetup
@@ -44,6 +45,11 @@ def quantized_bytes_per_param(setup: TrainingSetup) -> float:
 
 def trainable_tensors(arch: ModelArch, setup: TrainingSetup) -> list[tuple[int, ...]]:
     """Shapes of the trainable tensors: the optimizer's state is built per tensor, some of it factored."""
+    image_side = vision.trainable_tensors(arch.vision, setup) if arch.vision else []
+    return decoder_trainable_tensors(arch, setup) + image_side
+
+
+def decoder_trainable_tensors(arch: ModelArch, setup: TrainingSetup) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
     if setup.method == "full":
         for linear in arch.layer_linears():
@@ -290,6 +296,11 @@ def estimate_memory(arch: ModelArch, setup: TrainingSetup) -> MemoryEstimate:
     without_ckpt = tokens * (arch.num_layers * layer.saved + per_token_tail) + shared
     # Checkpointing keeps each layer's input and recomputes one layer at a time in backward.
     with_ckpt = tokens * (arch.num_layers * residual * arch.hidden_size + layer.saved + per_token_tail) + shared
+    # A VLM's images: the tower and projector run on the micro-batch's images before the decoder.
+    image_side = vision.activations(arch.vision, setup, c) if arch.vision else {}
+    if arch.vision:
+        without_ckpt += sum(vision.activations(arch.vision, setup.but(gradient_checkpointing=False), c).values())
+        with_ckpt += sum(vision.activations(arch.vision, setup.but(gradient_checkpointing=True), c).values())
     activations = with_ckpt if setup.gradient_checkpointing else without_ckpt
 
     # The fused loss (engine/loss.py): only positions with labels reach the LM head, a chunk at a time.
@@ -361,5 +372,7 @@ def estimate_memory(arch: ModelArch, setup: TrainingSetup) -> MemoryEstimate:
             "buffers": detail_buffers,
             "tokens_per_micro_batch": tokens,
             "loss_positions": loss_rows,
+            **({"images_per_micro_batch": setup.micro_batch * setup.images_per_example,
+                "image_activations": image_side} if arch.vision else {}),
         },
     )

@@ -64,6 +64,10 @@ class TrainingSetup:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = field(default=LINEAR_NAMES)
     lora_dropout: float = 0.05
+    # A vision-language model's images (planner/vision.py): how many per example, and which parts train.
+    images_per_example: int = 0
+    vision_tower: str = "frozen"
+    projector: str = "trained"
 
     def __post_init__(self):
         def choice(name, allowed):
@@ -75,6 +79,11 @@ class TrainingSetup:
         choice("precision", PRECISIONS)
         choice("attention", ATTENTION)
         choice("quantization", QUANTIZATION)
+        choice("vision_tower", ("frozen", "trained"))
+        choice("projector", ("trained", "frozen"))
+        if isinstance(self.images_per_example, bool) or not isinstance(self.images_per_example, int) \
+                or self.images_per_example < 0:
+            raise PlannerError(f"images_per_example: expected a count of 0 or more, found {self.images_per_example!r}")
         object.__setattr__(self, "strategy", canonical_strategy(self.strategy))
         for name in ("num_gpus", "num_nodes", "seq_len", "micro_batch", "grad_accum", "lora_rank"):
             value = getattr(self, name)

@@ -45,6 +45,14 @@ def flops_per_token(arch: ModelArch, setup: TrainingSetup) -> tuple[float, float
             for linear in arch.layer_linears() if linear.name in setup.lora_targets
         ) * arch.num_layers
         model += 6 * lora
+    if arch.vision is not None:  # a VLM's tower and projector, spread over the language model's positions
+        from tuneforge.planner.vision import flops_per_token as image_flops
+
+        image = image_flops(arch.vision, setup)
+        model += image
+        # Checkpointing recomputes a trained tower's forward; a frozen one runs without a graph to checkpoint.
+        if setup.vision_tower == "trained":
+            forward += image / (3 if setup.method == "full" else 2)
     hardware = model + (forward if setup.gradient_checkpointing else 0)
     return model, hardware
 

@@ -53,9 +53,9 @@ def base_model_problem(spec: JobSpec) -> str | None:
 def vision_problem(spec: JobSpec) -> str | None:
     """Why a vlm or clip spec cannot run as written, or None."""
     method = spec.method
-    if spec.adapter.type == "qlora" or spec.model.quantization != "none":
-        return (f"method {method}: quantized bases (adapter.type qlora, model.quantization) are not supported yet for "
-                "vision models; use adapter lora or full with model.quantization none")
+    if method == "clip" and (spec.adapter.type == "qlora" or spec.model.quantization != "none"):
+        return ("method clip: quantized bases (adapter.type qlora, model.quantization) are not supported for CLIP "
+                "models; use adapter lora or full with model.quantization none")
     if spec.training.packing is True:
         return (f"training.packing: method {method} cannot pack: a packed row would run one example's image tokens "
                 "into another's and the rows would be cut through images; set it to auto or false")
@@ -79,7 +79,7 @@ def vision_problem(spec: JobSpec) -> str | None:
                     "rouge1, rouge2, rougeL, bleu, chrf, exact_match, token_f1, json_valid")
     if method == "clip" and spec.deploy.target != "none":
         return "deploy: a CLIP model embeds images and text and is not served for generation; set deploy.target none"
-    if spec.deploy.target != "none":
-        return ("deploy: exports of vision-language models (their processor and projector beside the adapter) are not "
-                "supported yet; set deploy.target none and load DIR/adapter with PEFT")
+    if spec.deploy.target not in ("none", "vllm"):
+        return (f"deploy.target {spec.deploy.target}: vision-language exports are built and checked for vLLM's "
+                "layout (the adapter on the language model, else the merged model with its processor); use vllm")
     return None

@@ -19,6 +19,7 @@ def spec(method: str = "vlm", **sections):
 
 def test_the_methods_their_formats_and_recipes():
     assert spec().vision.vision_tower == "frozen" and spec().vision.projector == "trained"
+    assert spec(adapter={"type": "qlora"}).model.quantization == "nf4"  # QLoRA: the language model in 4 bits
     assert spec(vision={"vision_tower": "trained", "projector": "frozen"}).vision.vision_tower == "trained"
     assert METHOD_FORMATS["vlm"] == ("image_chat",) and METHOD_FORMATS["clip"] == ("image_text",)
     assert "image_chat" not in METHOD_FORMATS["sft"]
@@ -30,12 +31,12 @@ def test_the_methods_their_formats_and_recipes():
     ("vlm", {"training": {"packing": True}}, "training.packing: method vlm cannot pack"),
     ("clip", {"training": {"packing": True}}, "training.packing: method clip cannot pack"),
     ("vlm", {"dataset": {"path": "d.jsonl", "too_long": "truncate"}}, "cut through an example's image tokens"),
-    ("vlm", {"adapter": {"type": "qlora"}}, "quantized bases"),
+    ("clip", {"adapter": {"type": "qlora"}}, "quantized bases"),
     ("vlm", {"resources": {"num_gpus": 2, "strategy": "fsdp"}}, "resources.strategy fsdp"),
     ("sft", {"vision": {"vision_tower": "trained"}}, "vision applies to method vlm only"),
     ("vlm", {"dataset": {"path": "d.jsonl", "format": "chat"}}, "method vlm trains on image_chat records"),
     ("clip", {"evaluation": {"metrics": ["exact_match"]}}, "retrieval recall@1/5/10"),
-    ("vlm", {"deploy": {"target": "vllm"}}, "deploy: exports of vision-language models"),
+    ("vlm", {"deploy": {"target": "llama.cpp"}}, "deploy.target llama.cpp: vision-language exports"),
     ("vlm", {"dataset": {"path": "d.jsonl", "prompt_template": "alpaca"}}, "processor's chat template"),
     ("sft", {"model": {"base_model": "tiny-llava"}}, "model.base_model tiny-llava trains with method vlm, not sft"),
     ("vlm", {"model": {"base_model": "tiny-llama"}}, "tiny-llama is a text model; method vlm needs"),

@@ -69,10 +69,14 @@ def load_processor(model_dir: str | Path):
 
 def load_vlm(model_dir: str | Path, spec: JobSpec, precision: Precision) -> nn.Module:
     """The vision-language model on the training device: float32 master weights for what full fine-tuning
-    trains, the compute dtype for a frozen base under an adapter (as engine/model_loading.py)."""
+    trains, the compute dtype for a frozen base under an adapter (as engine/model_loading.py). With
+    model.quantization (QLoRA) only the language model's linear layers are quantized by bitsandbytes: the vision
+    tower, the projector and the LM head keep their weights (a quantized tower could not train its own LoRA as
+    exactly, and its few parameters save little)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from tuneforge.engine.model_loading import attention_implementation
+    from tuneforge.engine.model_loading import (_keep_4bit_weights_trainable, attention_implementation,
+                                                quantization_config)
 
     _weights_check(Path(model_dir))
     config = AutoConfig.from_pretrained(model_dir)
@@ -80,10 +84,19 @@ def load_vlm(model_dir: str | Path, spec: JobSpec, precision: Precision) -> nn.M
         raise SpecError(f"model.base_model is a {config.model_type} model; method vlm trains "
                         f"{', '.join(sorted(VLM_PARTS))} vision-language models")
     dtype = torch.float32 if spec.adapter.type == "full" else precision.dtype
+    kwargs = {}
+    quantization = quantization_config(spec.model, precision.dtype)
+    if quantization is not None:
+        parts = VLM_PARTS[config.model_type]
+        quantization.llm_int8_skip_modules = [parts.vision_tower, parts.projector, "lm_head"]
+        kwargs = {"quantization_config": quantization, "device_map": {"": precision.device}}
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, use_safetensors=True, dtype=dtype,
-        attn_implementation=attention_implementation(spec.model.attn_implementation, precision.device))
-    model.to(precision.device)
+        attn_implementation=attention_implementation(spec.model.attn_implementation, precision.device), **kwargs)
+    if quantization is None:
+        model.to(precision.device)
+    elif precision.device.type == "cpu":
+        _keep_4bit_weights_trainable(model)
     model.config.use_cache = False
     return model
 
@@ -112,15 +125,19 @@ def _linear_names(model: nn.Module, prefixes: list[str], wanted) -> list[str]:
 
 
 def _peft(model: nn.Module, spec: JobSpec, targets: list[str], modules_to_save: list[str], task_type: str | None):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if not targets:
         raise SpecError(f"adapter.target_modules {spec.adapter.target_modules}: no such linear layers in the parts "
                         "that train")
     adapter = spec.adapter
     model.requires_grad_(False)
-    if spec.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = {"use_reentrant": False}
+    if spec.model.quantization != "none":  # as text QLoRA (engine/adapters.py): float32 norms and embeddings
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, target_modules=targets,
                         modules_to_save=modules_to_save or None, use_rslora=adapter.use_rslora,
                         use_dora=adapter.use_dora, bias="none", task_type=task_type)

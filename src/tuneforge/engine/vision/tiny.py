@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches + the class token: 17 image tokens per image
+# tiny-llava's image size, patch size and widths: the planner counts it from the same numbers.
+from tuneforge.planner.vision import IMAGE_SIZE, PATCH_SIZE, TINY_TEXT_HIDDEN, TINY_VISION_HIDDEN
+
 IMAGE_TOKEN = "<image>"
 # ChatML whose content may be processor parts: {"type": "image"} renders the processor's image placeholder.
 VISION_CHATML_TEMPLATE = (
@@ -39,7 +41,7 @@ def _vision_config(hidden_size: int):
                             projection_dim=hidden_size)
 
 
-def build_tiny_llava_dir(directory: str | Path, *, hidden_size: int = 64, seed: int = 0) -> Path:
+def build_tiny_llava_dir(directory: str | Path, *, hidden_size: int = TINY_TEXT_HIDDEN, seed: int = 0) -> Path:
     """A seeded random tiny LLaVA with its LlavaProcessor (CLIP image processor, byte tokenizer + <image>)."""
     import torch
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -49,7 +51,7 @@ def build_tiny_llava_dir(directory: str | Path, *, hidden_size: int = 64, seed: 
     directory = Path(directory)
     tokenizer = build_byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    config = LlavaConfig(vision_config=_vision_config(32), text_config=_text_config(tokenizer, hidden_size),
+    config = LlavaConfig(vision_config=_vision_config(TINY_VISION_HIDDEN), text_config=_text_config(tokenizer, hidden_size),
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG (a job builds it mid-run)
