@@ -48,7 +48,7 @@ def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the parameters they pack."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel()
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 partitions hold ds_numel
         if hasattr(parameter, "quant_state"):  # bitsandbytes Params4bit packs two values per byte
             count *= 2 * parameter.element_size()
         total += count

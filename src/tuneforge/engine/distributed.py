@@ -102,9 +102,11 @@ def shutdown() -> None:
 
 
 def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offload: bool, precision,
-         parallel: Distributed, num_nodes: int = 1) -> torch.nn.Module:
+         parallel: Distributed, num_nodes: int = 1, weights_dir=None) -> torch.nn.Module:
     """The module the training step calls: DDP around the loss module, or FSDP2 on each decoder layer
-    and on the loss module itself (the root, which holds embeddings, final norm and LM head)."""
+    and on the loss module itself (the root, which holds embeddings, final norm and LM head). A base
+    built without weights (engine/sharded_loading.py) is sharded first, then each rank reads its shard
+    from weights_dir."""
     if not parallel.enabled:
         return loss_module
     if strategy == "ddp":
@@ -135,9 +137,16 @@ def wrap(loss_module: torch.nn.Module, *, strategy: str, sharding: str, cpu_offl
     quantized = {p for p in loss_module.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
     if quantized:
         kwargs["ignored_params"] = quantized
+    from tuneforge.engine.sharded_loading import load_fsdp_shards, unloaded_weights
+
+    unloaded = unloaded_weights(loss_module)
+    if unloaded and weights_dir is None:
+        raise ValueError("the model was built without its weights but no weights directory was given to load them from")
     for layer in loss_module.base_model().get_decoder().layers:
         fully_shard(layer, **kwargs)
     fully_shard(loss_module, **kwargs)
+    if unloaded:
+        load_fsdp_shards(loss_module, weights_dir, unloaded, precision.device)
     return loss_module
 
 
@@ -180,7 +189,7 @@ class Prepared:
 
 
 def prepare(loss_module: torch.nn.Module, model: torch.nn.Module, *, spec, strategy: str, parallel: Distributed,
-            precision, total_steps: int) -> Prepared:
+            precision, total_steps: int, weights_dir=None) -> Prepared:
     """Shard or replicate the loss module across ranks, then build the optimizer and the schedule on what
     each rank holds (FSDP replaces the parameters, so the optimizer comes after), and start DeepSpeed's
     engine around them. spec is the resolved JobSpec (training.precision filled in)."""
@@ -188,7 +197,7 @@ def prepare(loss_module: torch.nn.Module, model: torch.nn.Module, *, spec, strat
 
     resources = spec.resources
     train_module = wrap(loss_module, strategy=strategy, sharding=resources.fsdp_sharding, cpu_offload=resources.cpu_offload,
-                        precision=precision, parallel=parallel, num_nodes=resources.num_nodes)
+                        precision=precision, parallel=parallel, num_nodes=resources.num_nodes, weights_dir=weights_dir)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, spec.training)
     scheduler = build_scheduler(optimizer, spec.training, total_steps)

@@ -272,14 +272,16 @@ class RecipeJob:
         return StepSchedule(units, examples_per_step=cfg.batch_size, seed=cfg.seed, num_epochs=cfg.num_epochs,
                             max_steps=cfg.max_steps)
 
-    def prepare(self, loss_module: torch.nn.Module, model: torch.nn.Module, *, total_steps: int) -> Prepared:
-        """The strategy's module, optimizer and schedule (engine.distributed.prepare) on the resolved spec."""
+    def prepare(self, loss_module: torch.nn.Module, model: torch.nn.Module, *, total_steps: int,
+                weights_dir: Path | None = None) -> Prepared:
+        """The strategy's module, optimizer and schedule (engine.distributed.prepare) on the resolved spec;
+        weights_dir: where a base built without weights (engine/sharded_loading.py) reads its shards."""
         resources = self.spec.resources
         if self.strategy == "fsdp" and resources.cpu_offload and self.device.type == "cpu":
             self.note("resources.cpu_offload has no effect when training on CPUs: the shards already live in host "
                       "memory", level="warning", kind="cpu_offload_ignored")
         return prepare(loss_module, model, spec=self.spec, strategy=self.strategy, parallel=self.parallel,
-                       precision=self.precision, total_steps=total_steps)
+                       precision=self.precision, total_steps=total_steps, weights_dir=weights_dir)
 
     def publish(self, model, tokenizer, prepared: Prepared, *, full: bool) -> str:
         """The final adapter (or model) where users and servers load it; returns its directory name."""

@@ -1,0 +1,246 @@
+"""Load a base model straight into its shards, so no rank ever holds the whole model in host memory.
+
+Every rank builds the model without weights (FSDP2: each weight a placeholder of its shape that holds
+one value, on the training device; ZeRO-3: under DeepSpeed's `zero.Init`, which partitions each
+parameter as it is created), the adapter goes on top, the model is sharded, and only then are the
+weights read from the safetensors files, one tensor at a time:
+FSDP2 ranks each slice their own shard out of the tensor (`distribute_tensor` with no source rank, no
+communication); under ZeRO-3 rank 0 reads the tensor into DeepSpeed's gathered parameter and DeepSpeed
+scatters the partitions. The buffer is one tensor (FSDP2) or one module's parameters (ZeRO-3), so a
+rank's peak host memory while loading is about its shard plus the largest tensor, not the model
+(bench/load_memory.py measures both paths). Quantized bases (QLoRA, int8) keep the whole path, where
+transformers already quantizes tensor by tensor as it loads, and stay whole on every rank anyway.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tuneforge.engine.model_loading import attention_implementation
+from tuneforge.engine.precision import Precision
+from tuneforge.spec.job import JobSpec
+
+CHECKPOINT_KEY = "tuneforge_checkpoint_keys"  # set on each unloaded weight: its names in the model (one is saved)
+
+
+def loads_sharded(spec: JobSpec, *, strategy: str, world_size: int) -> bool:
+    """Whether this job's ranks load only their shards: FSDP or ZeRO-3 over several processes, a
+    full-precision base, resources.model_loading auto (planner/host_memory.py plans with the same rule)."""
+    from tuneforge.planner.host_memory import sharded_load
+
+    return strategy in ("fsdp", "deepspeed") and sharded_load(spec, world_size)
+
+
+def weights_dtype(precision: Precision, *, full_finetune: bool) -> torch.dtype:
+    """As load_base_model: float32 master weights for full fine-tuning, the compute dtype under an adapter."""
+    return torch.float32 if full_finetune else precision.dtype
+
+
+def empty_base_model(model_dir: str | Path, spec: JobSpec, precision: Precision, *, strategy: str,
+                     full_finetune: bool):
+    """The base model's modules without their weights: placeholders (FSDP), or partitioned empty by
+    zero.Init (ZeRO-3); buffers (RoPE's frequencies) are computed as usual. Each weight remembers its
+    checkpoint names for loading. The random-number state is left as it was, so the adapter initializes
+    exactly as it does on a loaded model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.engine.base_models import safetensors_model_dir
+
+    safetensors_model_dir(Path(model_dir))  # never a pickle
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = weights_dtype(precision, full_finetune=full_finetune)
+    kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(spec.model.attn_implementation,
+                                                                              precision.device)}
+    with torch.random.fork_rng(devices=[]), _empty_parameters(spec, strategy, dtype):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # skipped while the weights are empty; from_pretrained ties them after loading
+    model.config.use_cache = False
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        # A tied weight has several names; the checkpoint holds it under one of them.
+        setattr(parameter, CHECKPOINT_KEY, getattr(parameter, CHECKPOINT_KEY, ()) + (name,))
+    if strategy != "deepspeed":
+        _placeholder_weights(model, precision.device)
+    return model
+
+
+@contextmanager
+def _empty_parameters(spec: JobSpec, strategy: str, dtype: torch.dtype):
+    from transformers.initialization import no_init_weights
+
+    if strategy == "deepspeed":
+        import deepspeed
+
+        # zero.Init partitions each parameter as its module is built; random init would be thrown away.
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=_zero_init_config(spec), dtype=dtype):
+            yield
+        return
+    from accelerate import init_empty_weights
+
+    with no_init_weights(), init_empty_weights(include_buffers=False):
+        yield
+
+
+def _zero_init_config(spec: JobSpec) -> dict:
+    """What zero.Init reads (the ZeRO section, parameter offload); batch sizes are not resolved yet and
+    do not matter to it."""
+    from tuneforge.launch.deepspeed import generated_config
+
+    zero = (spec.resources.deepspeed_config or generated_config(spec))["zero_optimization"]
+    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+
+
+def _placeholder_weights(model: torch.nn.Module, device: torch.device) -> None:
+    """Replace each meta weight by one value expanded to its shape, on the training device: it has the
+    device, dtype and shape PEFT looks at (an adapter goes where its base is, so on the meta device it
+    would lose its initial values) and no memory; an in-place write to it fails loudly. wrap turns them
+    back into meta weights for fully_shard (which takes contiguous ones only)."""
+    placeholders: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or parameter.device.type != "meta":
+                continue
+            if id(parameter) not in placeholders:  # a tied weight gets one placeholder under both names
+                value = torch.zeros((), dtype=parameter.dtype, device=device).expand(parameter.shape)
+                placeholders[id(parameter)] = torch.nn.Parameter(value, requires_grad=parameter.requires_grad)
+                setattr(placeholders[id(parameter)], CHECKPOINT_KEY, getattr(parameter, CHECKPOINT_KEY))
+            module._parameters[name] = placeholders[id(parameter)]
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+
+
+def unloaded_weights(loss_module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Before sharding: each placeholder's name in the loss module and its names in the checkpoint, and
+    the placeholder turned into a meta weight (fully_shard shards meta weights without memory)."""
+    keys, metas = {}, {}
+    for module_name, module in loss_module.named_modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or not hasattr(parameter, CHECKPOINT_KEY):
+                continue
+            keys[f"{module_name}.{name}" if module_name else name] = getattr(parameter, CHECKPOINT_KEY)
+            if id(parameter) not in metas:
+                metas[id(parameter)] = torch.nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                                          requires_grad=parameter.requires_grad)
+            module._parameters[name] = metas[id(parameter)]
+    return keys
+
+
+def load_fsdp_shards(root: torch.nn.Module, model_dir: str | Path, keys: dict[str, tuple[str, ...]],
+                     device: torch.device) -> None:
+    """Give a fully_shard-ed root's meta weights their storage (to_empty, which takes the whole module:
+    the adapter's shards and the buffers are put back), then fill each rank's shard, one tensor at a
+    time from the safetensors files."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    states = [*root.named_parameters(), *root.named_buffers()]
+    kept = {name: local(t).detach().clone() for name, t in states if t.device.type != "meta"}
+    root.to_empty(device=device)
+    parameters = dict(root.named_parameters())
+    with torch.no_grad():
+        for name, t in [*root.named_parameters(), *root.named_buffers()]:
+            if name in kept:
+                local(t).copy_(kept.pop(name))
+    with SafetensorsReader(model_dir) as reader, torch.no_grad():
+        for name, names in keys.items():
+            if name not in parameters:
+                continue  # a tied weight's second name: loaded under its first
+            tensor, full = parameters[name], reader.tensor(names)
+            if tuple(full.shape) != tuple(tensor.shape):
+                raise ValueError(f"{names[0]}: the checkpoint's tensor is {tuple(full.shape)}, the model's config "
+                                 f"makes it {tuple(tensor.shape)}")
+            full = full.to(device=tensor.device, dtype=tensor.dtype)
+            if isinstance(tensor, DTensor):
+                # No source rank: every rank cuts its own piece, nothing crosses the network.
+                tensor.to_local().copy_(distribute_tensor(full, tensor.device_mesh, tensor.placements,
+                                                          src_data_rank=None).to_local())
+            else:
+                tensor.copy_(full)
+            del full
+
+
+# ---- ZeRO-3 ---------------------------------------------------------------------------------------
+
+
+def load_zero3_weights(model: torch.nn.Module, model_dir: str | Path, *, rank: int) -> None:
+    """Fill a zero.Init-partitioned base model: module by module, its parameters are gathered, rank 0
+    copies them from the safetensors files, and DeepSpeed scatters the partitions back."""
+    import deepspeed
+
+    seen: set[int] = set()  # a tied weight is filled once
+    with SafetensorsReader(model_dir) as reader, torch.no_grad():
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if hasattr(p, CHECKPOINT_KEY) and id(p) not in seen]
+            if not own:
+                continue
+            seen.update(id(p) for p in own)
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                if rank == 0:
+                    for parameter in own:
+                        parameter.copy_(reader.tensor(getattr(parameter, CHECKPOINT_KEY)))
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+class SafetensorsReader:
+    """One tensor at a time from a model directory's safetensors files (one file, or shards with an
+    index). Each read opens its file and closes it again: an open safe_open keeps every page it has
+    touched mapped into the process (measured: its resident set grew by each tensor read and fell
+    only at close), which would bring the whole model back into each rank's memory."""
+
+    def __init__(self, model_dir: str | Path):
+        self.files = sorted(Path(model_dir).glob("*.safetensors"))
+        self._where: dict[str, Path] = {}
+
+    def __enter__(self) -> SafetensorsReader:
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    self._where[key] = path
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._where.clear()
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def tensor(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The weight saved under one of names (a tied weight has several)."""
+        saved = [name for name in names if name in self._where]
+        if not saved:
+            raise KeyError(f"{' / '.join(names)}: not in the safetensors files of this model "
+                           f"({', '.join(p.name for p in self.files)}); set resources.model_loading to whole to load it "
+                           "the way transformers does")
+        tensor = self._read(saved[0])
+        for other in saved[1:]:  # a tied weight saved twice must be saved the same
+            if not torch.equal(tensor, self._read(other)):
+                raise ValueError(f"{saved[0]} and {other} are one tied weight in this model's config but differ in its "
+                                 "safetensors files; set resources.model_loading to whole")
+        return tensor
+
+    def _read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key).clone()  # a copy of its own, before the mapping closes
+
+
+def load_sharded_base(model_dir: str | Path, spec: JobSpec, precision: Precision, *, strategy: str, rank: int,
+                      full_finetune: bool):
+    """The base model for a job that loads_sharded: FSDP's still empty (wrap fills each rank's shard once
+    it is sharded, the adapter included), ZeRO-3's partitioned and filled now, before the adapter."""
+    model = empty_base_model(model_dir, spec, precision, strategy=strategy, full_finetune=full_finetune)
+    if strategy == "deepspeed":
+        load_zero3_weights(model, model_dir, rank=rank)
+    return model
+
+
