@@ -34,16 +34,21 @@ def processes(spec: JobSpec) -> int:
     return spec.resources.num_gpus * spec.resources.num_nodes
 
 
-def torchrun_args(spec: JobSpec, *, node_rank: int = 0, rdzv_endpoint: str | None = None, job_id: str = "tuneforge"
-                  ) -> list[str]:
-    """torchrun's own arguments: a standalone rendezvous on one node, c10d across several."""
+def torchrun_args(spec: JobSpec, *, node_rank: int = 0, rdzv_endpoint: str | None = None, job_id: str = "tuneforge",
+                  rdzv_host: bool | None = None) -> list[str]:
+    """torchrun's own arguments: a standalone rendezvous on one node, c10d across several.
+
+    rdzv_host: whether this node serves the rendezvous store. None lets torchrun guess from the endpoint's
+    host name, which fails where a node's address is not one of its own names (behind NAT, in a container,
+    several 'nodes' on one machine): a launcher that knows which node is node 0 says so."""
     args = [f"--nproc-per-node={spec.resources.num_gpus}", "--max-restarts=0"]  # tuneforge restarts, not torchrun
     if spec.resources.num_nodes == 1:
         return [*args, "--standalone"]
     if not rdzv_endpoint:
         raise ValueError("a job on several nodes needs a rendezvous endpoint (HOST:PORT of node 0)")
-    return [*args, f"--nnodes={spec.resources.num_nodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+    args = [*args, f"--nnodes={spec.resources.num_nodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={job_id}"]
+    return args if rdzv_host is None else [*args, f"--rdzv-conf=is_host={int(rdzv_host)}"]
 
 
 def recipe_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -53,9 +58,10 @@ def recipe_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def recipe_command(spec: JobSpec, job_dir: str | Path, *, python: str = sys.executable, progress: bool = False,
-                   node_rank: int = 0, rdzv_endpoint: str | None = None, job_id: str = "tuneforge") -> list[str]:
+                   node_rank: int = 0, rdzv_endpoint: str | None = None, job_id: str = "tuneforge",
+                   rdzv_host: bool | None = None) -> list[str]:
     if processes(spec) == 1:
         return [python, *recipe_args(spec, job_dir, progress=progress)]
     return [python, "-m", "torch.distributed.run",
-            *torchrun_args(spec, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, job_id=job_id),
+            *torchrun_args(spec, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, job_id=job_id, rdzv_host=rdzv_host),
             *recipe_args(spec, job_dir, progress=progress)]

@@ -1,6 +1,8 @@
 """Kubernetes manifests, rendered without a cluster: a batch/v1 Job for one node and a Kubeflow PyTorchJob for
-several, checked against a JSON schema of the fields tuneforge sets and round-tripped through the official
-client's API models (a misspelled field would be dropped there and show as a difference)."""
+several, validated against the Kubernetes OpenAPI schema (the JSON schema of the official client's models,
+generated from the OpenAPI document of its release, closed so that a field the API lacks is an error), against
+a schema of the values tuneforge sets (names, labels, quantities, which the OpenAPI document leaves to the
+server), and round-tripped through the client's API models."""
 
 from __future__ import annotations
 
@@ -69,6 +71,22 @@ PYTORCHJOB_SCHEMA = {
                                     "properties": {"Master": REPLICA, "Worker": REPLICA}}}},
     },
 }
+
+
+def openapi_schema(model) -> dict:
+    """The Kubernetes OpenAPI schema of one API object, as the client's pydantic models carry it, with every
+    object closed (the API server rejects unknown fields under kubectl's default strict field validation)."""
+    schema = model.model_json_schema(by_alias=True)
+    for node in [schema, *schema.get("$defs", {}).values()]:
+        if "properties" in node:
+            node["additionalProperties"] = False
+    return schema
+
+
+# Validators built once: jsonschema.validate() would check the large schema itself on every call.
+OPENAPI_JOB = jsonschema.Draft202012Validator(openapi_schema(kubernetes.client.V1Job))
+OPENAPI_POD_TEMPLATE = jsonschema.Draft202012Validator(openapi_schema(kubernetes.client.V1PodTemplateSpec))
+JOB_SCHEMA["properties"]["spec"]["properties"]["podFailurePolicy"] = {"type": "object"}  # its shape: OPENAPI_JOB's
 SETTINGS = Settings.from_env(k8s_namespace="ml-train", k8s_image="registry.local/tuneforge:0.1", k8s_pvc="tf-home",
                              k8s_service_account="tuneforge")
 
@@ -86,6 +104,7 @@ def test_single_node_gpu_job_renders_a_valid_batch_job(tmp_path):
     manifest = render_manifest(job_id="ftjob-ABC123", attempt=2, spec=spec(num_gpus=4, gpu_type="h100-80gb"),
                                settings=SETTINGS, home=tmp_path)
     jsonschema.validate(manifest, JOB_SCHEMA)
+    OPENAPI_JOB.validate(manifest)
     assert round_trip(manifest, "V1Job") == manifest
     container = manifest["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["torchrun", "--nproc-per-node=4"]
@@ -98,6 +117,7 @@ def test_single_node_gpu_job_renders_a_valid_batch_job(tmp_path):
 def test_cpu_job_asks_for_cpus_and_runs_python_directly(tmp_path):
     manifest = render_manifest(job_id="ftjob-1", attempt=1, spec=spec(gpu_type="cpu"), settings=SETTINGS, home=tmp_path)
     jsonschema.validate(manifest, JOB_SCHEMA)
+    OPENAPI_JOB.validate(manifest)
     assert round_trip(manifest, "V1Job") == manifest
     container = manifest["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python"] and container["resources"] == {"requests": {"cpu": "1"}}
@@ -110,6 +130,7 @@ def test_multi_node_job_renders_a_valid_pytorchjob(tmp_path):
     replicas = manifest["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     for replica in replicas.values():
+        OPENAPI_POD_TEMPLATE.validate(replica["template"])
         assert round_trip(replica["template"], "V1PodTemplateSpec") == replica["template"]
         assert replica["template"]["spec"]["containers"][0]["name"] == "pytorch"
     assert manifest["spec"]["nprocPerNode"] == "8"
@@ -120,6 +141,12 @@ def test_a_misspelled_field_would_be_caught():
     broken["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, JOB_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):  # the manifest as rendered passes it (above): the field did this
+        OPENAPI_JOB.validate(broken)
+    wrong_type = render_manifest(job_id="ftjob-1", attempt=1, spec=spec(), settings=SETTINGS)
+    wrong_type["spec"]["backoffLimit"] = "0"
+    with pytest.raises(jsonschema.ValidationError):
+        OPENAPI_JOB.validate(wrong_type)
     assert round_trip(broken, "V1Job") != broken
 
 
@@ -134,6 +161,7 @@ def test_each_crash_restart_is_a_run_of_its_own(tmp_path):
     manifest = render_manifest(job_id="ftjob-ABC123", attempt=2, spec=spec(gpu_type="cpu"), settings=SETTINGS,
                                home=tmp_path, restart=3)
     jsonschema.validate(manifest, JOB_SCHEMA)
+    OPENAPI_JOB.validate(manifest)
     assert manifest["metadata"]["name"] == "tuneforge-abc123-a2-r3" == manifest_name("ftjob-ABC123", 2, 3)
     assert manifest["spec"]["template"]["metadata"]["labels"]["tuneforge.dev/run"] == "tuneforge-abc123-a2-r3"
     env = {e["name"]: e["value"] for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -180,3 +208,63 @@ def test_a_failed_run_reports_its_recipes_exit_code(tmp_path, pods, code):
     run.batch, run.core = _FailedJob(), _Pods(*pods)
     assert run.poll() == code
     assert run.core.selectors == ["tuneforge.dev/run=tuneforge-1-a1"]
+
+
+class _FailedJobWithCondition:
+    """A Job its podFailurePolicy failed, as the Job controller reports it (its pods already deleted)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def read_namespaced_job_status(self, name, namespace):
+        from kubernetes.client import V1Job, V1JobCondition, V1JobStatus
+
+        message = (f"Container recipe for pod ml-train/{name}-x7k2p failed with exit code {self.code} matching "
+                   "FailJob rule at index 0")
+        return V1Job(status=V1JobStatus(failed=1, conditions=[
+            V1JobCondition(type="FailureTarget", status="True", reason="PodFailurePolicy", message=message),
+            V1JobCondition(type="Failed", status="True", reason="PodFailurePolicy", message=message)]))
+
+
+def test_the_job_fails_on_the_recipes_first_exit_and_keeps_its_code_after_the_pods_are_gone(tmp_path):
+    from tuneforge.scheduler.executors.kubernetes_jobs import KubernetesRun
+
+    manifest = render_manifest(job_id="ftjob-1", attempt=1, spec=spec(gpu_type="cpu"), settings=SETTINGS, home=tmp_path)
+    assert manifest["spec"]["backoffLimit"] == 0  # tuneforge restarts and re-queues, not the Job controller
+    assert manifest["spec"]["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "recipe", "operator": "NotIn", "values": [0]}}]}
+    for code, seen in ((75, 75), (2, 2), (137, -9)):  # preempted re-queued, bad input never retried, killed restarted
+        run = KubernetesRun(manifest)
+        run.batch, run.core = _FailedJobWithCondition(code), _Pods()
+        assert run.poll() == seen
+        assert run.core.selectors == []  # the Job's own status said it: no pod listing needed
+
+
+def test_the_clusters_own_manifests_in_the_example_are_valid_kubernetes_objects():
+    """examples/kubernetes/tuneforge.yaml, what the README has `kubectl apply`: each document against its kind's
+    OpenAPI schema; the worker mounts the same PVC as the recipe pods, ReadWriteMany, and runs as the account
+    the recipe pods are given."""
+    import yaml
+
+    from conftest import REPO
+
+    documents = list(yaml.safe_load_all((REPO / "examples" / "kubernetes" / "tuneforge.yaml").read_text()))
+    kinds = {"Namespace": "V1Namespace", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
+             "ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding",
+             "Deployment": "V1Deployment"}
+    assert sorted(doc["kind"] for doc in documents) == sorted(kinds)
+    for doc in documents:
+        jsonschema.Draft202012Validator(openapi_schema(getattr(kubernetes.client, kinds[doc["kind"]]))).validate(doc)
+    by_kind = {doc["kind"]: doc for doc in documents}
+    assert by_kind["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["TUNEFORGE_K8S_PVC"] == pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
+        by_kind["PersistentVolumeClaim"]["metadata"]["name"]
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == env["TUNEFORGE_HOME"]
+    assert env["TUNEFORGE_K8S_SERVICE_ACCOUNT"] == pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
+    parse_inventory(env["TUNEFORGE_K8S_INVENTORY"])
+    verbs = {(group, resource): rule["verbs"] for rule in by_kind["Role"]["rules"]
+             for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert {"create", "get", "delete"} <= set(verbs[("batch", "jobs")]) and "list" in verbs[("", "pods")]
+    assert {"create", "get", "delete"} <= set(verbs[("kubeflow.org", "pytorchjobs")])

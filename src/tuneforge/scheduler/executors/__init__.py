@@ -45,6 +45,14 @@ class Executor(Protocol):
         a crashed run is started again in the same attempt."""
 
 
+def job_root_shared(kind: str, settings: Any) -> bool:
+    """Whether every node of this executor sees the worker's job directories: the kubernetes executor mounts
+    its PVC (ReadWriteMany for a job on several nodes) in every pod; the others where the operator says so
+    (TUNEFORGE_SHARED_JOB_ROOT). The object store does not stand in for it: it carries a job's inputs and
+    outputs, not the checkpoint shards every rank writes while it trains."""
+    return kind == "kubernetes" or bool(settings.shared_job_root)
+
+
 class LaunchError(RuntimeError):
     """The executor could not start the job at all (the job fails with this message)."""
 

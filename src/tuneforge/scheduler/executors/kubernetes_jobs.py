@@ -5,7 +5,9 @@ Manifests are rendered here as plain dicts (tested against the Kubernetes API mo
 they are submitted with the `kubernetes` client only when a cluster is configured (the `kubernetes` extra,
 in-cluster config or ~/.kube/config). The volume is mounted at the worker's own TUNEFORGE_HOME path, so
 the paths in a job's spec.json mean the same thing in the pod. A run's exit code is its recipe's own,
-read from the pod (a Job's status only says that it failed), so bad input (2) is never retried.
+read from the pod, or, once the pods are gone, from the Job's own Failed condition: its podFailurePolicy
+fails it on the recipe's first non-zero exit with the code in the condition's message, so bad input (2) is
+never retried and a stop after a checkpoint (75) is re-queued, not counted as a crash.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tuneforge.spec.job import JobSpec
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TYPE_LABEL = "tuneforge.dev/gpu-type"
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+# The Job controller's message for a pod failure a podFailurePolicy rule matched (batch/v1, Kubernetes >= 1.26).
+POLICY_EXIT_CODE = re.compile(r"failed with exit code (\d+) matching FailJob rule")
 RUN_LABEL = "tuneforge.dev/run"  # on every pod of one run: where its exit code is read
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 
@@ -77,8 +81,13 @@ def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Setti
     template = {"metadata": {"labels": labels}, "spec": pod_spec}
     metadata = {"name": name, "namespace": settings.k8s_namespace, "labels": labels}
     if not multi:
+        # backoffLimit 0: tuneforge restarts and re-queues, not the Job controller. The rule writes the recipe's
+        # exit code into the Job's Failed condition, where it outlives the pod.
+        failure_policy = {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": container["name"], "operator": "NotIn", "values": [0]}}]}
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
-                "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 86400, "template": template}}
+                "spec": {"backoffLimit": 0, "podFailurePolicy": failure_policy, "ttlSecondsAfterFinished": 86400,
+                         "template": template}}
     replica = {"restartPolicy": "Never", "template": template}
     return {
         "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}", "kind": "PyTorchJob", "metadata": metadata,
@@ -93,6 +102,15 @@ def render_manifest(*, job_id: str, attempt: int, spec: JobSpec, settings: Setti
 def container_exit_code(code: int) -> int:
     """A container killed by signal N exits 128 + N; report it as -N, as a local process would be."""
     return -(code - 128) if 128 < code <= 128 + 64 else code
+
+
+def condition_exit_code(conditions) -> int | None:
+    """The recipe's exit code from a Job's Failed condition written by its podFailurePolicy, if there is one."""
+    for condition in conditions or []:
+        if condition.type == "Failed" and condition.status == "True":
+            if match := POLICY_EXIT_CODE.search(condition.message or ""):
+                return container_exit_code(int(match.group(1)))
+    return None
 
 
 def parse_inventory(text: str) -> list[Node]:
@@ -126,7 +144,12 @@ class KubernetesRun:
                 kinds = {c["type"] for c in status.get("conditions", []) if c.get("status") == "True"}
                 return 0 if "Succeeded" in kinds else self.exit_code() if "Failed" in kinds else None
             status = self.batch.read_namespaced_job_status(self.name, self.namespace).status
-            return 0 if status.succeeded else self.exit_code() if status.failed else None
+            if status.succeeded:
+                return 0
+            if status.failed:
+                # The Job's condition first: it outlives the pods (exit_code() answers 1 when none is left).
+                return condition_exit_code(status.conditions) or self.exit_code()
+            return None
         except ApiException as exc:
             if exc.status == 404 and self.stopped:
                 return EXIT_PREEMPTED  # deleted on our request, after its grace period
