@@ -115,6 +115,10 @@ class Settings:
     k8s_pvc: str = "tuneforge-home"
     k8s_service_account: str | None = None
     k8s_inventory: str = ""  # the cluster's nodes for placement, e.g. "h100-80gb:8,h100-80gb:8"
+    # TUNEFORGE_SHARED_JOB_ROOT=1: this worker's jobs_dir (TUNEFORGE_HOME/jobs) is a folder every node of its
+    # executor sees at the same path (NFS, a shared disk, one machine), which a job on several nodes needs:
+    # every rank writes its checkpoint shards there. The kubernetes executor's PVC is shared by construction.
+    shared_job_root: bool = False
     # TUNEFORGE_JUDGE_ENDPOINTS: the OpenAI-compatible servers LLM judges may call, by name (see JudgeEndpoint).
     judge_endpoints: dict[str, JudgeEndpoint] = dataclasses.field(default_factory=dict)
     # Hosts of judge endpoints that may resolve to private, loopback or link-local addresses (a judge on the
@@ -140,12 +144,15 @@ class Settings:
     # per base model, started on the first request for it (nothing runs before), at most playground_max_processes
     # at once (the least recently used idle one stops for a new base), each with up to playground_max_adapters
     # adapters. playground_devices: auto (what the server sees), cpu, or CUDA_VISIBLE_DEVICES for them ("1").
+    # A process no request used for playground_idle_seconds stops, freeing its model's memory (0: never); the next
+    # request for its base starts it again.
     playground: bool = True
     playground_max_processes: int = 2
     playground_max_adapters: int = 8
     playground_devices: str = "auto"
     playground_start_timeout_seconds: float = 600.0
     playground_request_timeout_seconds: float = 600.0
+    playground_idle_seconds: float = 900.0
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -185,6 +192,9 @@ class Settings:
         settings = cls(**values)
         if settings.playground_max_processes < 1 or settings.playground_max_adapters < 1:
             raise SettingsError("TUNEFORGE_PLAYGROUND_MAX_PROCESSES and TUNEFORGE_PLAYGROUND_MAX_ADAPTERS must be 1 or more")
+        if settings.playground_idle_seconds < 0:
+            raise SettingsError(f"TUNEFORGE_PLAYGROUND_IDLE_SECONDS={settings.playground_idle_seconds:g}: expected seconds "
+                                "(0: playground processes never stop for being idle)")
         devices = settings.playground_devices
         if devices not in ("auto", "cpu") and not all(part.strip().isdigit() for part in devices.split(",")):
             raise SettingsError(f"TUNEFORGE_PLAYGROUND_DEVICES={devices!r}: expected auto, cpu or GPU indices like 0,1")

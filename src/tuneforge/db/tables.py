@@ -536,3 +536,17 @@ class SealedBlob(Base):
     touched_at: Mapped[int] = mapped_column(BigInteger, index=True)
     __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_sealed_blobs_tenant_sha256"),
                       Index("ix_sealed_blobs_tenant_key", "tenant_id", "key_version"))
+
+
+class SealedJobKey(Base):
+    """The data key that seals a job directory's outputs at rest once its run ends (checkpoints, the adapter or
+    model, the evaluation report, exports: registry/storage/job_files.py), wrapped under the tenant key version
+    named here. Each file's own key is derived from it and the file's path; rotation re-wraps this row."""
+
+    __tablename__ = "sealed_job_keys"
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    key_version: Mapped[int] = mapped_column(Integer)
+    wrapped_key: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_sealed_job_keys_tenant_key", "tenant_id", "key_version"),)

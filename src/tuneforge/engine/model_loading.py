@@ -96,6 +96,18 @@ def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision
 PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def packed_row_cap(config) -> int | None:
+    """The longest SDPA row worth packing for this model (spec/hyperparameters.py:sdpa_row_cap, from the
+    planner's reading of its config); None for a config the planner cannot read, which packing_support
+    refuses anyway."""
+    from tuneforge.planner.models import PlannerError, arch_from_config
+
+    try:
+        return arch_from_config(config.to_dict(), config.model_type).packed_row_cap()
+    except PlannerError:
+        return None
+
+
 def packing_support(config, attention: str, max_seq_length: int) -> tuple[bool, str]:
     """(can examples be packed with isolated attention for this model, why not)."""
     if config.model_type not in PACKING_MODEL_TYPES:

@@ -230,14 +230,18 @@ def estimate_cost(plan, *, tokens: int, rate: Rate, basis: str = "", steps: int 
                         hours * rate.price_per_hour, hours * rate.on_demand, hours * rate.spot, basis.lstrip("; "))
 
 
-def tokens_per_example(stats: dict, examples: int, max_seq_length: int) -> tuple[float, str]:
-    """Mean tokens of one example from a dataset report's statistics, and how it was counted."""
+def tokens_per_example(stats: dict, examples: int, max_seq_length: int, image_tokens: int = 0) -> tuple[float, str]:
+    """Mean tokens of one example from a dataset report's statistics, and how it was counted; a VLM's images
+    fill `image_tokens` positions each (the validator counts images, not their tokens: that is the model's)."""
     if stats.get("total_tokens"):
         mean, how = stats["total_tokens"] / examples, "the tokenizer's count"
     else:
         turns = stats.get("turns") or examples
         mean = (stats.get("characters") or 0) / examples / CHARS_PER_TOKEN + TEMPLATE_TOKENS_PER_TURN * turns / examples
         how = f"characters / {CHARS_PER_TOKEN:g} + {TEMPLATE_TOKENS_PER_TURN} template tokens per message"
+    if image_tokens and stats.get("images"):
+        mean += stats["images"] / examples * image_tokens
+        how += f" + {image_tokens} tokens per image"
     return min(mean, float(max_seq_length)), how
 
 
@@ -291,18 +295,19 @@ class TokenCount(NamedTuple):
 
 
 def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False, row_cap: int | None = None,
-                    validation_examples: int | None = None) -> TokenCount | None:
+                    validation_examples: int | None = None, image_tokens: int = 0) -> TokenCount | None:
     """Tokens a job trains on (examples x epochs, or max_steps x batch) in SFT step-equivalents, its
     evaluations included; None for a method this model cannot price (PPO / GRPO generate) or an empty
     dataset. `packed`: the job packs (see packs()); a max_steps job's explicit batch then counts rows of
     several examples, at most row_cap tokens (ModelArch.packed_row_cap). Without a validation file
-    (validation_examples None) train_split carves the validation set out of the examples."""
+    (validation_examples None) train_split carves the validation set out of the examples. `image_tokens`: the
+    positions one image fills for a VLM (ModelArch.vision.image_tokens)."""
     from tuneforge.spec.hyperparameters import resolve_hyperparameters
 
     factor = METHOD_FACTOR.get(spec.method)
     if factor is None or examples < 1:
         return None
-    mean, how = tokens_per_example(stats, examples, spec.dataset.max_seq_length)
+    mean, how = tokens_per_example(stats, examples, spec.dataset.max_seq_length, image_tokens)
     if validation_examples is None and spec.method != "eval":
         validation_examples = examples - max(1, round(examples * spec.dataset.train_split))
         examples -= validation_examples

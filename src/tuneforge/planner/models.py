@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuneforge.planner.errors import PlannerError
+from tuneforge.planner.vision import VisionTower, tiny_llava_tower, vision_from_config
 
 # The projections of a Llama-style decoder layer, in the order they run; LoRA targets are named by these.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,6 +55,7 @@ class ModelArch:
     attention_bias: bool = False  # Qwen2 has biases on q, k and v
     num_experts: int = 1  # Mixtral: every expert's weights are resident ...
     experts_per_token: int = 1  # ... but only the top-k run for each token
+    vision: VisionTower | None = None  # a vision-language model's encoder and projector (planner/vision.py)
 
     def __post_init__(self):
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -117,7 +119,9 @@ class ModelArch:
     @property
     def num_params(self) -> int:
         final_norm = self.hidden_size
-        return self.embedding_params + self.lm_head_params + self.num_layers * self.layer_params + final_norm
+        vision = self.vision.num_params if self.vision else 0
+        return (self.embedding_params + self.lm_head_params + self.num_layers * self.layer_params + final_norm
+                + vision)
 
     @property
     def quantizable_params(self) -> int:
@@ -179,18 +183,22 @@ PRESETS: dict[str, ModelArch] = {
     "smollm2-135m": _llama("smollm2-135m", 49152, 576, 1536, 30, 9, 3, tie=True),
     # engine/tiny_model.py: 256 bytes + 3 special tokens, padded to a multiple of 64.
     "tiny-llama": _llama("tiny-llama", 320, 64, 128, 2, 4, 2, tie=True),
+    # engine/vision/tiny.py: tiny-llama's decoder (plus the <image> token) behind a 2-layer CLIP tower.
+    "tiny-llava": _llama("tiny-llava", 320, 64, 128, 2, 4, 2, tie=True, vision=tiny_llava_tower()),
 }
 # The names a JobSpec uses for its built-in base models.
-PRESET_ALIASES = {"smollm2-135m-instruct": "smollm2-135m",
-                  "tiny-llava": "tiny-llama"}  # its language model (engine/vision/tiny.py); the vision tower is not counted
+PRESET_ALIASES = {"smollm2-135m-instruct": "smollm2-135m"}
 
 # Defaults of transformers' config classes for keys a config.json may leave out.
-_UNTIED_BY_DEFAULT = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
-_QKV_BIAS = {"qwen2", "qwen2_moe"}
+_UNTIED_BY_DEFAULT = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen2_vl",
+                      "qwen2_vl_text"}
+_QKV_BIAS = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text"}
 
 
-def arch_from_config(config: dict, name: str) -> ModelArch:
-    """A ModelArch from the keys of a Hugging Face config.json of a Llama-style decoder."""
+def arch_from_config(config: dict, name: str, processor: dict | None = None) -> ModelArch:
+    """A ModelArch from the keys of a Hugging Face config.json of a Llama-style decoder, or of a vision-language
+    model around one (its vision tower counted from vision_config and the processor's image sizes)."""
+    wrapper = config
     if isinstance(config.get("text_config"), dict):  # multimodal wrappers keep the decoder in text_config
         config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -217,6 +225,7 @@ def arch_from_config(config: dict, name: str) -> ModelArch:
             attention_bias=bool(config.get("attention_bias", model_type in _QKV_BIAS)),
             num_experts=experts,
             experts_per_token=config.get("num_experts_per_tok", 1) if experts > 1 else 1,
+            vision=vision_from_config(wrapper, config["hidden_size"], processor),
         )
     except TypeError as exc:
         raise PlannerError(f"{name}: a config value has the wrong type ({exc})") from None
@@ -242,7 +251,20 @@ def load_model_arch(model: str) -> ModelArch:
         raise PlannerError(f"{config_path}: expected a JSON model config ({exc})") from None
     if not isinstance(config, dict):
         raise PlannerError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
-    return arch_from_config(config, name=str(path.name if path.is_dir() else config_path.parent.name or config_path))
+    return arch_from_config(config, name=str(path.name if path.is_dir() else config_path.parent.name or config_path),
+                            processor=_processor_config(config_path.parent) if "vision_config" in config else None)
+
+
+def _processor_config(directory: Path) -> dict:
+    """A VLM's image sizes: processor_config.json (transformers 5) or preprocessor_config.json, when present."""
+    for file in ("processor_config.json", "preprocessor_config.json"):
+        try:
+            loaded = json.loads((directory / file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(loaded, dict):
+            return loaded
+    return {}
 
 
 def format_params(count: float) -> str:

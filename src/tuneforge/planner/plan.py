@@ -227,19 +227,25 @@ def setup_from_job(spec) -> TrainingSetup:
             lora_rank=spec.adapter.rank,
             lora_targets=LINEAR_NAMES if targets == "all-linear" else tuple(targets),
             lora_dropout=spec.adapter.dropout,
+            **({"vision_tower": spec.vision.vision_tower, "projector": spec.vision.projector}
+               if spec.method == "vlm" else {}),
         )
     except PlannerError as exc:
         raise PlannerError(f"job spec: {exc}") from None
 
 
-def plan_job(spec, model: str | ModelArch | None = None, *, tokens: int | None = None) -> Plan:
+def plan_job(spec, model: str | ModelArch | None = None, *, tokens: int | None = None,
+             images_per_example: int | None = None) -> Plan:
     """Plan a JobSpec; `model` defaults to its model.base_model (a preset name or a model directory).
 
     Every sequence is planned at dataset.max_seq_length and every position as carrying loss: the
-    worst case of the job, which is what must fit.
+    worst case of the job, which is what must fit. A VLM's examples hold as many images as fit that length
+    unless `images_per_example` says how many (a dataset's count, for a cost estimate).
     """
     arch = model if isinstance(model, ModelArch) else load_model_arch(model or spec.model.base_model)
     setup = setup_from_job(spec)
+    if arch.vision is not None and spec.method == "vlm":
+        setup = setup.but(images_per_example=images_per_example or arch.vision.most_images(setup.seq_len))
     if spec.resources.gpu_type == "any":
         return plan_any_gpu(arch, setup, tokens=tokens)
     return plan(arch, setup, tokens=tokens)

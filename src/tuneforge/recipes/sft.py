@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tuneforge.data.batching import Batcher, StepSchedule
@@ -30,12 +31,12 @@ from tuneforge.engine.base_models import needs_import, resolve_base_model
 from tuneforge.engine.checkpoint import checkpoint_name, restore_training_checkpoint
 from tuneforge.engine.distributed import Prepared
 from tuneforge.engine.loss import CausalLMLoss
-from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packing_support
+from tuneforge.engine.model_loading import load_base_model, load_tokenizer, packed_row_cap, packing_support
+from tuneforge.engine.sharded_loading import load_sharded_base, loads_sharded
 from tuneforge.engine.runtime import RecipeJob, ResumePoint, TrainingResult, format_metrics, scalar_metrics
 from tuneforge.evaluation.report import build_report
 from tuneforge.evaluation.runner import eval_metrics
 from tuneforge.evaluation.runner import evaluate as run_metrics
-from tuneforge.planner.models import PlannerError, arch_from_config
 from tuneforge.spec.hyperparameters import MIN_EXAMPLES_PER_ROW, packed_row_length
 from tuneforge.spec.jobdir import CHECKPOINTS_DIR, REPORT_FILE, Evaluation, JobSummary, write_report
 from tuneforge.spec.loader import SpecError
@@ -88,14 +89,18 @@ def setup(job: RecipeJob) -> Setup:
     data = load_data(job)
     job.phase("data_s")
     resume = job.resume_point()
-    model, base_metrics = load_model(job, data, resume)
+    sharded = loads_sharded(job.spec, strategy=job.strategy, world_size=job.parallel.world_size)
+    model, base_metrics = load_model(job, data, resume, sharded=sharded)
     trainable, total = parameter_counts(model)
     loss = CausalLMLoss(model)
     batcher, packing_off = resolve(job, data, model, loss)
     cfg = job.spec.training
     schedule = job.schedule(len(batcher))
-    # Shard or replicate across ranks, then the optimizer and schedule on what each rank holds.
-    prepared = job.prepare(loss, model, total_steps=schedule.total_steps)
+    # Shard or replicate across ranks, then the optimizer and schedule on what each rank holds (a
+    # sharded load reads each rank's weights here, once the shards exist).
+    prepared = job.prepare(loss, model, total_steps=schedule.total_steps, weights_dir=data.model_dir if sharded else None)
+    if sharded and _scores_base(job, data, resume):
+        base_metrics = _base_metrics(job, data, model, prepared.eval_module())
     # The data order is a pure function of these and the step: equal values mean an exact resume.
     data_position = {"dataset_sha256": file_sha256(job.spec.dataset.path), "units": len(batcher),
                      "packing": cfg.packing, "row_length": batcher.row_length, "examples_per_step": cfg.batch_size,
@@ -148,22 +153,41 @@ def load_data(job: RecipeJob) -> Data:
     return Data(model_dir, tokenizer, renderer, data_format, train_tokens, val_tokens, val_examples)
 
 
-def load_model(job: RecipeJob, data: Data, resume: ResumePoint) -> tuple[nn.Module, dict]:
+def load_model(job: RecipeJob, data: Data, resume: ResumePoint, *, sharded: bool) -> tuple[nn.Module, dict]:
     """The base model, how it scores before training (measured once, kept across resumes), and the
-    model to train on top of it."""
-    spec = job.spec
-    model = load_base_model(data.model_dir, spec.model, job.precision, full_finetune=spec.adapter.type == "full")
+    model to train on top of it. sharded (engine/sharded_loading.py): the base comes without its weights,
+    which each rank reads for its shard in job.prepare; it is scored there, after."""
+    spec, full = job.spec, job.spec.adapter.type == "full"
+    if sharded:
+        model = load_sharded_base(data.model_dir, spec, job.precision, strategy=job.strategy, rank=job.parallel.rank,
+                                  full_finetune=full)
+    else:
+        model = load_base_model(data.model_dir, spec.model, job.precision, full_finetune=full)
     job.phase("model_load_s")
     base_metrics = resume.saved.get("base_metrics", {})
-    if spec.evaluation.eval_before_training and data.val and resume.path is None:
-        # Kept whole (per-example values, every answer) in each checkpoint: the report needs it after a resume.
-        base_metrics = _metrics(job, data, model, CausalLMLoss(model), details=True)
-        job.note(f"base model: {format_metrics(scalar_metrics(base_metrics))}", kind="eval", model="base", step=0,
-                 metrics=scalar_metrics(base_metrics))
+    if not sharded and _scores_base(job, data, resume):
+        base_metrics = _base_metrics(job, data, model, CausalLMLoss(model))
     job.phase("base_eval_s")
     model = trainable_model(model, spec)
     model.train()
     return model, base_metrics
+
+
+def _scores_base(job: RecipeJob, data: Data, resume: ResumePoint) -> bool:
+    return bool(job.spec.evaluation.eval_before_training and data.val and resume.path is None)
+
+
+def _base_metrics(job: RecipeJob, data: Data, model: nn.Module, loss_module: nn.Module) -> dict:
+    """The base model's scores. Kept whole (per-example values, every answer) in each checkpoint: the
+    report needs it after a resume. A sharded load scores the model with its new adapter, whose B matrix
+    starts at zero, so it computes the base model exactly; PEFT's disable_adapter would not do here:
+    it flips requires_grad on the tensors FSDP has registered at that moment (the unsharded ones under
+    shard_grad_op), leaving the adapter's shards frozen."""
+    with torch.random.fork_rng(devices=[]):  # training draws the same numbers as without the evaluation
+        metrics = _metrics(job, data, model, loss_module, details=True)
+    job.note(f"base model: {format_metrics(scalar_metrics(metrics))}", kind="eval", model="base", step=0,
+             metrics=scalar_metrics(metrics))
+    return metrics
 
 
 def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) -> tuple[Batcher, str | None]:
@@ -172,7 +196,7 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     cfg, max_len = job.spec.training, job.spec.dataset.max_seq_length
     attention = model.config._attn_implementation
     row_length, row_reason = packed_row_length([len(t.input_ids) for t in data.train], max_len, attention,
-                                               _row_cap(model.config))
+                                               packed_row_cap(model.config))
     supported, why_not = packing_support(model.config, attention, row_length)
     if cfg.packing is True and not supported:
         raise SpecError(f"training.packing: {why_not}; set it to auto or false")
@@ -190,15 +214,6 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     job.resolve_training(spec, examples=len(data.train), loss_module=loss, batcher=batcher, model_dir=data.model_dir,
                          packing=packing)
     return batcher, None if packing else (why_not or "training.packing is false")
-
-
-def _row_cap(config) -> int | None:
-    """The longest SDPA row worth packing for this model (spec/hyperparameters.py:sdpa_row_cap); None for
-    a config the planner cannot read, whose packing_support refuses it anyway."""
-    try:
-        return arch_from_config(config.to_dict(), config.model_type).packed_row_cap()
-    except PlannerError:
-        return None
 
 
 def describe_plan(job: RecipeJob, data: Data, batcher: Batcher, schedule: StepSchedule, trainable: int, total: int,

@@ -71,6 +71,25 @@ def capacity_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | 
     return f"no worker can ever run this job: it asks for {wanted}; the workers' nodes have {', '.join(nodes)}"
 
 
+def shared_storage_problem(spec: JobSpec, inventories: list[dict[str, Any]]) -> str | None:
+    """Why a job on several nodes cannot run on the live workers that could hold it: none of them has its
+    job root on storage every node sees. None for one node, when no worker is known or could hold it (the
+    capacity check speaks then), or when a worker does not say (it predates the report)."""
+    if spec.resources.num_nodes == 1:
+        return None
+    request = request_of(spec)
+    holders = [inventory for inventory in inventories
+               if could_ever_fit(request, [Node(n["gpu_type"], n["gpus"]) for n in inventory["nodes"]])]
+    said = [[node.get("shared_job_root") for node in inventory["nodes"]] for inventory in holders]
+    if not holders or any(None in answers or all(answers) for answers in said):
+        return None
+    executors = sorted({inventory["executor"] for inventory in holders})
+    return (f"resources.num_nodes is {spec.resources.num_nodes}, but no worker that could run it has its job "
+            f"directories on storage every node sees (executor {', '.join(executors)}): every rank writes its "
+            "checkpoint shards there. Mount one folder at TUNEFORGE_HOME/jobs on every node and set "
+            "TUNEFORGE_SHARED_JOB_ROOT=1 for the worker, or use the kubernetes executor with a ReadWriteMany PVC")
+
+
 def file_problem(spec: JobSpec, training: File | None, validation: File | None) -> dict[str, Any] | None:
     """The job error ({code, message, param}) its files call for, or None when they are usable."""
     if spec.method == "export":  # an export job reads no data
@@ -129,14 +148,30 @@ def admit_job(session: Session, *, job: Job) -> bool:
     return states.admit(session, job_id=job.id, error=file_problem(spec, training, validation))
 
 
-def memory_plan(spec: JobSpec) -> dict[str, Any] | None:
-    """The per-GPU memory plan of a job from the planner (torch-free); None for a model it cannot describe."""
+def memory_plan(spec: JobSpec, inventories: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The per-GPU memory plan of a job from the planner (torch-free), with its host RAM need per node
+    ("host_memory"); None for a model it cannot describe. Only local workers alive: the job runs on this
+    machine, whose RAM it is checked against."""
     from tuneforge.planner import PlannerError, plan_job
+    from tuneforge.planner.host_memory import job_host_memory
 
     try:
-        return plan_job(spec).to_dict()
+        plan = plan_job(spec)
     except PlannerError:
         return None
+    local = bool(inventories) and all(inventory["executor"] == "local" for inventory in inventories)
+    return {**plan.to_dict(), "host_memory": job_host_memory(spec, plan, local_machine=local).to_dict()}
+
+
+def host_memory_problem(plan: dict[str, Any] | None) -> str | None:
+    """Why the job's nodes do not have the host RAM it needs (loading the model, or what it keeps there)."""
+    host = (plan or {}).get("host_memory")
+    if host is None or host["fits"]:
+        return None
+    advice = ("set resources.model_loading to auto with fsdp or deepspeed stage 3 (each rank reads only its shard), "
+              "or " if not host["sharded_load"] and host["load_per_rank"] >= host["train_per_rank"] else "")
+    return (host["reason"][0].upper() + host["reason"][1:] + f". Options: {advice}more nodes or processes, "
+            "or a node with more RAM (resources.host_memory_gb).")
 
 
 def memory_problem(plan: dict[str, Any] | None) -> str | None:

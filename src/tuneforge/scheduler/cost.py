@@ -10,6 +10,7 @@ checkpoints first) at the heartbeat that sees one spent, and fails with the code
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from sqlalchemy import select
@@ -81,13 +82,17 @@ def estimate_job(session: Session, *, tenant_id: str, spec: JobSpec, inventories
     validation_examples = int((validation.report or {}).get("examples") or 0) if validation is not None else None
     device = priced_device(spec, inventories)
     priced = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": device})})
+    stats = report.get("stats") or {}
+    # A VLM's FLOPs at the file's images per example (admission plans the fit at the worst case).
+    images = math.ceil((stats.get("images") or 0) / max(1, int(report.get("examples") or 1)))
     try:
-        plan = plan_job(priced)
+        plan = plan_job(priced, images_per_example=images or None)
     except PlannerError:
         return None
-    counted = training_tokens(spec, examples=int(report.get("examples") or 0), stats=report.get("stats") or {},
+    vision = plan.model.vision
+    counted = training_tokens(spec, examples=int(report.get("examples") or 0), stats=stats,
                               packed=packs(spec, plan.model), row_cap=plan.model.packed_row_cap(),
-                              validation_examples=validation_examples)
+                              validation_examples=validation_examples, image_tokens=vision.image_tokens if vision else 0)
     if counted is None:
         return None
     return estimate_cost(plan, tokens=counted.tokens, steps=counted.steps, rate=price_table().rate(device, tenant_id),

@@ -23,7 +23,8 @@ from tuneforge.egress import judge_endpoint_problem, spec_endpoint_problem
 from tuneforge.launch.capabilities import reporter_problem
 from tuneforge.launch.deepspeed import deepspeed_problem
 from tuneforge.scheduler import cost
-from tuneforge.scheduler.admission import admit_job, capacity_problem, memory_plan, memory_problem, strategy_problem
+from tuneforge.scheduler.admission import (admit_job, capacity_problem, host_memory_problem, memory_plan,
+                                           memory_problem, shared_storage_problem, strategy_problem)
 from tuneforge.spec.job import JobSpec
 
 
@@ -53,11 +54,15 @@ class SubmissionCheck:
 def check_submission(spec: JobSpec, inventories: list[dict[str, Any]]) -> SubmissionCheck:
     """Can any live worker hold the job, does it fit the GPUs it asks for, can its strategy run? Checks
     structure only where the answer would need torch (the API process never imports it)."""
-    memory = memory_plan(spec)
+    memory = memory_plan(spec, inventories)
     if problem := capacity_problem(spec, inventories):
         return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_capacity"))
+    if problem := shared_storage_problem(spec, inventories):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources.num_nodes", "job_root_not_shared"))
     if problem := memory_problem(memory):
         return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_memory"))
+    if problem := host_memory_problem(memory):
+        return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources", "insufficient_host_memory"))
     if problem := strategy_problem(spec, inventories):
         return SubmissionCheck(memory, SubmissionProblem(problem, "tuneforge.resources.strategy", "invalid_strategy"))
     if problem := deepspeed_problem(spec, deepspeed_classes=False):

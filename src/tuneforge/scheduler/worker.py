@@ -46,11 +46,12 @@ from tuneforge.registry.exports import register_export
 from tuneforge.registry.models import (RegistryError, fine_tuned_model_id, materialize_source, model_source,
                                       register_job_output)
 from tuneforge.registry.versions import ManifestMismatch
+from tuneforge.registry.storage import job_files
 from tuneforge.registry.storage import jobs as job_storage
 from tuneforge.registry.storage.tenant_store import open_tenant_store
 from tuneforge.scheduler import cost, states
 from tuneforge.planner.cost import price_table
-from tuneforge.scheduler.executors import Executor, LaunchError, Run
+from tuneforge.scheduler.executors import Executor, LaunchError, Run, job_root_shared
 from tuneforge.scheduler.launch import RECIPE_LOG, materialize_spec, prepare_job_dir
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
 from tuneforge.scheduler.queue import claim_next
@@ -155,8 +156,9 @@ class Worker:
 
     def _announce(self, now_s: float) -> None:
         with self.db.session() as session:
+            shared = job_root_shared(self.executor.kind, self.settings)
             inventory = [{"gpu_type": n.gpu_type, "gpus": n.gpus, "strategies": self.strategies,
-                          "reporters": self.reporters} for n in self.nodes]
+                          "reporters": self.reporters, "shared_job_root": shared} for n in self.nodes]
             worker_rows.register_worker(
                 session, worker_id=self.worker_id, hostname=socket.gethostname(), executor=self.executor.kind, inventory=inventory
             )
@@ -208,19 +210,36 @@ class Worker:
                     job_storage.stage_registered_model(self.tenant_store, self.store, tenant_id=claimed.tenant_id,
                                                        source=base_source)
                 base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry")
-                attempt.spec = materialize_spec(spec, blobs, {mid: tuneforge_home() / row.location
-                                                              for mid, row in models.items()}, base_model=base_model)
+                attempt.spec = materialize_spec(spec, blobs, self._model_dirs(attempt, models), base_model=base_model)
                 prepare_job_dir(job_dir, attempt.spec)
-            except (LaunchError, OSError, ManifestMismatch) as exc:
+            except (LaunchError, OSError, ManifestMismatch, job_files.SealedFileRefused) as exc:
                 self._launch_failed(attempt, str(exc))
                 continue
             self._launch(attempt)
+
+    def _model_dirs(self, attempt: Attempt, models: dict) -> dict[str, Path]:
+        """The folders of the registered models a job uses (a reward model, a judge, the model it evaluates or
+        exports): each one's job output, decrypted into this job's inputs when it is sealed at rest."""
+        home, found = tuneforge_home(), {}
+        for model_id, row in models.items():
+            output = home / row.location
+            found[model_id] = job_files.plaintext_folder(
+                self.db, self.store.keys, tenant_id=attempt.tenant_id, job_id=row.job_id, job_dir=output.parent,
+                part=output.name, dest=attempt.job_dir / job_storage.INPUTS_DIR / "models" / new_id("m"))
+        return found
 
     def _launch(self, attempt: Attempt) -> None:
         try:
             attempt.log_offset = (attempt.job_dir / RECIPE_LOG).stat().st_size
         except OSError:
             attempt.log_offset = 0
+        if self.store.keys is not None:  # a run that resumes reads its checkpoints as the recipe wrote them
+            try:
+                job_files.unseal_job_dir(self.db, self.store.keys, tenant_id=attempt.tenant_id, job_id=attempt.job_id,
+                                         job_dir=attempt.job_dir)
+            except (job_files.SealedFileRefused, OSError) as exc:
+                self._launch_failed(attempt, f"the job's checkpoints cannot be resumed from: {exc}")
+                return
         try:
             attempt.run = self.executor.launch(
                 job_id=attempt.job_id, attempt=attempt.attempt, job_dir=attempt.job_dir, spec=attempt.spec,
@@ -234,6 +253,8 @@ class Worker:
             log.info("job %s attempt %d started", attempt.job_id, attempt.attempt)
 
     def _launch_failed(self, attempt: Attempt, message: str) -> None:
+        if self.settings.encrypt_at_rest:  # what an earlier run left (its checkpoints) stays sealed
+            self._seal_outputs(attempt)
         with self.db.session() as session:
             states.fail(session, job_id=attempt.job_id, attempt=attempt.attempt,
                         error={"code": "launch_failed", "param": None, "message": self._redact(message, attempt)})
@@ -369,6 +390,14 @@ class Worker:
         summary = self._summary(attempt) if outcome is not None and outcome.status == SUCCEEDED else None
         if summary is not None and self.tenant_store is not None and attempt.stop_reason in (None, PAUSED):
             summary = self._publish(attempt, summary)
+        sealing = self.settings.encrypt_at_rest and attempt.stop_reason not in ("lost", "superseded")
+        succeeding = summary is not None and attempt.stop_reason in (None, PAUSED)  # its outputs are registered next
+        if sealing:  # before the job can be claimed again (re-queued, paused): a new run unseals what it resumes from
+            self._seal_outputs(attempt, parts=job_files.RESUME_PARTS if succeeding else job_files.SEALED_PARTS)
+        # Before the state change too: once re-queued, another worker may stage fresh inputs in this directory
+        # (and a lost or superseded run's directory may already hold them).
+        if attempt.stop_reason not in ("lost", "superseded"):
+            job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the run
         used = attempt.gpu_seconds + self._run_seconds(attempt)
         with self.db.session() as session:
             if attempt.run is not None:
@@ -393,11 +422,27 @@ class Worker:
             cost.finalize_if_finished(session, job_id=attempt.job_id)
         if attempt.run is not None:
             attempt.run.close()
-        job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the job
         if self.settings.encrypt_at_rest:  # nor a tokenized one (docs/storage.md, "No plaintext left behind")
             job_storage.remove_job_tokenized(self.db, job_id=attempt.job_id, home=tuneforge_home())
+        if sealing and succeeding:  # what the registry read (adapter, model, export, evaluation): it never runs again
+            # (only a succeeded job: a re-queued one may already be running again here, on its unsealed files)
+            self._seal_outputs(attempt)
         self.attempts.pop(attempt.job_id, None)
         log.info("job %s attempt %d finished: exit %s, %s", attempt.job_id, attempt.attempt, code, attempt.stop_reason or "done")
+
+    def _seal_outputs(self, attempt: Attempt, parts: tuple[str, ...] = job_files.SEALED_PARTS) -> None:
+        """Checkpoints, the adapter or model, the evaluation report, output items and exports sealed at rest
+        once no run reads them (skipped when another worker's run may be in the directory: lost, superseded);
+        the next run of the job unseals its checkpoints."""
+        try:
+            report = job_files.seal_job_dir(self.db, self.store.keys, tenant_id=attempt.tenant_id,
+                                            job_id=attempt.job_id, job_dir=attempt.job_dir, parts=parts)
+        except Exception:  # the job's outcome stands; its files stay plaintext until the next run ends
+            log.exception("job %s: its directory could not be sealed at rest", attempt.job_id)
+            return
+        if report.files:
+            log.info("job %s: sealed %d files (%.1f MB) at rest in %.2f s", attempt.job_id, report.files,
+                     report.bytes / 1e6, report.seconds)
 
     def _outcome(self, attempt: Attempt, code: int | None) -> RecipeOutcome | None:
         """What the recipe's run came to (None: it never ran)."""

@@ -207,6 +207,15 @@ class ResourcesSpec(Section):
         "file that is read when the spec is loaded); replaces the config generated from this spec. Keys that "
         "name files, directories or commands are refused.",
     )
+    model_loading: Literal["auto", "whole"] = Field(
+        "auto", description="auto: with fsdp or ZeRO-3 over several processes (a full-precision base), each rank "
+        "builds the model without weights and reads only its shard from the safetensors files, so host memory "
+        "holds about the model / processes; whole: every rank loads the whole model first, then shards it.",
+    )
+    host_memory_gb: float | None = Field(
+        None, gt=0, le=1e6, description="Host RAM per node in GiB the job may use, checked at submission against "
+        "what loading the model needs on a node; default: this machine's RAM for a local job, unchecked elsewhere.",
+    )
     collective_timeout_s: float = Field(
         600.0, gt=0, le=7 * 86400, description="Seconds a collective may wait for the other ranks before the job fails."
     )
