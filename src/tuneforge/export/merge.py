@@ -104,20 +104,28 @@ def merge_adapter(adapter_dir: Path, base_dir: Path, *, tolerance: float = MERGE
     if rows > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(rows)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    prompts = check_prompts(tokenizer)
-    with_adapter = prompt_logits(peft_model, prompts)
+    merged, check = merge_checked(peft_model, prompt_logits, check_prompts(tokenizer), tolerance=tolerance,
+                                  what=f"merging {adapter_dir} into {base_dir} changed the logits")
+    return merged, tokenizer, check
+
+
+def merge_checked(peft_model, logits_of, inputs, *, tolerance: float, what: str):
+    """(merged model, LogitCheck): merge_and_unload, refused with MergeMismatch (nothing written) when the
+    merged model's logits on `inputs` (logits_of(model, inputs)) differ from the adapter model's beyond the
+    tolerance; the check also records how far the adapter moves the base's logits (its effect)."""
+    with_adapter = logits_of(peft_model, inputs)
     with peft_model.disable_adapter():
-        without = prompt_logits(peft_model, prompts)
+        without = logits_of(peft_model, inputs)
     merged = peft_model.merge_and_unload()
-    check = compare_logits(with_adapter, prompt_logits(merged, prompts), relative=tolerance)
+    check = compare_logits(with_adapter, logits_of(merged, inputs), relative=tolerance)
     effect = max(float((a - b).abs().max()) for a, b in zip(with_adapter, without, strict=True))
     check = LogitCheck(check.prompts, check.max_abs_diff, check.scale, check.tolerance, effect, check.mean_abs_diff)
     if not check.max_abs_diff <= check.tolerance:  # also refuses NaN
         raise MergeMismatch(
-            f"merging {adapter_dir} into {base_dir} changed the logits: max |merged - adapter| = "
-            f"{check.max_abs_diff:.3g} over {check.prompts} prompts, above the tolerance {check.tolerance:.3g} "
-            f"({tolerance:g} x max(1, max |logit| = {check.scale:.3g}), float32); nothing was written")
-    return merged, tokenizer, check
+            f"{what}: max |merged - adapter| = {check.max_abs_diff:.3g} over {check.prompts} prompts, above the "
+            f"tolerance {check.tolerance:.3g} ({tolerance:g} x max(1, max |logit| = {check.scale:.3g}), float32); "
+            "nothing was written")
+    return merged, check
 
 
 def save_merged(model, tokenizer, target: Path, *, dtype: torch.dtype) -> None:

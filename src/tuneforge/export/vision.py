@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.export.merge import MERGE_TOLERANCE, LogitCheck, MergeMismatch, compare_logits
+from tuneforge.export.merge import MERGE_TOLERANCE, merge_checked
 from tuneforge.export.server_rules import RuleFailure
 
 VLLM_LORA_SOURCE = "vLLM vllm/lora/model_manager.py: LoRA on the language model of a multimodal model"
@@ -90,19 +90,8 @@ def merge_vision_adapter(adapter_dir: Path, base_dir: Path, *, tolerance: float 
 
     processor = load_processor(adapter_dir if (adapter_dir / "processor_config.json").is_file() else base_dir)
     peft_model = PeftModel.from_pretrained(load_vision_base_fp32(base_dir), adapter_dir).eval()
-    inputs = check_inputs(processor)
-    with_adapter = input_logits(peft_model, inputs)
-    with peft_model.disable_adapter():
-        without = input_logits(peft_model, inputs)
-    merged = peft_model.merge_and_unload()
-    check = compare_logits(with_adapter, input_logits(merged, inputs), relative=tolerance)
-    effect = max(float((a - b).abs().max()) for a, b in zip(with_adapter, without, strict=True))
-    check = LogitCheck(check.prompts, check.max_abs_diff, check.scale, check.tolerance, effect, check.mean_abs_diff)
-    if not check.max_abs_diff <= check.tolerance:  # also refuses NaN
-        raise MergeMismatch(
-            f"merging {adapter_dir} into {base_dir} changed the logits on image prompts: max |merged - adapter| = "
-            f"{check.max_abs_diff:.3g} over {check.prompts} prompts, above the tolerance {check.tolerance:.3g}; "
-            "nothing was written")
+    merged, check = merge_checked(peft_model, input_logits, check_inputs(processor), tolerance=tolerance,
+                                  what=f"merging {adapter_dir} into {base_dir} changed the logits on image prompts")
     return merged, processor, check
 
 
