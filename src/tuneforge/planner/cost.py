@@ -262,10 +262,9 @@ def packed_row_tokens(mean: float, max_seq_length: int, row_cap: int | None = No
     rows would hold under MIN_EXAMPLES_PER_ROW: priced as examples). Workers with
     flash-attention pack max_seq_length rows; that is a worker's property, not the job's, so the estimate
     counts the SDPA rows."""
-    from tuneforge.spec.hyperparameters import EXAMPLES_PER_ROW, ROW_MULTIPLE
+    from tuneforge.spec.hyperparameters import sdpa_row_length
 
-    wanted = min(EXAMPLES_PER_ROW * mean, row_cap or EXAMPLES_PER_ROW * mean)
-    row = min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    row = sdpa_row_length(mean, max_seq_length, row_cap)
     return mean if row < 2 * mean else row * PACKED_FILL
 
 

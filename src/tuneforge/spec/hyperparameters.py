@@ -112,6 +112,14 @@ def sdpa_row_cap(matmul_params: int, hidden_size: int, num_layers: int) -> int:
     return max(MIN_ROW_CAP, int(cap) // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
+def sdpa_row_length(mean: float, max_seq_length: int, row_cap: int | None = None) -> int:
+    """The SDPA / eager row for examples of `mean` tokens: about EXAMPLES_PER_ROW of them, at most row_cap,
+    rounded up to ROW_MULTIPLE, at most max_seq_length. The recipe packs by it (packed_row_length) and the
+    cost estimate prices it (planner/cost.py:packed_row_tokens)."""
+    wanted = EXAMPLES_PER_ROW * mean if row_cap is None else min(EXAMPLES_PER_ROW * mean, row_cap)
+    return min(max_seq_length, -(-int(wanted) // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
 def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: str,
                       row_cap: int | None = None) -> tuple[int, str]:
     """The row length to pack into, and why. Flash-attention's variable-length kernel costs per example,
@@ -125,9 +133,8 @@ def packed_row_length(lengths: Sequence[int], max_seq_length: int, attention: st
     if attention == "flash_attention_2" or not lengths:
         return max_seq_length, f"rows of max_seq_length {max_seq_length} ({attention} attends per example)"
     mean, longest = sum(lengths) / len(lengths), max(lengths)
-    wanted = EXAMPLES_PER_ROW * mean
-    capped = row_cap is not None and wanted > row_cap
-    row = min(max_seq_length, -(-int(min(wanted, row_cap or wanted)) // ROW_MULTIPLE) * ROW_MULTIPLE)
+    capped = row_cap is not None and EXAMPLES_PER_ROW * mean > row_cap
+    row = sdpa_row_length(mean, max_seq_length, row_cap)
     alone = sum(1 for length in lengths if length > row)
     why = (f"rows of {row} tokens: {attention} computes each row's whole attention, so rows hold about "
            f"{EXAMPLES_PER_ROW} average examples ({mean:.0f} tokens; longest {longest})")
