@@ -61,6 +61,12 @@ def _keep_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def weights_dtype(precision: Precision, *, full_finetune: bool) -> torch.dtype:
+    """The base's stored dtype: float32 master weights for full fine-tuning (autocast does the half-precision
+    math), the compute dtype under an adapter (halving the frozen base's memory). Whole and sharded loads."""
+    return torch.float32 if full_finetune else precision.dtype
+
+
 def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision, *, full_finetune: bool):
     """The base model on the training device.
 
@@ -72,11 +78,10 @@ def load_base_model(model_dir: str | Path, spec: ModelSpec, precision: Precision
     from tuneforge.engine.base_models import safetensors_model_dir
 
     safetensors_model_dir(Path(model_dir))  # never a pickle: refused by name before transformers opens the folder
-    weights_dtype = torch.float32 if full_finetune else precision.dtype
     quantization = quantization_config(spec, precision.dtype)
     kwargs = {
         "use_safetensors": True,
-        "dtype": weights_dtype,
+        "dtype": weights_dtype(precision, full_finetune=full_finetune),
         "attn_implementation": attention_implementation(spec.attn_implementation, precision.device),
     }
     if quantization is not None:

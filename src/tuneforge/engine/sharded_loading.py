@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.engine.model_loading import attention_implementation
+from tuneforge.engine.model_loading import attention_implementation, weights_dtype
 from tuneforge.engine.precision import Precision
 from tuneforge.spec.job import JobSpec
 
@@ -32,11 +32,6 @@ def loads_sharded(spec: JobSpec, *, strategy: str, world_size: int) -> bool:
     from tuneforge.planner.host_memory import sharded_load
 
     return strategy in ("fsdp", "deepspeed") and sharded_load(spec, world_size)
-
-
-def weights_dtype(precision: Precision, *, full_finetune: bool) -> torch.dtype:
-    """As load_base_model: float32 master weights for full fine-tuning, the compute dtype under an adapter."""
-    return torch.float32 if full_finetune else precision.dtype
 
 
 def empty_base_model(model_dir: str | Path, spec: JobSpec, precision: Precision, *, strategy: str,

@@ -390,13 +390,14 @@ class Worker:
         summary = self._summary(attempt) if outcome is not None and outcome.status == SUCCEEDED else None
         if summary is not None and self.tenant_store is not None and attempt.stop_reason in (None, PAUSED):
             summary = self._publish(attempt, summary)
-        sealing = self.settings.encrypt_at_rest and attempt.stop_reason not in ("lost", "superseded")
+        # Lost or superseded: another worker's run may be in this directory now; leave its files alone.
+        ours = attempt.stop_reason not in ("lost", "superseded")
+        sealing = self.settings.encrypt_at_rest and ours
         succeeding = summary is not None and attempt.stop_reason in (None, PAUSED)  # its outputs are registered next
         if sealing:  # before the job can be claimed again (re-queued, paused): a new run unseals what it resumes from
             self._seal_outputs(attempt, parts=job_files.RESUME_PARTS if succeeding else job_files.SEALED_PARTS)
-        # Before the state change too: once re-queued, another worker may stage fresh inputs in this directory
-        # (and a lost or superseded run's directory may already hold them).
-        if attempt.stop_reason not in ("lost", "superseded"):
+        # Before the state change too: once re-queued, another worker may stage fresh inputs in this directory.
+        if ours:
             job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the run
         used = attempt.gpu_seconds + self._run_seconds(attempt)
         with self.db.session() as session:
