@@ -71,3 +71,48 @@ def test_position_ids_alone_do_not_isolate_examples_on_sdpa(tiny_model_dir):
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 30:]
         alone = model(input_ids=torch.from_numpy(second.input_ids.astype(np.int64))[None]).logits[0]
     assert (leaky - alone).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_padding_free_micro_batch_trains_like_the_padded_one_in_fewer_rows(tiny_model_dir, attention):
+    """training.padding_free: the same examples in shared rows give the padded batch's loss, token count and
+    gradients, in fewer rows of the same length."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.batching import Batcher
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention, dtype=torch.float32)
+    rng = np.random.default_rng(2)
+    examples = []
+    for line, n in enumerate([60, 58, 12, 30, 9, 25, 17, 6], start=1):  # long-tailed: two long, six short
+        ids = rng.integers(3, 250, n).astype(np.int32)
+        examples.append(TokenizedExample(ids, np.where(np.arange(n) >= n // 2, ids, -100).astype(np.int32), line))
+    units = list(range(len(examples)))
+    padded = Batcher(examples, 0, attention=attention).collate(units)
+    shared = Batcher(examples, 0, attention=attention, padding_free=True).collate(units)
+    assert shared["input_ids"].shape[1] == padded["input_ids"].shape[1] == 60
+    assert shared["input_ids"].shape[0] < padded["input_ids"].shape[0] == 8
+    assert int(shared["tokens"]) == int(padded["tokens"])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        batch = {k: v for k, v in batch.items() if k != "tokens"}
+        total, count, _ = CausalLMLoss(model)(**batch)
+        total.backward()
+        return float(total), int(count), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (free_loss, free_count, free_grads), (pad_loss, pad_count, pad_grads) = loss_and_grads(shared), loss_and_grads(padded)
+    assert free_count == pad_count and free_loss == pytest.approx(pad_loss, rel=1e-5)
+    for name, grad in pad_grads.items():
+        torch.testing.assert_close(free_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_keeps_the_padded_batch_when_sharing_saves_little(tiny_model_dir):
+    """Rows of about one example each would only add the block-diagonal mask's cost."""
+    from tuneforge.data.batching import Batcher
+
+    examples = [TokenizedExample(np.arange(3, 3 + n, dtype=np.int32), np.arange(3, 3 + n, dtype=np.int32), i)
+                for i, n in enumerate([40, 39, 38, 37, 36, 35, 34, 5], start=1)]  # 8 rows or 7: not worth a mask
+    batch = Batcher(examples, 0, padding_free=True).collate(list(range(8)))
+    assert batch["input_ids"].shape == (8, 40) and "position_ids" not in batch

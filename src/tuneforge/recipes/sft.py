@@ -159,8 +159,7 @@ def load_model(job: RecipeJob, data: Data, resume: ResumePoint, *, sharded: bool
     which each rank reads for its shard in job.prepare; it is scored there, after."""
     spec, full = job.spec, job.spec.adapter.type == "full"
     if sharded:
-        model = load_sharded_base(data.model_dir, spec, job.precision, strategy=job.strategy, rank=job.parallel.rank,
-                                  full_finetune=full)
+        model = load_sharded_base(data.model_dir, spec, job.precision, strategy=job.strategy, full_finetune=full)
     else:
         model = load_base_model(data.model_dir, spec.model, job.precision, full_finetune=full)
     job.phase("model_load_s")
@@ -207,13 +206,24 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
         # Rows of about one example save no padding and still pay the block-diagonal mask (~10% slower).
         why_not = (f"rows of {row_length} tokens would hold {len(data.train) / len(batcher):.1f} examples each "
                    f"(fewer than {MIN_EXAMPLES_PER_ROW:g}): packing saves no padding there")
-        packing, batcher = False, Batcher(data.train, data.tokenizer.pad_token_id, attention=attention)
+        packing = False
+    if not packing:
+        batcher = Batcher(data.train, data.tokenizer.pad_token_id, attention=attention,
+                          padding_free=_padding_free(cfg.padding_free, model.config, attention, max_len))
     batcher.row_reason = row_reason if packing else None
     spec = job.spec.model_copy(deep=True)
     spec.dataset.format, spec.dataset.prompt_template = data.format, data.renderer.template
     job.resolve_training(spec, examples=len(data.train), loss_module=loss, batcher=batcher, model_dir=data.model_dir,
                          packing=packing)
     return batcher, None if packing else (why_not or "training.packing is false")
+
+
+def _padding_free(setting, config, attention: str, max_len: int) -> bool:
+    """Whether unpacked micro-batches share rows: where packed examples are verified isolated for the model."""
+    supported, why_not = packing_support(config, attention, max_len)
+    if setting is True and not supported:
+        raise SpecError(f"training.padding_free: {why_not}; set it to auto or false")
+    return supported and setting in (True, "auto")
 
 
 def describe_plan(job: RecipeJob, data: Data, batcher: Batcher, schedule: StepSchedule, trainable: int, total: int,

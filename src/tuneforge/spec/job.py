@@ -180,6 +180,13 @@ class TrainingSpec(Section):
         "flash-attention, else sized from the data (about 4 average examples, at least the longest). With "
         "packing, batch sizes count rows; an auto batch is the rows holding as many examples as it would unpacked.",
     )
+    padding_free: bool | Auto = Field(
+        "auto",
+        description="Without packing, the examples of a micro-batch share rows no longer than its longest example, "
+        "each attending only to itself, instead of one padded row each: the same examples, loss and gradients with "
+        "fewer padding tokens. auto: where packing isolation is verified for the model. Packed rows are already "
+        "padding-free, so it applies only when packing is off.",
+    )
     logging_steps: int = Field(1, gt=0, le=MAX_COUNT, description="Write a metrics event every N optimizer steps.")
 
 
@@ -572,6 +579,14 @@ class JobSpec(Section):
         return self
 
     def _method_consistent(self) -> None:
+        training = self.training
+        if training.padding_free is True and training.packing is True:
+            raise ValueError("training.padding_free applies without packing (packed rows are already padding-free): "
+                             "set training.packing or training.padding_free to auto or false")
+        for name in ("packing", "padding_free"):
+            if getattr(training, name) is True and self.method not in ("sft", *VISION_METHODS):
+                raise ValueError(f"training.{name}: method {self.method} batches its own records (pairs, prompts or "
+                                 "items) and never packs them; leave it auto or set it to false")
         fmt = self.dataset.format
         formats = METHOD_FORMATS.get(self.method)
         if formats is not None and fmt != "auto" and fmt not in formats:

@@ -59,6 +59,9 @@ def vision_problem(spec: JobSpec) -> str | None:
     if spec.training.packing is True:
         return (f"training.packing: method {method} cannot pack: a packed row would run one example's image tokens "
                 "into another's and the rows would be cut through images; set it to auto or false")
+    if spec.training.padding_free is True:
+        return (f"training.padding_free: method {method} keeps one example per row (its image tokens and their "
+                "positions); set it to auto or false")
     if method == "vlm" and spec.dataset.too_long == "truncate":
         return ("dataset.too_long truncate: method vlm would cut through an example's image tokens; use drop or "
                 "error (and a larger dataset.max_seq_length)")

@@ -49,3 +49,12 @@ def test_a_packed_auto_batch_holds_as_many_examples_as_an_unpacked_one():
     two_gpus = validate_job_spec({"dataset": {"path": "d"}, "resources": {"num_gpus": 2}})
     assert resolve_hyperparameters(two_gpus, 400, num_rows=100).training.batch_size == 2  # a row per device
     assert resolve_hyperparameters(spec(), 400, num_rows=400).training.batch_size == 8  # one example per row
+
+
+def test_padding_free_and_packing_are_refused_where_they_would_be_ignored():
+    with pytest.raises(SpecError, match="training.padding_free applies without packing"):
+        spec(packing=True, padding_free=True)
+    for method, section in (("dpo", "packing"), ("reward", "padding_free"), ("grpo", "packing")):
+        with pytest.raises(SpecError, match=f"training.{section}: method {method} batches its own records"):
+            validate_job_spec({"method": method, "dataset": {"path": "d"}, "training": {section: True}})
+    assert spec(packing=False, padding_free=True).training.padding_free is True

@@ -254,6 +254,7 @@ class RecipeJob:
                                      parallel=self.parallel, device=self.device, precision=self.precision)
             spec = resolve_hyperparameters(spec, examples, num_rows=rows, micro_batch=micro)
         spec.training.packing = packing
+        spec.training.padding_free = bool(getattr(batcher, "padding_free", False))
         return self.resolved(spec)
 
     def resolved(self, spec: JobSpec) -> JobSpec:
