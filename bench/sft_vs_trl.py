@@ -51,7 +51,7 @@ def generate(directory: Path, count: int, max_words: int, seed: int = 0) -> tupl
 
 
 def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool, max_len: int, batch: int,
-                  precision: str, checkpointing: bool) -> dict:
+                  precision: str, checkpointing: bool, padding_free: str = "auto") -> dict:
     from tuneforge.spec import validate_job_spec
     from tuneforge.spec.jobdir import write_spec
 
@@ -62,6 +62,7 @@ def run_tuneforge(work: Path, data: Path, model: str, steps: int, packing: bool,
         "adapter": {"type": "lora", "rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "training": {"max_steps": steps, "batch_size": batch, "per_device_batch_size": batch, "learning_rate": 2e-4,
                      "warmup_ratio": 0.03, "lr_scheduler": "cosine", "packing": packing, "seed": 42,
+                     "padding_free": "auto" if padding_free == "auto" else False,
                      "precision": precision, "gradient_checkpointing": checkpointing},
         "evaluation": {"metrics": [], "eval_before_training": False},
         "checkpoint": {"every_minutes": None},
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for both trainers")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for both trainers")
+    parser.add_argument("--padding-free", default="auto", choices=["auto", "false"],
+                        help="tuneforge's training.padding_free without packing (auto: rows shared within a micro-batch)")
     parser.add_argument("--packing-only", action="store_true")
     parser.add_argument("--no-packing-only", action="store_true")
     args = parser.parse_args()
@@ -166,7 +169,7 @@ def main() -> None:
         ours, theirs = [], []
         settings = (args.steps, packing, args.max_seq_length, args.batch, args.precision, args.gradient_checkpointing)
         for _ in range(args.rounds):
-            ours.append(run_tuneforge(work, chat, args.model, *settings))
+            ours.append(run_tuneforge(work, chat, args.model, *settings, padding_free=args.padding_free))
             theirs.append(run_trl(pairs, model_dir, *settings))
         best_ours = max(ours, key=lambda r: r["tokens"] / r["seconds"])
         best_theirs = max(theirs, key=lambda r: r["tokens"] / r["seconds"])
