@@ -221,6 +221,33 @@ def test_a_money_budget_counts_the_trials_priced_usage(db):
     assert sweep.status == "failed" and "budget.cost_usd reached (1.2 of 1 USD)" in sweep.stop_reason
 
 
+def test_trials_are_priced_like_api_jobs_and_refused_over_their_own_budget(db):
+    """A trial carries the cost estimate an API job would (the tenant's budget counts it), and a trial whose
+    estimate passes the base spec's resources.max_gpu_hours is recorded failed instead of submitted."""
+    from tuneforge.db import costs as cost_rows
+
+    file_id = training_file(db)
+    sweep_id = make_sweep(db, file_id, sampler="random", parallelism=1, budget={"max_trials": 1},
+                          space={"adapter.rank": {"type": "int", "low": 2, "high": 16}})
+    SweepDriver(db, Settings.from_env(database_url=db.url)).run_once()
+    (_, job), = trials(db, sweep_id)
+    with db.read_session() as session:
+        priced = cost_rows.get_job_cost(session, job_id=job.id)
+    assert priced.estimated_gpu_hours > 0 and priced.estimate["tokens"] > 0
+
+    tight = {"name": "tight", "base": {"model": {"base_model": "tiny-llama"}, "dataset": {"path": file_id},
+                                       "training": {"max_steps": 8}, "resources": {"max_gpu_hours": 1e-9},
+                                       "evaluation": {"metrics": ["loss"], "eval_every_steps": 2}},
+             "objectives": [{"metric": "loss"}], "sampler": "random", "budget": {"max_trials": 1},
+             "space": {"adapter.rank": {"type": "int", "low": 2, "high": 16}}}
+    spec = validate_sweep_spec(tight)
+    with db.session() as session:
+        tight_id = sweep_rows.create_sweep(session, tenant_id=TENANT, name="tight", spec=spec.model_dump(mode="json")).id
+    SweepDriver(db, Settings.from_env(database_url=db.url)).run_once()
+    (trial, job), = trials(db, tight_id)
+    assert job is None and trial.status == "failed" and "max_gpu_hours" in trial.error
+
+
 def test_cancel_stops_the_sweep_and_its_trials(db):
     sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=2, budget={"max_trials": 5},
                           space={"adapter.rank": {"type": "int", "low": 2, "high": 16}})

@@ -29,7 +29,8 @@ from tuneforge.db.tables import Job, Sweep, SweepTrial
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
-from tuneforge.scheduler.submission import QuotaExceeded, check_submission, submit_job
+from tuneforge.scheduler import cost
+from tuneforge.scheduler.submission import QuotaExceeded, budget_problem, check_submission, submit_job
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, FAILED, SUCCEEDED, TERMINAL_STATUSES
 from tuneforge.spec.sweep import SweepSpec
@@ -311,7 +312,9 @@ class SweepDriver:
             except ValidationError as exc:  # a combination the job spec refuses (each value alone is valid)
                 self._record_failed(study, sweep, trial.number, chosen, f"the job spec refuses this combination: {exc}")
                 continue
-            problem = check_submission(job_spec, inventories).problem
+            with self.db.read_session() as session:  # priced like an API job: the budgets count its estimate
+                estimate = cost.estimate_job(session, tenant_id=sweep.tenant_id, spec=job_spec, inventories=inventories)
+            problem = check_submission(job_spec, inventories).problem or budget_problem(job_spec, estimate)
             if problem is not None:
                 self._record_failed(study, sweep, trial.number, chosen, problem.message)
                 continue
@@ -320,7 +323,8 @@ class SweepDriver:
                     job = submit_job(session, tenant_id=sweep.tenant_id, spec=job_spec, model=job_spec.model.base_model,
                                      training_file=job_spec.dataset.path, validation_file=job_spec.dataset.validation_path,
                                      suffix=name, metadata={"sweep": sweep.id, "sweep_trial": str(trial.number)},
-                                     idempotency_key=f"{sweep.id}:{trial.number}", request_hash=None)
+                                     idempotency_key=f"{sweep.id}:{trial.number}", request_hash=None,
+                                     estimate=estimate)
                     sweep_rows.add_trial(session, sweep_id=sweep.id, number=trial.number, job_id=job.id, params=chosen)
             except QuotaExceeded:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
