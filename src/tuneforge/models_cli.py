@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,17 +36,25 @@ def _version(session, args):
 
 def cmd_models(args: argparse.Namespace) -> int:
     from tuneforge.cli import UserError
-    from tuneforge.control_plane_cli import _database
-    from tuneforge.spec.jobdir import EXIT_BAD_INPUT
 
     handlers = {"list": _list, "show": _show, "lineage": _lineage, "register": _register, "alias": _alias,
                 "delete": _delete, "download": _download}
+    if args.action == "delete" and args.base:  # a registered base model, every tenant's: no --tenant, no ref
+        return _run(_delete_base, args)
     if args.action != "list" and args.action != "register" and not args.ref:
         raise UserError(f"models {args.action} needs a model: NAME, NAME@vN or NAME:ALIAS"
                         + (" (or an export's id)" if args.action == "lineage" else ""))
+    return _run(handlers[args.action], args)
+
+
+def _run(handler, args: argparse.Namespace) -> int:
+    from tuneforge.cli import UserError
+    from tuneforge.control_plane_cli import _database
+    from tuneforge.spec.jobdir import EXIT_BAD_INPUT
+
     settings, db = _database()
     try:
-        return handlers[args.action](args, settings, db)
+        return handler(args, settings, db)
     except UserError as exc:  # printed here: under `python -m tuneforge.cli` main catches __main__'s UserError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -144,7 +153,7 @@ def _register(args, settings, db) -> int:
     from tuneforge.registry.models import RegistryError, register_base_model, register_published_base_model
     from tuneforge.registry.storage.tenant_store import open_tenant_store
 
-    if not args.base:
+    if not args.base or len(args.base) != 2:
         raise UserError("models register needs --base NAME DIR (the name, and the Hugging Face model directory)")
     name, directory = args.base
     object_store = open_tenant_store(db, settings)  # TUNEFORGE_STORE_URL: workers elsewhere read the model there
@@ -201,21 +210,41 @@ def _delete(args, settings, db) -> int:
     return 0
 
 
+def _delete_base(args, settings, db) -> int:
+    from tuneforge.cli import UserError
+    from tuneforge.registry.models import RegistryError, delete_base_model
+
+    if len(args.base) != 1 or args.ref or args.tenant:
+        raise UserError("models delete --base NAME: only the registered base model's name (it is every tenant's)")
+    with db.session() as session:
+        try:
+            delete_base_model(session, name=args.base[0])
+        except RegistryError as exc:
+            raise UserError(exc.message) from None
+    print(f"deleted base model {args.base[0]}; the blob collector removes its files (and its objects in the store) "
+          "once nothing else holds them", file=sys.stderr)
+    return 0
+
+
 def _download(args, settings, db) -> int:
     from tuneforge.cli import UserError
-    from tuneforge.registry.versions import ManifestMismatch, verify_directory, write_files
+    from tuneforge.registry.artifacts import LocalArtifactStore
+    from tuneforge.registry.versions import ManifestMismatch, file_contents, verify_directory, write_files
 
     if not args.out:
         raise UserError("models download needs --out DIR (a directory that does not exist yet)")
     out = Path(args.out)
     if out.exists():
         raise UserError(f"--out {out}: exists already; name a new directory")
+    store = LocalArtifactStore.from_settings(settings)  # with the tenant keys: a sealed version is decrypted
     with db.session() as session:
         version = _version(session, args)
         manifest, label = version.manifest, f"{version.name} v{version.version}"
+        contents = file_contents(session, store, manifest, tenant_id=version.tenant_id)
     try:
-        write_files(_store(settings), manifest, out)
+        write_files(store, manifest, out, contents=contents)
     except (ManifestMismatch, OSError) as exc:
+        shutil.rmtree(out, ignore_errors=True)  # no partial copy
         raise UserError(f"{label}: {exc}") from None
     problems = verify_directory(manifest, out)
     if problems:
@@ -235,9 +264,11 @@ def add_models_command(commands) -> None:
                         "takes an export's id (export_...)")
     models.add_argument("alias", nargs="?", help="alias: the alias to point at the version")
     models.add_argument("--tenant", help="whose models")
-    models.add_argument("--base", nargs=2, metavar=("NAME", "DIR"),
+    models.add_argument("--base", nargs="+", metavar=("NAME", "DIR"),
                         help="register: the base model's name and the local Hugging Face directory to copy in (and "
-                        "into the object store when TUNEFORGE_STORE_URL is set; the same files again publish them)")
+                        "into the object store when TUNEFORGE_STORE_URL is set; the same files again publish them); "
+                        "delete: the name of a registered base model (refused while a job not finished yet or a live "
+                        "adapter uses it)")
     models.add_argument("--remove", action="store_true", help="alias: remove the alias instead")
     models.add_argument("--out", metavar="DIR", help="download: the new directory to write the files to")
     models.set_defaults(handler=cmd_models)

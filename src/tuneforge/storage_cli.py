@@ -2,10 +2,11 @@
 
 These talk to the database, the artifact folder and the store this machine's TUNEFORGE_* variables name
 (TUNEFORGE_ARTIFACTS_DIR, TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR). Rotation re-wraps every data key of the
-tenant (objects in the store and sealed blobs in the artifact folder) under a new key version; shredding
+tenant (objects in the store and sealed blobs in the artifact folder) under a new key version (`rotate-key
+--base-models`: of the registered base models' objects, whose owner is no tenant); shredding
 destroys the tenant's keys, after which its objects and sealed uploads cannot be read by anyone;
-seal-artifacts seals the plaintext uploads of an install from before sealing; register-dataset makes an
-s3:// object a tenant's file without copying it (docs/storage.md).
+seal-artifacts seals the plaintext uploads and model registry files of an install from before sealing;
+register-dataset makes an s3:// object a tenant's file without copying it (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def cmd_storage(args: argparse.Namespace) -> int:
     from tuneforge.registry.storage.tenant_store import open_tenant_store
 
     settings, db = _database()
-    if args.tenant is None and args.action != "seal-artifacts":
-        raise UserError(f"{args.action} needs --tenant NAME")
-    if args.tenant is not None:
+    if args.base_models:
+        args.tenant = _base_models_owner(args)
+    elif args.tenant is None and args.action != "seal-artifacts":
+        either = " (or --base-models: the registered base models' key)" if args.action == "rotate-key" else ""
+        raise UserError(f"{args.action} needs --tenant NAME{either}")
+    elif args.tenant is not None:
         _check_tenant_name(args.tenant)
     if args.action in ("rotate-key", "shred", "seal-artifacts") and not settings.encrypt_at_rest:
         raise UserError("encryption at rest is off (TUNEFORGE_ENCRYPT_AT_REST=false): there are no tenant keys")
@@ -35,8 +39,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
         keys = TenantKeys(db, FolderKeyProvider(Path(settings.keys_dir)))
     if args.action == "rotate-key":
         version = keys.rotate(args.tenant)
-        print(f"tenant {args.tenant}: data keys re-wrapped under key version {version}; older versions destroyed",
-              file=sys.stderr)
+        whose = "registered base models" if args.base_models else f"tenant {args.tenant}"
+        print(f"{whose}: data keys re-wrapped under key version {version}; older versions destroyed", file=sys.stderr)
         return 0
     if args.action == "shred":
         if not args.yes:
@@ -47,16 +51,21 @@ def cmd_storage(args: argparse.Namespace) -> int:
               "read", file=sys.stderr)
         return 0
     if args.action == "seal-artifacts":
+        from tuneforge.home import tuneforge_home
         from tuneforge.registry.artifacts import LocalArtifactStore
         from tuneforge.registry.storage.reseal import DamagedBlob, seal_plaintext_uploads
 
         try:
-            report = seal_plaintext_uploads(db, LocalArtifactStore.from_settings(settings), tenant_id=args.tenant)
+            report = seal_plaintext_uploads(db, LocalArtifactStore.from_settings(settings), tenant_id=args.tenant,
+                                            registry_root=tuneforge_home() / "registry")
         except DamagedBlob as exc:
             raise UserError(str(exc)) from None
-        print(f"sealed {report.sealed} tenant copies of plaintext uploads; removed {report.plaintext_removed} plaintext "
-              f"blobs, kept {report.plaintext_kept} still in use (the collector removes them later); "
-              f"{report.missing} named by rows but not in this artifact folder", file=sys.stderr)
+        print(f"sealed {report.sealed} tenant copies of plaintext uploads and model files; removed "
+              f"{report.plaintext_removed} plaintext blobs, kept {report.plaintext_kept} still in use (the collector "
+              f"removes them later); {report.missing} named by rows but not in this artifact folder; removed "
+              f"{report.copies_removed} plaintext copies of sealed model versions"
+              + (f", kept {report.copies_kept} while a job runs (run it again later)" if report.copies_kept else ""),
+              file=sys.stderr)
         return 0
     store = open_tenant_store(db, settings)
     if store is None:
@@ -87,6 +96,18 @@ def cmd_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_models_owner(args: argparse.Namespace) -> str:
+    """The store-only owner of the registered base models' objects, for rotate-key --base-models."""
+    from tuneforge.cli import UserError
+    from tuneforge.registry.storage.jobs import BASE_MODELS_TENANT
+
+    if args.action != "rotate-key":
+        raise UserError(f"--base-models names the registered base models' key for rotate-key only, not {args.action}")
+    if args.tenant is not None:
+        raise UserError("rotate-key: give --tenant NAME or --base-models, not both")
+    return BASE_MODELS_TENANT
+
+
 def add_storage_command(commands) -> None:
     storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; seal plaintext uploads; fetch a "
                                   "job's published outputs; register a dataset from s3:// without copying",
@@ -95,6 +116,9 @@ def add_storage_command(commands) -> None:
     storage.add_argument("action", choices=("rotate-key", "shred", "seal-artifacts", "fetch-outputs", "register-dataset"))
     storage.add_argument("--tenant", help="the tenant (every action but seal-artifacts, which seals every tenant's "
                                           "plaintext uploads without it)")
+    storage.add_argument("--base-models", action="store_true",
+                         help="rotate-key: rotate the key of the registered base models' objects in the store (owned by "
+                         "no tenant) instead of a tenant's")
     storage.add_argument("--yes", action="store_true", help="shred: confirm that the tenant's data is to become unreadable")
     storage.add_argument("--job", help="fetch-outputs: the job whose outputs to fetch")
     storage.add_argument("--out", type=Path, help="fetch-outputs: where to write them (decrypted)")

@@ -7,7 +7,9 @@ once does not hold its memory for the server's life; the next request for its ba
 The API process never imports torch: each base runs in its own child (export/playground_process.py) on
 127.0.0.1, a port the kernel picks, answering only requests with this pool's random shared secret. What a
 child loads is resolved here from the registry (the version's manifest, materialized from the artifact store
-under TUNEFORGE_HOME/registry, or a built-in model's name), never from anything a request names.
+under TUNEFORGE_HOME/registry, or a built-in model's name), never from anything a request names. With encryption at
+rest, a tenant's version is decrypted into the serving child's own folder instead (its base when the child starts,
+an adapter when it is loaded), removed when that child stops or the adapter is unloaded: no shared plaintext cache.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tuneforge.registry.models import (
     model_source,
     resolve_base_reference,
 )
+from tuneforge.registry.versions import ManifestMismatch, ModelShredded, check_readable, file_contents, manifest_digest
 from tuneforge.scheduler.executors.process import spawn
 from tuneforge.settings import Settings
 
@@ -82,18 +85,88 @@ def not_servable(reason: str) -> PlaygroundUnavailable:
 
 
 @dataclass(frozen=True)
+class SealedFiles:
+    """A tenant's version sealed at rest, written only into the folder of the child that serves it: the base (when
+    it is a tenant's version: base_source) when the child starts, the adapter (adapter_source) when it is loaded."""
+
+    store: LocalArtifactStore
+    db: object
+    base_source: ModelSource | None = None
+    adapter_source: ModelSource | None = None
+
+    def write_base(self, folder: Path) -> str:
+        return _write_private(self.store, self.db, self.base_source, folder)
+
+    def write_adapter(self, folder: Path) -> Path:
+        return Path(_write_private(self.store, self.db, self.adapter_source, folder))
+
+
+def _write_private(store: LocalArtifactStore, db, source: ModelSource, folder: Path) -> str:
+    """source materialized under folder (a tenant's version; a registered base under it stays in the shared cache);
+    a failure is a PlaygroundUnavailable without paths."""
+    try:
+        return materialize_source(store, source, tuneforge_home() / "registry", db=db, private_root=folder)
+    except ModelShredded as exc:
+        raise PlaygroundUnavailable(str(exc), status=410, code="content_shredded") from None
+    except (ManifestMismatch, OSError, ValueError):
+        log.exception("the files of a sealed model version cannot be written for its playground process")
+        raise PlaygroundUnavailable("the files of this model cannot be read from the artifact store", status=500,
+                                    code="model_unavailable") from None
+
+
+@dataclass(frozen=True)
 class Target:
-    """What answers a request: a base (a built-in model's name or a materialized directory) and, for an
-    adapter, its materialized directory."""
+    """What answers a request: a base (a built-in model's name, a materialized directory, or the key of a sealed
+    version written when its child starts) and, for an adapter, its materialized directory, or with sealed files
+    its key (adapter_key: written into the child's folder when loaded)."""
 
     base: str
     adapter: Path | None = None
+    adapter_key: str | None = None
+    sealed: SealedFiles | None = field(default=None, compare=False)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter is not None or self.adapter_key is not None
 
     @property
     def adapter_name(self) -> str:
-        if self.adapter is None:
+        if not self.has_adapter:
             return BASE_NAME
-        return "adapter-" + sha256(str(self.adapter).encode()).hexdigest()[:16]
+        return "adapter-" + sha256((self.adapter_key or str(self.adapter)).encode()).hexdigest()[:16]
+
+
+def source_key(source: ModelSource) -> str:
+    """What names a model's files whatever folder they are written to: a built-in name, or the manifests' digests
+    down an adapter's lineage."""
+    if source.as_is is not None:
+        return source.as_is
+    if source.directory is not None:
+        return str(source.directory)
+    own = manifest_digest(source.manifest)
+    checkpoint = getattr(source, "checkpoint", None)  # a kept checkpoint's weights in place of the version's
+    if checkpoint is not None:
+        own += f"@{checkpoint.job_dir.name}/{checkpoint.path}"
+    return own if source.base is None else f"{own}-on-{source_key(source.base)}"
+
+
+def _tenant_files(source: ModelSource | None) -> bool:
+    """Whether source, or a model down its lineage, is a tenant's version (files sealed for that tenant)."""
+    while source is not None:
+        if source.tenant_id is not None:
+            return True
+        source = source.base
+    return False
+
+
+def _check_chain_readable(store: LocalArtifactStore, db, source: ModelSource | None) -> None:
+    """ModelShredded when a sealed file down source's lineage has lost its tenant key: every request checks, so a
+    child that loaded the model before its tenant was shredded answers no more."""
+    while source is not None:
+        if source.tenant_id is not None:
+            with db.read_session() as session:
+                check_readable(store, file_contents(session, store, source.manifest, tenant_id=source.tenant_id))
+        source = source.base
 
 
 # ---- which model a request names ------------------------------------------------------------------------
@@ -136,18 +209,32 @@ def generation_problem(session: Session, *, tenant_id: str, pinned: str) -> str 
 
 
 def materialize_target(store: LocalArtifactStore, source: ModelSource, *, tenant_store=None,
-                       tenant_id: str | None = None) -> Target:
+                       tenant_id: str | None = None, db=None, private: bool = False) -> Target:
     """The files a child loads, written out (and checked against their digests) under TUNEFORGE_HOME/registry
-    once, then reused. With an object store, a version a worker elsewhere registered is fetched from it first."""
+    once, then reused. With an object store, a version a worker elsewhere registered is fetched from it first.
+    private (encryption at rest; needs db): a tenant's version is not written here but into the folder of the
+    child that serves it (SealedFiles), after checking that its tenant key still opens it (ModelShredded)."""
     if tenant_store is not None:
         from tuneforge.registry.storage.jobs import stage_registered_model
 
         stage_registered_model(tenant_store, store, tenant_id=tenant_id, source=source)
     root = tuneforge_home() / "registry"
+    if private and db is not None and _tenant_files(source):
+        _check_chain_readable(store, db, source)
+        base_source = source.base if source.base is not None else source
+        if _tenant_files(base_source):
+            base = "sealed-" + sha256(source_key(base_source).encode()).hexdigest()[:32]
+        else:  # a built-in or registered base model (the operator's, not sealed): the shared cache, as before
+            base = materialize_source(store, base_source, root, db=db)
+            base_source = None
+        if source.base is None:
+            return Target(base=base, sealed=SealedFiles(store=store, db=db, base_source=base_source))
+        return Target(base=base, adapter_key=source_key(source),
+                      sealed=SealedFiles(store=store, db=db, base_source=base_source, adapter_source=source))
     if source.base is not None:  # an adapter on its base (itself possibly an adapter, down its lineage)
-        return Target(base=materialize_source(store, source.base, root),
-                      adapter=Path(materialize_source(store, source, root)))
-    return Target(base=materialize_source(store, source, root))
+        return Target(base=materialize_source(store, source.base, root, db=db),
+                      adapter=Path(materialize_source(store, source, root, db=db)))
+    return Target(base=materialize_source(store, source, root, db=db))
 
 
 # ---- the processes ------------------------------------------------------------------------------------
@@ -163,6 +250,7 @@ class PlaygroundProcess:
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
     adapters: OrderedDict = field(default_factory=OrderedDict)  # name -> requests in flight with it
+    adapter_dirs: dict = field(default_factory=dict)  # name -> its decrypted copy in workdir (sealed versions)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def alive(self) -> bool:
@@ -199,8 +287,8 @@ class PlaygroundPool:
     def lease(self, target: Target) -> Lease:
         """The process serving target's base, with target's adapter loaded, held (never stopped) until the
         lease is released: after the answer, or after the last chunk of a streamed one."""
-        child = self._process_for(target.base)
-        lease = Lease(self, child, target.adapter_name, adapter=target.adapter is not None)
+        child = self._process_for(target.base, target)
+        lease = Lease(self, child, target.adapter_name, adapter=target.has_adapter)
         try:
             self._ensure_adapter(child, target)
             lease.holds_adapter = lease.adapter
@@ -233,7 +321,7 @@ class PlaygroundPool:
     def headers(self) -> dict[str, str]:
         return {SECRET_HEADER: self.secret}
 
-    def _process_for(self, base: str) -> PlaygroundProcess:
+    def _process_for(self, base: str, target: Target | None = None) -> PlaygroundProcess:
         deadline = time.monotonic() + self.settings.playground_start_timeout_seconds
         while True:
             with self._lock:
@@ -272,7 +360,7 @@ class PlaygroundPool:
             try:
                 for old in evicted:
                     self._stop(old)
-                child = self._start(base)  # held by this request (in_flight 1)
+                child = self._start(base, target)  # held by this request (in_flight 1)
                 with self._lock:
                     self._processes[base] = child
                     self._start_reaper()
@@ -299,13 +387,20 @@ class PlaygroundPool:
             del self._processes[child.base]
         return evicted
 
-    def _start(self, base: str) -> PlaygroundProcess:
+    def _start(self, base: str, target: Target | None = None) -> PlaygroundProcess:
         home = tuneforge_home()
         workdir = Path(tempfile.mkdtemp(prefix="playground-", dir=self._runtime_dir()))
         port_file, refusal_file = workdir / "port", workdir / "refused"
-        command = [sys.executable, "-m", "tuneforge.export.playground_process", "--base", base, "--name", BASE_NAME,
+        loads = base
+        if target is not None and target.sealed is not None and target.sealed.base_source is not None:
+            try:  # a sealed version's plaintext lives only in this child's folder, removed when it stops
+                loads = target.sealed.write_base(workdir / "models")
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+        command = [sys.executable, "-m", "tuneforge.export.playground_process", "--base", loads, "--name", BASE_NAME,
                    "--port-file", str(port_file), "--refusal-file", str(refusal_file)]
-        for root in (home / "registry", models_dir()):
+        for root in (home / "registry", models_dir(), workdir / "models"):
             command += ["--allowed-root", str(root)]
         env = {**os.environ, SECRET_ENV: self.secret}
         devices = self.settings.playground_devices
@@ -350,7 +445,7 @@ class PlaygroundPool:
         """Load the target's adapter into the child when it is not there yet, unloading the least recently
         used idle ones past TUNEFORGE_PLAYGROUND_MAX_ADAPTERS."""
         name = target.adapter_name
-        if target.adapter is None:
+        if not target.has_adapter:
             return
         with child.lock:
             if name not in child.adapters:
@@ -359,7 +454,12 @@ class PlaygroundPool:
                     old = idle.pop(0)
                     self._call(child, "DELETE", f"/tuneforge/adapters/{old}")
                     del child.adapters[old]
-                self._call(child, "PUT", f"/tuneforge/adapters/{name}", json={"path": str(target.adapter)})
+                    if old in child.adapter_dirs:  # its decrypted copy goes with it
+                        shutil.rmtree(child.adapter_dirs.pop(old), ignore_errors=True)
+                path = target.adapter
+                if target.sealed is not None and target.sealed.adapter_source is not None:
+                    path = child.adapter_dirs[name] = target.sealed.write_adapter(child.workdir / "models")
+                self._call(child, "PUT", f"/tuneforge/adapters/{name}", json={"path": str(path)})
                 child.adapters[name] = 0
             child.adapters[name] += 1
             child.adapters.move_to_end(name)

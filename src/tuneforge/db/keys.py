@@ -79,8 +79,8 @@ def link_object(session: Session, *, owner: str, name: str, tenant_id: str, kind
     row = session.get(ObjectLink, (owner, name))
     if row is None:
         session.add(ObjectLink(owner=owner, name=name, tenant_id=tenant_id, kind=kind, object_id=object_id, created_at=now()))
-    elif row.tenant_id == tenant_id:
-        row.kind, row.object_id = kind, object_id
+    elif row.tenant_id == tenant_id:  # linked again now: the collector's grace period counts from here
+        row.kind, row.object_id, row.created_at = kind, object_id, now()
     else:
         raise ValueError(f"{owner} belongs to another tenant")
     session.flush()

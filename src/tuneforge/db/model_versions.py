@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import new_id, now
-from tuneforge.db.tables import Job, ModelAlias, ModelTag, ModelVersion, RegisteredBaseModel, RegistryBlob
+from tuneforge.db.tables import FineTunedModel, Job, ModelAlias, ModelTag, ModelVersion, RegisteredBaseModel, RegistryBlob
 
 VERSION = "mv_"
 BASE_OWNER = "base:"
@@ -134,8 +134,14 @@ def deletion_blockers(session: Session, *, version: ModelVersion, active_statuse
     adapters = session.scalars(select(ModelVersion).where(*_live(version.tenant_id), ModelVersion.kind == "adapter",
                                                           ModelVersion.id != version.id).order_by(ModelVersion.seq))
     reasons += [f"{row.name} v{row.version} is an adapter trained on it" for row in adapters
-                if (row.lineage.get("base_model") or {}).get("ref") == version.model_id]
+                if _trained_on(row, version.model_id)]
     return reasons
+
+
+def _trained_on(row: ModelVersion, model_id: str) -> bool:
+    """Whether the version was trained from model_id or from one of its kept checkpoints (ft:...:ckpt-step-N)."""
+    ref = (row.lineage.get("base_model") or {}).get("ref") or ""
+    return ref == model_id or ref.startswith(model_id + ":ckpt-step-")
 
 
 def delete_version(session: Session, *, version: ModelVersion) -> None:
@@ -167,3 +173,34 @@ def get_base_model(session: Session, *, name: str) -> RegisteredBaseModel | None
 
 def list_base_models(session: Session) -> list[RegisteredBaseModel]:
     return list(session.scalars(select(RegisteredBaseModel).order_by(RegisteredBaseModel.name)))
+
+
+def base_model_blockers(session: Session, *, name: str, active_statuses: tuple[str, ...], names_model) -> list[str]:
+    """Why the registered base model cannot be deleted (empty: it can), across every tenant (a base model is
+    shared): the jobs not finished yet whose spec names it (names_model(spec dict, name) tells), and the live
+    adapters trained on it (a version's lineage, or a model row from before versions): each is a delta on it.
+    A full-model version trained on it needs it no more; its lineage keeps the base's name and digest."""
+    jobs = session.execute(select(Job.id, Job.status, Job.tenant_id, Job.spec).where(
+        Job.status.in_(active_statuses)).order_by(Job.seq))
+    reasons = [f"job {job_id} ({status}) of tenant {tenant} uses it" for job_id, status, tenant, spec in jobs
+               if names_model(spec, name)]
+    adapters = session.scalars(select(ModelVersion).where(ModelVersion.deleted_at.is_(None),
+                                                          ModelVersion.kind == "adapter").order_by(ModelVersion.seq))
+    reasons += [f"{row.name} v{row.version} of tenant {row.tenant_id} is an adapter trained on it" for row in adapters
+                if (row.lineage.get("base_model") or {}).get("kind") == "registered"
+                and row.lineage["base_model"].get("ref") == name]
+    has_version = select(ModelVersion.seq).where(ModelVersion.model_id == FineTunedModel.id).exists()
+    unversioned = session.scalars(select(FineTunedModel.id).where(
+        FineTunedModel.deleted_at.is_(None), FineTunedModel.kind == "adapter", FineTunedModel.base_model == name,
+        ~has_version).order_by(FineTunedModel.seq))
+    reasons += [f"{model_id} is an adapter trained on it" for model_id in unversioned]
+    return reasons
+
+
+def delete_base_model(session: Session, *, base: RegisteredBaseModel) -> None:
+    """Forget the registered base model and let go of its blobs (the collector removes those nothing else
+    holds; its objects in the object store go once no registered base model has its digest). The name is
+    free again afterwards."""
+    session.execute(delete(RegistryBlob).where(RegistryBlob.owner == BASE_OWNER + base.name))
+    session.delete(base)
+    session.flush()

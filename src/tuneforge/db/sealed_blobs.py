@@ -1,6 +1,8 @@
 """Data access for the sealed artifact folder: one row per tenant and content with its wrapped data key,
-and the references that keep a blob (sealed, or a plaintext one of an install from before sealing); and the
-wrapped data key of each job directory sealed at rest (registry/storage/job_files.py)."""
+and the references that keep a blob (sealed, or a plaintext one of an install from before sealing): a tenant's
+files and upload parts, and the model registry's files (a version's, an export's: registry_blobs rows whose
+owner is the tenant's); and the wrapped data key of each job directory sealed at rest
+(registry/storage/job_files.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
-from tuneforge.db.tables import File, Job, SealedBlob, SealedJobKey, Sweep, Upload, UploadPart
+from tuneforge.db.tables import (File, Job, ModelExport, ModelVersion, RegistryBlob, SealedBlob, SealedJobKey, Sweep,
+                                 Upload, UploadPart)
 from tuneforge.db.uploads import PENDING as PENDING_UPLOAD
 from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING
 
@@ -87,7 +90,44 @@ def sealed_blob_referenced(session: Session, *, tenant_id: str, sha256: str, del
     live, jobs = _files_keeping(sha256, deleted_after, active_statuses, tenant_id)
     part = exists().where(UploadPart.sha256 == sha256, UploadPart.upload_id == Upload.id,
                           Upload.tenant_id == tenant_id, Upload.status == PENDING_UPLOAD)
-    return bool(session.scalar(select(or_(live, jobs, part))))
+    return bool(session.scalar(select(or_(live, jobs, part, _registry_holds(tenant_id, sha256)))))
+
+
+def _registry_holds(tenant_id: str, sha256: str):
+    """A live version or an export of the tenant has a file with these bytes (registry_blobs: a deleted
+    version's rows are gone, an export's stay with it)."""
+    owners = select(ModelVersion.id).where(ModelVersion.tenant_id == tenant_id).union_all(
+        select(ModelExport.id).where(ModelExport.tenant_id == tenant_id))
+    return exists().where(RegistryBlob.sha256 == sha256, RegistryBlob.owner.in_(owners))
+
+
+def _registry_owner_tenants():
+    """(owner, tenant) of every registry_blobs owner that belongs to a tenant: versions and exports (a registered
+    base model, base:NAME, is the operator's)."""
+    return select(ModelVersion.id.label("owner"), ModelVersion.tenant_id.label("tenant_id")).union_all(
+        select(ModelExport.id, ModelExport.tenant_id)).subquery()
+
+
+def plaintext_registry_referenced(session: Session, *, sha256: str) -> bool:
+    """Whether a plaintext blob must stay for the registry: a registered base model holds it, or a version or
+    export of a tenant whose copy of it is not sealed (an install from before sealing, or encryption at rest
+    off) does."""
+    owners = _registry_owner_tenants()
+    base = exists().where(RegistryBlob.sha256 == sha256, ~RegistryBlob.owner.in_(select(owners.c.owner)))
+    tenant = exists().where(RegistryBlob.sha256 == sha256, RegistryBlob.owner == owners.c.owner,
+                            _not_sealed(owners.c.tenant_id, sha256))
+    return bool(session.scalar(select(or_(base, tenant))))
+
+
+def unsealed_registry_contents(session: Session, *, tenant_id: str | None = None) -> list[tuple[str, str]]:
+    """(tenant, sha256) of every file of a version or export with no sealed copy of its tenant: what a re-seal
+    of an upgraded install has to do for the registry."""
+    owners = _registry_owner_tenants()
+    scope = [RegistryBlob.owner == owners.c.owner, _not_sealed(owners.c.tenant_id, RegistryBlob.sha256)]
+    if tenant_id is not None:
+        scope.append(owners.c.tenant_id == tenant_id)
+    query = select(owners.c.tenant_id, RegistryBlob.sha256).where(*scope)
+    return sorted({tuple(row) for row in session.execute(query)})
 
 
 def _not_sealed(tenant_column, sha256: str):

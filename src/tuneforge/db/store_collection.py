@@ -3,10 +3,12 @@ nothing links to any more (scheduler/blobs.py removes their bytes)."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, exists, or_, select
+from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from tuneforge.db.tables import FineTunedModel, File, Job, ObjectLink, StoredObject
+from tuneforge.db.tables import FineTunedModel, File, Job, ObjectLink, RegisteredBaseModel, StoredObject
+
+BASE_MODEL_OWNER = "base:"  # registry/storage/jobs.py base_model_owner: "base:" and the manifest digest's first 59
 
 
 def dead_link_owners(session: Session, *, cutoff: int, active_statuses: tuple[str, ...], limit: int = 500) -> list[str]:
@@ -21,6 +23,19 @@ def dead_link_owners(session: Session, *, cutoff: int, active_statuses: tuple[st
                                                                       other.deleted_at >= cutoff))
     jobs = select(ObjectLink.owner).join(FineTunedModel, FineTunedModel.job_id == ObjectLink.owner).where(~live_model)
     return sorted(set(session.scalars(files.distinct().limit(limit))) | set(session.scalars(jobs.distinct().limit(limit))))
+
+
+def dead_base_model_owners(session: Session, *, tenant_id: str, cutoff: int, limit: int = 500) -> list[str]:
+    """Owners of registered base models' files (of the store-only owner tenant_id) whose digest no registered base
+    model has any more (it was deleted), and that nobody linked since cutoff: a registration publishes the files
+    before its row exists, so a young owner may be one that is registering right now."""
+    digest = func.substr(ObjectLink.owner, len(BASE_MODEL_OWNER) + 1)
+    registered = exists().where(func.substr(RegisteredBaseModel.manifest_sha256, 1, func.length(digest)) == digest)
+    query = (select(ObjectLink.owner).where(ObjectLink.tenant_id == tenant_id,
+                                            ObjectLink.owner.startswith(BASE_MODEL_OWNER, autoescape=True), ~registered)
+             .group_by(ObjectLink.owner).having(func.max(ObjectLink.created_at) < cutoff)
+             .order_by(ObjectLink.owner).limit(limit))
+    return list(session.scalars(query))
 
 
 def drop_links(session: Session, *, owner: str) -> int:

@@ -81,12 +81,12 @@ def export_lineage(session: Session, *, export: ModelExport, job: Job, job_dir: 
     }
 
 
-def _put_bytes(store: LocalArtifactStore, data: bytes) -> tuple[str, int]:
-    writer = store.open_staging(max_bytes=MAX_LINEAGE_BYTES, name="lineage.json")
+def _put_bytes(store: LocalArtifactStore, data: bytes, *, session: Session, tenant_id: str) -> tuple[str, int]:
+    writer = store.open_staging(max_bytes=MAX_LINEAGE_BYTES, name="lineage.json", tenant_id=tenant_id)
     try:
         writer.write(data)
         staged = writer.finish()
-        store.commit(staged)
+        store.commit(staged, session=session)
         return staged.sha256, staged.size
     finally:
         writer.discard()
@@ -98,9 +98,11 @@ def register_export(session: Session, store: LocalArtifactStore, *, job: Job, jo
     export = export_rows.export_of_job(session, job_id=job.id)
     if export is None:
         return None
-    manifest, digest = store_directory(store, job_dir / EXPORT_DIR)
+    # Sealed for the export's tenant with encryption at rest, like a version's files.
+    manifest, digest = store_directory(store, job_dir / EXPORT_DIR, session=session, tenant_id=export.tenant_id)
     lineage = export_lineage(session, export=export, job=job, job_dir=job_dir, manifest=manifest, manifest_sha256=digest)
-    sha256, size = _put_bytes(store, json.dumps(lineage, sort_keys=True, indent=1).encode())
+    sha256, size = _put_bytes(store, json.dumps(lineage, sort_keys=True, indent=1).encode(), session=session,
+                              tenant_id=export.tenant_id)
     export_rows.record_artifact(session, export_id=export.id,
                                 files=[*manifest["files"], {"path": LINEAGE_PATH, "sha256": sha256, "bytes": size}])
     return lineage
@@ -129,10 +131,13 @@ def export_artifact(session: Session, store: LocalArtifactStore, *, export: Mode
     recorded = next((row for row in rows if row["path"] == LINEAGE_PATH), None)
     if recorded is None:
         return None
+    content = store.find_content(session, tenant_id=export.tenant_id, sha256=recorded["sha256"])
     try:
-        with store.open(recorded["sha256"]) as handle:
+        if content is None:
+            raise FileNotFoundError(recorded["sha256"])
+        with store.open_content(content) as handle:  # a sealed lineage decrypted in memory
             lineage = json.loads(handle.read(MAX_LINEAGE_BYTES + CHUNK))
-    except (OSError, ValueError):
+    except (OSError, ValueError, LookupError):  # missing, damaged, or its tenant key shredded
         log.error("the lineage of export %s cannot be read from the artifact store", export.id)
         lineage = None
     return {"export_id": export.id, "files": [row for row in rows if row["path"] != LINEAGE_PATH],

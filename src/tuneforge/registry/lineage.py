@@ -19,6 +19,7 @@ from tuneforge.db import files as file_rows
 from tuneforge.db import model_versions as version_rows
 from tuneforge.db.identifiers import now
 from tuneforge.db.tables import Job
+from tuneforge.registry.checkpoints import parse_checkpoint_id
 from tuneforge.spec.job import BUILTIN_BASE_MODELS
 from tuneforge.spec.jobdir import ENVIRONMENT_FILE, read_report, read_resolved_spec, read_summary
 
@@ -26,12 +27,18 @@ MAX_REPORT_ROWS = 50
 
 
 def base_model_record(session: Session, *, tenant_id: str, base_model: str) -> dict[str, Any]:
-    """What a job's (pinned) model.base_model was: a built-in model, a registered base model, or a version."""
+    """What a job's (pinned) model.base_model was: a built-in model, a registered base model, a version, or a
+    kept checkpoint of a version's job (its step, and that version)."""
     if base_model in BUILTIN_BASE_MODELS:
         return {"ref": base_model, "kind": "builtin"}
     registered = version_rows.get_base_model(session, name=base_model)
     if registered is not None:
         return {"ref": base_model, "kind": "registered", "manifest_sha256": registered.manifest_sha256}
+    if (checkpoint := parse_checkpoint_id(base_model)) is not None:  # a kept checkpoint of a version's job
+        version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=checkpoint[0])
+        return {"ref": base_model, "kind": "checkpoint", "model": checkpoint[0], "step": checkpoint[1],
+                **({"name": version.name, "version": version.version, "manifest_sha256": version.manifest_sha256}
+                   if version is not None else {})}
     version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=base_model)
     if version is not None:
         return {"ref": base_model, "kind": "version", "name": version.name, "version": version.version,

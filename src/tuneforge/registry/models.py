@@ -8,10 +8,12 @@ the ft: id at submission, so a moved alias never changes what a queued job train
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,21 @@ from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
 from tuneforge.db.tables import FineTunedModel, Job, JobCheckpoint, ModelVersion
 from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.checkpoints import (
+    CheckpointRef,
+    CheckpointUnavailable,
+    assemble_checkpoint,
+    kept_checkpoint,
+    parse_checkpoint_id,
+)
 from tuneforge.registry.exports import register_deploy_export
 from tuneforge.registry.lineage import job_lineage
 from tuneforge.registry.retention import apply_retention
-from tuneforge.registry.versions import materialize, store_directory
+from tuneforge.registry.versions import file_contents, materialize, store_directory
 from tuneforge.spec.api import ACTIVE_STATUSES
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
 from tuneforge.spec.jobdir import MODEL_DIR
-from tuneforge.spec.openai_jobs import REGISTERED_MODEL, registered_models
+from tuneforge.spec.openai_jobs import REGISTERED_MODEL, named_models, registered_models
 
 BASE_MODEL_OWNER = "tuneforge"
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -80,7 +89,8 @@ def register_job_output(session: Session, *, job: Job, job_dir: Path, home: Path
         kind=kind, location=location,
     )
     if store is not None:
-        manifest, digest = store_directory(store, job_dir / output)
+        # Sealed for the job's tenant with encryption at rest (dedupe stays within the tenant).
+        manifest, digest = store_directory(store, job_dir / output, session=session, tenant_id=job.tenant_id)
         version_rows.create_version(
             session, tenant_id=job.tenant_id, name=model_name_of(job), model_id=model.id, job_id=job.id, kind=kind,
             manifest=manifest, manifest_sha256=digest,
@@ -152,8 +162,7 @@ def resolve_base_reference(session: Session, *, tenant_id: str, ref: str) -> str
         return ref
     if ref.startswith("ft:"):
         if CHECKPOINT_SUFFIX in ref:
-            raise RegistryError(f"{ref}: training from a checkpoint is not supported; train from the model itself",
-                                status=400, code="invalid_value")
+            return _resolve_checkpoint(session, tenant_id=tenant_id, ref=ref)
         if model_rows.get_model(session, tenant_id=tenant_id, model_id=ref) is None:
             raise RegistryError(f"no model with id {ref!r}")
         return ref
@@ -167,6 +176,21 @@ def resolve_base_reference(session: Session, *, tenant_id: str, ref: str) -> str
                         f"{', '.join(all_base_models(session))}, a fine-tuned model id (ft:...) or NAME@vN / NAME:ALIAS")
 
 
+def _resolve_checkpoint(session: Session, *, tenant_id: str, ref: str) -> str:
+    """A kept checkpoint of one of the tenant's models, pinned as it is (a kept checkpoint never changes)."""
+    parsed = parse_checkpoint_id(ref)
+    model = model_rows.get_model(session, tenant_id=tenant_id, model_id=parsed[0]) if parsed else None
+    if model is None:
+        raise RegistryError(f"no model with id {ref!r}")
+    if version_rows.version_of_model(session, tenant_id=tenant_id, model_id=model.id) is None:
+        raise RegistryError(f"{ref}: its model was registered before model versions existed, so the registry holds no "
+                            "files to train its checkpoints from; train from the model itself", status=400,
+                            code="invalid_value")
+    if kept_checkpoint(session, job_id=model.job_id, step=parsed[1]) is None:
+        raise RegistryError(f"{model.id} has no kept checkpoint at step {parsed[1]} (GET /v1/models lists the kept ones)")
+    return ref
+
+
 def lineage_chain(session: Session, *, version: ModelVersion) -> list[dict[str, Any]]:
     """The version, the version it was trained from, and so on, ending with the base model: newest first."""
     chain: list[dict[str, Any]] = []
@@ -177,8 +201,9 @@ def lineage_chain(session: Session, *, version: ModelVersion) -> list[dict[str, 
         chain.append({"name": row.name, "version": f"v{row.version}", "model": row.model_id, "kind": row.kind,
                       "manifest_sha256": row.manifest_sha256, "job_id": row.job_id, "base_model": base,
                       "datasets": lineage.get("datasets"), "seed": lineage.get("seed"), "created_at": row.created_at})
-        row = (version_rows.version_of_model(session, tenant_id=version.tenant_id, model_id=base["ref"])
-               if base.get("kind") == "version" else None)
+        trained_from = base.get("model", base.get("ref"))  # a checkpoint's: the model whose job kept it
+        row = (version_rows.version_of_model(session, tenant_id=version.tenant_id, model_id=trained_from)
+               if base.get("kind") in ("version", "checkpoint") else None)
         if row is None and base:
             chain.append({"base_model": base})
     return chain
@@ -215,6 +240,10 @@ class ModelSource:
     # (registry/storage/jobs.py publish_base_model).
     registered_base: str | None = None
     manifest_sha256: str | None = None
+    # A version's tenant: whose sealed blobs its files are (None for a registered base model: plaintext blobs).
+    tenant_id: str | None = None
+    # A checkpoint of the version's job (ft:...:ckpt-step-N): its weights replace the version's final ones.
+    checkpoint: CheckpointRef | None = None
 
 
 def model_source(session: Session, *, tenant_id: str, base_model: str, home: Path, depth: int = 0) -> ModelSource:
@@ -227,6 +256,9 @@ def model_source(session: Session, *, tenant_id: str, base_model: str, home: Pat
                            manifest_sha256=registered.manifest_sha256)
     if not REGISTERED_MODEL.match(base_model):  # a built-in model (or a spec from the CLI's own door)
         return ModelSource(as_is=base_model)
+    if (checkpoint := parse_checkpoint_id(base_model)) is not None:
+        return _checkpoint_source(session, tenant_id=tenant_id, model_id=checkpoint[0], step=checkpoint[1], home=home,
+                                  depth=depth)
     version = version_rows.version_of_model(session, tenant_id=tenant_id, model_id=base_model)
     if version is None:
         row = model_rows.get_model(session, tenant_id=tenant_id, model_id=base_model)
@@ -237,29 +269,80 @@ def model_source(session: Session, *, tenant_id: str, base_model: str, home: Pat
     if version.kind == "adapter":
         base = model_source(session, tenant_id=tenant_id, base_model=version.lineage["base_model"]["ref"], home=home,
                             depth=depth + 1)
-    return ModelSource(manifest=version.manifest, base=base, job_id=version.job_id, output=version.kind)
+    return ModelSource(manifest=version.manifest, base=base, job_id=version.job_id, output=version.kind,
+                       tenant_id=version.tenant_id)
 
 
-def materialize_source(store: LocalArtifactStore, source: ModelSource, root: Path) -> str:
-    """What model.base_model becomes in the recipe's spec: a built-in name or a local directory."""
+def _checkpoint_source(session: Session, *, tenant_id: str, model_id: str, step: int, home: Path,
+                       depth: int) -> ModelSource:
+    """The version of model_id (with the base it applies to) and, in its job directory, the kept checkpoint at step."""
+    source = model_source(session, tenant_id=tenant_id, base_model=model_id, home=home, depth=depth + 1)
+    model = model_rows.get_model(session, tenant_id=tenant_id, model_id=model_id)
+    row = kept_checkpoint(session, job_id=model.job_id, step=step) if source.manifest is not None else None
+    if row is None:
+        raise RegistryError(f"the checkpoint {model_id}{CHECKPOINT_SUFFIX}{step} this job trains from is gone")
+    return dataclasses.replace(source, checkpoint=CheckpointRef(job_dir=(home / model.location).parent, path=row.path,
+                                                                step=step))
+
+
+def materialize_source(store: LocalArtifactStore, source: ModelSource, root: Path, *, db=None,
+                       private_root: Path | None = None) -> str:
+    """What model.base_model becomes in the recipe's spec: a built-in name or a local directory. A tenant's version
+    is read from its tenant's blobs (sealed ones decrypted; db looks them up) and, with private_root (encryption at
+    rest: a job's inputs, a playground process's folder), written there rather than into the shared root."""
     if source.as_is is not None:
         return source.as_is
     if source.directory is not None:
         return str(source.directory)
-    base = materialize_source(store, source.base, root) if source.base is not None else None
-    return str(materialize(store, source.manifest, root, base=base))
+    if source.checkpoint is not None:
+        return str(_materialize_checkpoint(store, source, root, db=db, private_root=private_root))
+    base = (materialize_source(store, source.base, root, db=db, private_root=private_root)
+            if source.base is not None else None)
+    contents = None
+    if source.tenant_id is not None and db is not None:
+        with db.read_session() as session:
+            contents = file_contents(session, store, source.manifest, tenant_id=source.tenant_id)
+    target_root = private_root if source.tenant_id is not None and private_root is not None else root
+    return str(materialize(store, source.manifest, target_root, base=base, contents=contents))
+
+
+def _materialize_checkpoint(store: LocalArtifactStore, source: ModelSource, root: Path, *, db,
+                            private_root: Path | None) -> Path:
+    """The version materialized as usual, then beside it the same files with the checkpoint's weights (decrypted,
+    when its job directory is sealed at rest, into a scratch folder removed once they are copied)."""
+    from tuneforge.registry.storage.job_files import plaintext_folder
+
+    checkpoint = source.checkpoint
+    version_dir = Path(materialize_source(store, dataclasses.replace(source, checkpoint=None), root, db=db,
+                                          private_root=private_root))
+    label = f"checkpoint step {checkpoint.step} of job {source.job_id}"
+    if not (checkpoint.job_dir / checkpoint.path).is_dir():
+        raise CheckpointUnavailable(f"{label} is not on this worker: checkpoints stay in the job directory of the "
+                                    "machine that trained them (run the job there, or share the job root)")
+    target_root = version_dir.parent
+    target_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target_root, prefix=".staging-checkpoint-"))
+    try:
+        weights = plaintext_folder(db, store.keys, tenant_id=source.tenant_id, job_id=source.job_id,
+                                   job_dir=checkpoint.job_dir, part=checkpoint.path, dest=scratch / "weights")
+        return assemble_checkpoint(version_dir, weights, target_root, kind=source.output, step=checkpoint.step,
+                                   label=label)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---- deletion ---------------------------------------------------------------------------------------
 
 
 def uses_model(spec: dict[str, Any], model_id: str) -> bool:
-    """Whether a job's spec trains from model_id or uses it as a reward, judge or evaluated model."""
+    """Whether a job's spec trains from model_id (or one of its checkpoints) or uses it as a reward, judge or
+    evaluated model."""
     try:
         parsed = JobSpec.model_validate(spec)
     except ValueError:
         return False
-    return any(found == model_id for _, found in registered_models(parsed))
+    return any(found == model_id or found.startswith(model_id + CHECKPOINT_SUFFIX)  # a checkpoint of it, too
+               for _, found in registered_models(parsed))
 
 
 def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None:
@@ -319,6 +402,33 @@ def register_base_model(session: Session, store: LocalArtifactStore, *, name: st
         raise RegistryError(f"a base model named {name!r} is registered already", status=409, code="conflict")
     manifest, digest = _stored_base_model(store, name=name, directory=directory, registered_sha256=None)
     return version_rows.create_base_model(session, name=name, manifest=manifest, manifest_sha256=digest)
+
+
+def names_model(spec: dict[str, Any], name: str) -> bool:
+    """Whether a job's spec names the model `name` anywhere (base, reward, judge, evaluated, exported model)."""
+    try:
+        parsed = JobSpec.model_validate(spec)
+    except ValueError:
+        return False
+    return any(found == name for _, found in named_models(parsed))
+
+
+def delete_base_model(session: Session, *, name: str) -> None:
+    """Delete the base model an admin registered as `name`, unless a job not finished yet (of any tenant) names
+    it or a live adapter was trained on it (RegistryError 409 naming them). Its blobs and its objects in the
+    object store are collected once nothing else holds them (scheduler/blobs.py)."""
+    if name in BUILTIN_BASE_MODELS:
+        raise RegistryError(f"{name} is a built-in base model: it ships with tuneforge and cannot be deleted",
+                            status=403, code="forbidden")
+    base = version_rows.get_base_model(session, name=name) if NAME.fullmatch(name) else None
+    if base is None:
+        raise RegistryError(f"no base model named {name!r} is registered")
+    blockers = version_rows.base_model_blockers(session, name=name, active_statuses=ACTIVE_STATUSES,
+                                                names_model=names_model)
+    if blockers:
+        raise RegistryError(f"base model {name} cannot be deleted: {'; '.join(blockers)}", status=409,
+                            code="model_in_use")
+    version_rows.delete_base_model(session, base=base)
 
 
 def register_published_base_model(db, store: LocalArtifactStore, object_store, *, name: str,

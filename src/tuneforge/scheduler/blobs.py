@@ -2,15 +2,17 @@
 
 A tenant's sealed blob (artifacts/sealed/) stays while a file row of that tenant has its digest and is live,
 was deleted within the grace period, or has a job that may still run (paused included), or a part of a
-pending upload of that tenant (/v1/uploads) has it; only the tenant's own rows count. A plaintext blob
-(artifacts/sha256/) stays for the same references from tenants whose copy is not sealed (an install from
-before sealing), or while a live model version or registered base model holds it (registry_blobs: a
-deleted version lets go). This loop also marks uploads past their deadline expired, removes the decrypted
-inputs a dead worker left in a job directory of this home, and sealed blob files no row names (a process
-that died between writing one and committing its row). With an object store, it also drops the links of
-owners gone for good (a file deleted past the grace period that no job which may still run names, a job
-whose model was deleted) and removes the objects nothing links to any more (rows, then bytes; never the
-object of a dataset registered where it lies: that is the tenant's own bucket). Deleting a file only marks its row; this loop
+pending upload of that tenant (/v1/uploads) has it, or a live model version or an export of that tenant holds
+it (registry_blobs); only the tenant's own rows count. A plaintext blob (artifacts/sha256/) stays for the same
+references from tenants whose copy is not sealed (an install from before sealing), or while a registered base
+model, or a version or export of such a tenant, holds it (registry_blobs: a deleted version lets go). This
+loop also marks uploads past their deadline expired, removes the decrypted inputs a dead worker left in a job
+directory of this home, and sealed blob files no row names (a process that died between writing one and
+committing its row). With an object store, it also drops the links of owners gone for good (a file deleted
+past the grace period that no job which may still run names, a job
+whose model was deleted, a registered base model that was deleted) and removes the objects nothing links to
+any more (rows, then bytes; never the object of a dataset registered where it lies: that is the tenant's own
+bucket). Deleting a file only marks its row; this loop
 removes the bytes, and only those nobody committed within the grace period, which keeps a removal safe
 against an upload of the same bytes (LocalArtifactStore.remove_unreferenced; for sealed blobs one guarded
 DELETE of the row, db/sealed_blobs.py:drop_if_untouched).
@@ -25,13 +27,12 @@ import time
 from sqlalchemy.exc import IntegrityError
 
 from tuneforge.db import jobs as job_rows
-from tuneforge.db import model_versions as version_rows
 from tuneforge.db import sealed_blobs as blob_rows
 from tuneforge.db import store_collection as store_rows
 from tuneforge.db import uploads as upload_rows
 from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import LocalArtifactStore, sweep_staging
-from tuneforge.registry.storage.jobs import remove_inputs, stale_input_folders
+from tuneforge.registry.storage.jobs import BASE_MODELS_TENANT, remove_inputs, stale_input_folders
 from tuneforge.registry.storage.tenant_store import open_tenant_store
 from tuneforge.scheduler.loop import run_until_stopped
 from tuneforge.settings import Settings
@@ -86,7 +87,7 @@ class BlobCollector:
         with self.db.session() as session:
             return blob_rows.plaintext_blob_referenced(session, sha256=sha256, deleted_after=int(cutoff),
                                                        active_statuses=ACTIVE_STATUSES) \
-                or version_rows.blob_referenced(session, sha256=sha256)  # a model version's or base model's file
+                or blob_rows.plaintext_registry_referenced(session, sha256=sha256)  # a base model's, unsealed version's
 
     def _collect_sealed(self, cutoff: float) -> int:
         """Remove the sealed blobs nothing of their tenant refers to and nobody committed since cutoff: the
@@ -115,8 +116,9 @@ class BlobCollector:
         from botocore.exceptions import BotoCoreError, ClientError
 
         with self.db.session() as session:
-            dropped = sum(store_rows.drop_links(session, owner=owner) for owner in store_rows.dead_link_owners(
-                session, cutoff=int(cutoff), active_statuses=ACTIVE_STATUSES))
+            dead = store_rows.dead_link_owners(session, cutoff=int(cutoff), active_statuses=ACTIVE_STATUSES)
+            dead += store_rows.dead_base_model_owners(session, tenant_id=BASE_MODELS_TENANT, cutoff=int(cutoff))
+            dropped = sum(store_rows.drop_links(session, owner=owner) for owner in dead)
         removed = 0
         while True:
             with self.db.read_session() as session:

@@ -42,6 +42,7 @@ from tuneforge.launch.outcome import (
     interpret,
 )
 from tuneforge.registry.artifacts import LocalArtifactStore
+from tuneforge.registry.checkpoints import model_of as checkpoint_model
 from tuneforge.registry.exports import register_export
 from tuneforge.registry.models import (RegistryError, fine_tuned_model_id, materialize_source, model_source,
                                       register_job_output)
@@ -178,8 +179,9 @@ class Worker:
                     [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else []))
                 contents = {fid: self.store.find_content(session, tenant_id=claimed.tenant_id, sha256=row.sha256)
                             for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
-                models = {model_id: row for _, model_id in registered_models(spec)
-                          if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id, model_id=model_id))}
+                models = {model_id: row for _, model_id in registered_models(spec)  # a checkpoint: its model's row
+                          if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id,
+                                                          model_id=checkpoint_model(model_id)))}
                 try:  # what the job trains from, through an adapter's lineage down to its base
                     base_source = model_source(session, tenant_id=claimed.tenant_id, base_model=spec.model.base_model,
                                                home=tuneforge_home())
@@ -209,10 +211,15 @@ class Worker:
                 if self.tenant_store is not None:  # a version another machine made: its files from the object store
                     job_storage.stage_registered_model(self.tenant_store, self.store, tenant_id=claimed.tenant_id,
                                                        source=base_source)
-                base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry")
+                # A tenant's version, with encryption at rest, is decrypted into this job's inputs (removed with them
+                # when the run ends), never into the shared TUNEFORGE_HOME/registry cache.
+                private = job_dir / job_storage.INPUTS_DIR / "models" if self.settings.encrypt_at_rest else None
+                base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry", db=self.db,
+                                                private_root=private)
                 attempt.spec = materialize_spec(spec, blobs, self._model_dirs(attempt, models), base_model=base_model)
                 prepare_job_dir(job_dir, attempt.spec)
             except (LaunchError, OSError, ManifestMismatch, job_files.SealedFileRefused) as exc:
+                job_storage.remove_inputs(job_dir)  # what this claim decrypted before the failure (data, a model)
                 self._launch_failed(attempt, str(exc))
                 continue
             self._launch(attempt)
@@ -225,7 +232,8 @@ class Worker:
             output = home / row.location
             found[model_id] = job_files.plaintext_folder(
                 self.db, self.store.keys, tenant_id=attempt.tenant_id, job_id=row.job_id, job_dir=output.parent,
-                part=output.name, dest=attempt.job_dir / job_storage.INPUTS_DIR / "models" / new_id("m"))
+                # Named by the model, not per attempt: the path goes into the spec, which a re-attempt must not change.
+                part=output.name, dest=attempt.job_dir / job_storage.INPUTS_DIR / "models" / f"{row.job_id}-{output.name}")
         return found
 
     def _launch(self, attempt: Attempt) -> None:
@@ -399,6 +407,8 @@ class Worker:
         # Before the state change too: once re-queued, another worker may stage fresh inputs in this directory.
         if ours:
             job_storage.remove_inputs(attempt.job_dir)  # no decrypted copy outlives the run
+            if self.settings.encrypt_at_rest:  # nor the base a continued job merged its sealed adapter into
+                job_storage.remove_merged_bases(attempt.job_dir)
         used = attempt.gpu_seconds + self._run_seconds(attempt)
         with self.db.session() as session:
             if attempt.run is not None:

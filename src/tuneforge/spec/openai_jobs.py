@@ -147,13 +147,18 @@ def _judge_models(node: Any, where: str) -> list[tuple[str, str]]:
     return []
 
 
-def registered_models(spec: JobSpec) -> list[tuple[str, str]]:
-    """(where, id) of each registered model the spec names as a reward or judge model, as the model an
-    eval run evaluates, or as the base model it continues training from."""
+def named_models(spec: JobSpec) -> list[tuple[str, str]]:
+    """(where, model) of each model the spec names: as a reward or judge model, as the model an eval run
+    evaluates or an export exports, or as the base model it trains from."""
     named = [("rollout.reward_model", spec.rollout.reward_model), ("eval_run.model", spec.eval_run.model),
              ("model.base_model", spec.model.base_model), ("export_run.model", spec.export_run.model),
              *_judge_models(spec, "")]
-    return [(where, model) for where, model in named if model is not None and REGISTERED_MODEL.match(model)]
+    return [(where, model) for where, model in named if model is not None]
+
+
+def registered_models(spec: JobSpec) -> list[tuple[str, str]]:
+    """(where, id) of each registered (ft:) model the spec names (named_models)."""
+    return [(where, model) for where, model in named_models(spec) if REGISTERED_MODEL.match(model)]
 
 
 def refuse_model_paths(spec: JobSpec, *, prefix: str = EXTENSION) -> None:

@@ -171,3 +171,23 @@ def test_an_export_sealed_at_rest_downloads_as_the_tar_of_its_plaintext(setup):
     sealed.write_bytes(sealed.read_bytes()[:-1] + bytes([sealed.read_bytes()[-1] ^ 1]))
     with pytest.raises(DecryptionFailed):
         b"".join(_tar_stream(key, entries))
+
+
+def test_the_worker_decrypts_a_model_a_job_reads_to_the_same_folder_on_every_attempt(setup, tmp_path, monkeypatch):
+    """The folder goes into the job's spec, which a later attempt must not change (write_spec raises SpecChanged):
+    a reward model or judge decrypted for attempt 2 lands where attempt 1's copy was."""
+    from types import SimpleNamespace
+
+    from tuneforge.scheduler.worker import Worker
+
+    db, keys, job_dir = setup
+    _job_dir(job_dir)
+    job_files.seal_job_dir(db, keys, tenant_id="tenant-a", job_id="job_1", job_dir=job_dir)
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path))
+    worker = SimpleNamespace(db=db, store=SimpleNamespace(keys=keys))
+    attempt = SimpleNamespace(tenant_id="tenant-a", job_dir=tmp_path / "jobs" / "reader")
+    models = {"ft:tiny:t:job_1": SimpleNamespace(location="jobs/job_1/adapter", job_id="job_1")}
+    first = Worker._model_dirs(worker, attempt, models)
+    again = Worker._model_dirs(worker, attempt, models)
+    assert first == again and first["ft:tiny:t:job_1"].parent == attempt.job_dir / "inputs" / "models"
+    assert (first["ft:tiny:t:job_1"] / "adapter_model.safetensors").exists()

@@ -25,7 +25,7 @@ from tuneforge.api.dependencies import Config, Db, JobsCaller, Store
 from tuneforge.api.errors import ApiError
 from tuneforge.api.playground_pool import PlaygroundUnavailable, materialize_target, resolve_pinned
 from tuneforge.registry.models import RegistryError
-from tuneforge.registry.versions import ManifestMismatch
+from tuneforge.registry.versions import ManifestMismatch, ModelShredded
 from tuneforge.spec.playground import ChatCompletion, ChatRequest, Completion, CompletionRequest, PlaygroundRequest
 
 router = APIRouter(tags=["inference"])
@@ -54,8 +54,12 @@ def _target(db, store, pool, caller: Principal, ref: str):
             pinned, source = resolve_pinned(session, tenant_id=caller.tenant_id, ref=ref)
         except RegistryError as exc:
             raise ApiError(exc.status, exc.message, param="model", code=exc.code) from None
-    try:
-        return pinned, materialize_target(store, source, tenant_store=pool.tenant_store(db), tenant_id=caller.tenant_id)
+    try:  # with encryption at rest a tenant's version is decrypted only into the folder of the child serving it
+        return pinned, materialize_target(store, source, tenant_store=pool.tenant_store(db), tenant_id=caller.tenant_id,
+                                          db=db, private=pool.settings.encrypt_at_rest)
+    except ModelShredded:
+        raise ApiError(410, f"the files of {ref} can no longer be read: tenant {caller.tenant_id}'s encryption key was "
+                            "destroyed (crypto-shredded)", param="model", code="content_shredded") from None
     except (ManifestMismatch, OSError, ValueError):
         log.exception("the files of %s cannot be materialized", pinned)
         raise ApiError(500, f"the files of {ref} cannot be read from the artifact store", param="model",

@@ -60,6 +60,8 @@ def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
     except RegistryError as exc:
         raise ApiError(400, f"model: {exc.message}", param="model", code=exc.code) from None
     for where, model_id in registered_models(spec):  # reward and judge models: the caller's own
+        if where == "model.base_model":  # resolved above (a kept checkpoint of a model is no model row)
+            continue
         if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
             raise ApiError(400, f"{where}: no model with id {model_id!r}", param=f"tuneforge.{where}",
                            code="model_not_found")

@@ -1,6 +1,7 @@
 """/v1/models: the base models (built-in and registered), the tenant's fine-tuned models and their kept
 checkpoints (ft:...:ckpt-step-N, as OpenAI lists them); delete a fine-tuned model (its row and version,
-its adapter and its job's checkpoints on disk) unless an alias or a job not finished yet uses it."""
+its adapter and its job's checkpoints on disk) unless an alias or a job not finished yet uses it, and, with an
+admin key, a registered base model unless a job not finished yet or a live adapter uses it."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from tuneforge.registry.models import (
     RegistryError,
     all_base_models,
     checkpoint_models,
+    delete_base_model,
     delete_model_and_version,
     remove_model_files,
 )
 from tuneforge.spec.api import ListObject, ModelDeleted, ModelObject
+from tuneforge.spec.job import BUILTIN_BASE_MODELS
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 BASE_MODEL_CREATED = 1_735_689_600  # 2025-01-01: built-in models have no upload time
@@ -64,8 +67,7 @@ def get_model(model_id: str, caller: Reader, db: Db) -> ModelObject:
 def delete_model(model_id: str, caller: JobsCaller, db: Db) -> ModelDeleted:
     with db.session() as session:
         if model_id in all_base_models(session):
-            raise ApiError(403, f"{model_id} is a base model and cannot be deleted through the API", param="model",
-                           code="forbidden", type="permission_error")
+            return _delete_base_model(session, model_id, caller)
         row = model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id)
         if row is None:
             raise not_found("model", model_id, param="model")
@@ -76,4 +78,18 @@ def delete_model(model_id: str, caller: JobsCaller, db: Db) -> ModelDeleted:
         location = row.location
     # After the commit: a failed removal leaves files behind, never a listed model without them.
     remove_model_files(location=location, home=tuneforge_home())
+    return ModelDeleted(id=model_id)
+
+
+def _delete_base_model(session, model_id: str, caller) -> ModelDeleted:
+    """A registered base model is every tenant's: only an admin key deletes one, by the registry's rules."""
+    builtin = model_id in BUILTIN_BASE_MODELS
+    if builtin or not caller.admin:
+        why = ("a built-in base model: it ships with tuneforge" if builtin
+               else "a registered base model: only an admin key can delete it")
+        raise ApiError(403, f"{model_id} is {why}", param="model", code="forbidden", type="permission_error")
+    try:
+        delete_base_model(session, name=model_id)
+    except RegistryError as exc:
+        raise ApiError(exc.status, exc.message, param="model", code=exc.code) from None
     return ModelDeleted(id=model_id)

@@ -24,7 +24,7 @@ from tuneforge.registry.artifacts import Content, ContentMissing, LocalArtifactS
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.registry.storage.tenant_store import TenantStore, tenant_address
-from tuneforge.spec.jobdir import ADAPTER_DIR, EXPORT_DIR, MODEL_DIR, REPORT_FILE
+from tuneforge.spec.jobdir import ADAPTER_DIR, EXPORT_DIR, MERGED_BASE_DIR, MODEL_DIR, REPORT_FILE
 
 INPUTS_DIR = "inputs"
 DATASET_LINK = "data"
@@ -103,6 +103,18 @@ def stage_inputs(store: TenantStore | None, artifacts: LocalArtifactStore, *, te
 def remove_inputs(job_dir: Path) -> None:
     """The job's decrypted inputs gone (the job ended; a resume fetches them again)."""
     shutil.rmtree(job_dir / INPUTS_DIR, ignore_errors=True)
+
+
+def remove_merged_bases(job_dir: Path) -> list[Path]:
+    """The adapter chain a continued job merged into its base (DIR/base-merged, the bases under it, a staging copy):
+    plaintext weights made from its decrypted inputs, so with encryption at rest they go with them (a run that
+    resumes merges again: the float32 merge is deterministic). Returns what was removed."""
+    removed = []
+    for path in sorted([*job_dir.glob(f"{MERGED_BASE_DIR}*"), *job_dir.glob(f".{MERGED_BASE_DIR}*")]):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def remove_tokenized(home: Path, *, sha256s: set[str]) -> list[Path]:
@@ -213,6 +225,28 @@ def publish_base_model(store: TenantStore, *, directory: Path, manifest: dict, m
     return len(manifest["files"])
 
 
+def _missing_files(store: TenantStore, artifacts: LocalArtifactStore, source) -> list[dict]:
+    """The manifest entries this artifact folder lacks: for a tenant's version, its tenant's copy (sealed or not)."""
+    entries = (source.manifest or {}).get("files", [])
+    if source.tenant_id is None:
+        return [entry for entry in entries if not artifacts.exists(entry["sha256"])]
+    with store.db.read_session() as session:
+        return [entry for entry in entries
+                if artifacts.find_content(session, tenant_id=source.tenant_id, sha256=entry["sha256"]) is None]
+
+
+def _keep_fetched(store: TenantStore, artifacts: LocalArtifactStore, source, local: Path, staged) -> None:
+    """A fetched, checked file into the artifact folder: sealed for the version's tenant when sealing is on (the
+    plaintext in the work folder goes with it), else as a plaintext blob."""
+    if source.tenant_id is None or not artifacts.seal:
+        artifacts.commit(staged)
+        return
+    from tuneforge.registry.versions import put_stream
+
+    with store.db.session() as session, open(local, "rb") as handle:
+        put_stream(artifacts, handle, session=session, tenant_id=source.tenant_id)
+
+
 def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, source) -> int:
     """The files of a registered model version a job trains from (a registry.models.ModelSource, with the versions
     down its lineage), brought from the object store into this machine's artifact folder where they are missing:
@@ -226,7 +260,7 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
 
     fetched = 0
     while source is not None:
-        missing = [entry for entry in (source.manifest or {}).get("files", []) if not artifacts.exists(entry["sha256"])]
+        missing = _missing_files(store, artifacts, source)
         if missing:
             registered = source.registered_base is not None
             what = (f"the files of the registered base model {source.registered_base}" if registered
@@ -253,7 +287,7 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
                         if digest.hexdigest() != entry["sha256"] or size != entry["bytes"]:
                             raise StoreUnavailable(f"{what}: {name} in the object store is not the registered file "
                                                    f"(sha256 {digest.hexdigest()}, expected {entry['sha256']})")
-                        artifacts.commit(StagedBlob(local, entry["sha256"], size))
+                        _keep_fetched(store, artifacts, source, local, StagedBlob(local, entry["sha256"], size))
                         fetched += 1
                 finally:
                     folder.remove()
