@@ -141,7 +141,7 @@ def ensure_builtin_model(name: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            provenance = BUILDERS[name](staging)
+            provenance = _build_leaving_rng_alone(name, staging)
             provenance.update(name=name, created_at=int(time.time()))
             (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
             if final.exists():  # a leftover from an interrupted import without its provenance file
@@ -151,6 +151,17 @@ def ensure_builtin_model(name: str) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return final
+
+
+def _build_leaving_rng_alone(name: str, staging: Path) -> dict:
+    """BUILDERS[name] into staging, with torch's CPU RNG as it was before. A job builds a missing model
+    mid-run, on its main rank alone (the others wait), after the job's seed and before the adapter's
+    initialization: a builder that seeded or drew from that RNG (the tiny models' seeded init, SmolLM2's
+    from_config) gave the main rank another adapter than the others and than a run on a warm cache."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return BUILDERS[name](staging)
 
 
 def resolve_base_model(name_or_path: str) -> Path:

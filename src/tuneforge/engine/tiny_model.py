@@ -47,8 +47,10 @@ def build_tiny_model_dir(
     intermediate_size: int = 128,
     max_position_embeddings: int = 4096,
     seed: int = 0,
+    head_dim: int | None = None,
 ) -> Path:
-    """Write a randomly initialized (seeded) tiny Llama and its tokenizer as a Hugging Face directory."""
+    """Write a randomly initialized (seeded) tiny Llama and its tokenizer as a Hugging Face directory.
+    head_dim (default hidden_size / num_heads) lets a test give the model odd-sized tensors."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -68,9 +70,11 @@ def build_tiny_model_dir(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         rope_theta=10000.0,
+        head_dim=head_dim or hidden_size // num_heads,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG (a job builds it mid-run)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: fork_rng(devices=[]) restores no GPU one
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -55,7 +55,7 @@ def build_tiny_llava_dir(directory: str | Path, *, hidden_size: int = TINY_TEXT_
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG (a job builds it mid-run)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: fork_rng(devices=[]) restores no GPU one
         model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
@@ -104,7 +104,7 @@ def build_tiny_idefics3_dir(directory: str | Path, *, hidden_size: int = 64, see
                             scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: fork_rng(devices=[]) restores no GPU one
         model = Idefics3ForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
@@ -151,7 +151,7 @@ def build_tiny_clip_dir(directory: str | Path, *, hidden_size: int = 32, seed: i
     config = CLIPConfig(text_config=text.to_dict(), vision_config=_vision_config(hidden_size).to_dict(),
                         projection_dim=hidden_size)
     with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's RNG (a job builds it mid-run)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: fork_rng(devices=[]) restores no GPU one
         model = CLIPModel(config)
     model.save_pretrained(directory)
     CLIPProcessor(image_processor=_image_processor(), tokenizer=tokenizer).save_pretrained(directory)
