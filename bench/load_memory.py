@@ -117,7 +117,7 @@ def worker(model_dir: str, strategy: str, loading: str, out: str) -> None:
     sharded = loads_sharded(spec, strategy=strategy, world_size=parallel.world_size)
     assert sharded == (loading == "auto"), (sharded, loading)
     if sharded:
-        model = load_sharded_base(model_dir, spec, precision, strategy=strategy, rank=parallel.rank, full_finetune=False)
+        model = load_sharded_base(model_dir, spec, precision, strategy=strategy, full_finetune=False)
     else:
         model = load_base_model(model_dir, spec.model, precision, full_finetune=False)
     model = trainable_model(model, spec)

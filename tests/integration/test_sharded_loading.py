@@ -70,7 +70,7 @@ SHARD_CHECK = textwrap.dedent("""
     spec = validate_job_spec({"model": {"base_model": model_dir}, "dataset": {"path": "x.jsonl"},
                               "adapter": {"type": "full"}, "resources": {"num_gpus": 2, "strategy": "fsdp"}})
     precision = resolve_precision("fp32", torch.device("cpu"))
-    model = load_sharded_base(model_dir, spec, precision, strategy="fsdp", rank=parallel.rank, full_finetune=True)
+    model = load_sharded_base(model_dir, spec, precision, strategy="fsdp", full_finetune=True)
     root = wrap(CausalLMLoss(model), strategy="fsdp", sharding="full_shard", cpu_offload=False, precision=precision,
                 parallel=parallel, weights_dir=model_dir)
     saved = load_file(model_dir + "/model.safetensors")
@@ -83,11 +83,75 @@ SHARD_CHECK = textwrap.dedent("""
 """)
 
 
-def test_each_rank_holds_only_its_shard_of_the_checkpoint(tmp_path, tiny_model_dir):
-    script = tmp_path / "shard_check.py"
-    script.write_text(SHARD_CHECK)
+def _torchrun(tmp_path: Path, source: str, model_dir: Path) -> str:
+    script = tmp_path / "check.py"
+    script.write_text(source)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), str(tiny_model_dir)], env=env, capture_output=True, text=True, timeout=300)
+                             str(script), str(model_dir)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("holds its shard") == 2, json.dumps(result.stdout[-500:])
+    return result.stdout
+
+
+def test_each_rank_holds_only_its_shard_of_the_checkpoint(tmp_path, tiny_model_dir):
+    stdout = _torchrun(tmp_path, SHARD_CHECK, tiny_model_dir)
+    assert stdout.count("holds its shard") == 2, json.dumps(stdout[-500:])
+
+
+# DeepSpeed's own layout (partition_parameters.py): the flattened parameter, zero-padded to a multiple of
+# the group, cut in equal pieces; rank r holds piece r in param.ds_tensor (and, under hpZ, its piece of
+# the node group's copy in ds_secondary_tensor). The second model is built with hpZ.
+ZERO3_CHECK = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from safetensors.torch import load_file
+    from tuneforge.engine.distributed import init_distributed
+    from tuneforge.engine.precision import resolve_precision
+    from tuneforge.engine.sharded_loading import load_sharded_base
+    from tuneforge.spec import validate_job_spec
+
+    model_dir = sys.argv[1]
+    parallel = init_distributed(60)
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    saved = load_file(model_dir + "/model.safetensors")
+
+    def piece(full, size, rank):
+        flat = full.reshape(-1)
+        return torch.nn.functional.pad(flat, (0, 2 * size - flat.numel()))[rank * size:(rank + 1) * size]
+
+    for hpz in (1, 2):
+        zero = {"stage": 3, **({"zero_hpz_partition_size": hpz} if hpz > 1 else {})}
+        spec = validate_job_spec({"model": {"base_model": model_dir}, "dataset": {"path": "x.jsonl"},
+                                  "adapter": {"type": "full"},
+                                  "resources": {"num_gpus": 2, "strategy": "deepspeed",
+                                                "deepspeed_config": {"zero_optimization": zero}}})
+        model = load_sharded_base(model_dir, spec, precision, strategy="deepspeed", full_finetune=True)
+        names = dict(model.named_parameters())
+        assert names, "no parameters"
+        padded = 0
+        for name, param in names.items():
+            full = saved[name] if name in saved else saved["model.embed_tokens.weight"]  # the tied LM head
+            assert param.ds_numel == full.numel() and param.ds_tensor.numel() == -(-full.numel() // 2), name
+            assert torch.equal(param.ds_tensor, piece(full, param.ds_tensor.numel(), parallel.rank)), name
+            if hpz > 1:
+                secondary = param.ds_secondary_tensor
+                assert torch.equal(secondary, piece(full, secondary.numel(), parallel.rank)), name
+            padded += full.numel() % 2
+        assert padded > 0, "no parameter of the model needs padding"
+        print("rank", parallel.rank, "hpz", hpz, "holds its partitions of", len(names), "parameters")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def odd_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose tensors have odd sizes, so ZeRO-3 pads partitions and cuts rows in the middle."""
+    from tuneforge.engine.tiny_model import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("odd-llama") / "model", hidden_size=63, num_heads=3,
+                                num_kv_heads=1, head_dim=16, intermediate_size=127)
+
+
+def test_each_zero3_rank_fills_exactly_its_deepspeed_partitions(tmp_path, odd_model_dir):
+    pytest.importorskip("deepspeed")
+    stdout = _torchrun(tmp_path, ZERO3_CHECK, odd_model_dir)
+    assert stdout.count("holds its partitions") == 4, json.dumps(stdout[-500:])

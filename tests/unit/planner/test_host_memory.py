@@ -31,6 +31,9 @@ def test_sharded_loading_needs_the_model_over_the_ranks_not_the_model_per_rank()
     assert whole.load_per_rank > weights  # ~141 GB in every process
     embedding = 128256 * 8192 * 2
     assert sharded.load_per_rank == pytest.approx(PROCESS_BYTES + weights / 8 + 2 * embedding)
+    # ZeRO-3's ranks read their partitions the same way (bench/load_memory.py measured both within it).
+    zero3_spec = spec_70b(strategy="deepspeed", deepspeed_stage=3)
+    assert job_host_memory(zero3_spec, plan_job(zero3_spec)).load_per_rank == pytest.approx(sharded.load_per_rank)
     assert whole.per_node == pytest.approx(8 * whole.load_per_rank) and whole.per_node > 1000 * GiB
     assert sharded.per_node < 200 * GiB
     assert whole.capacity is None and whole.fits  # nothing declared, not a local job: reported, not checked
@@ -42,6 +45,10 @@ def test_which_jobs_load_sharded():
     assert not sharded_load(spec_70b(strategy="ddp"), 8)
     assert not sharded_load(spec_70b(strategy="deepspeed", deepspeed_stage=2), 8)
     assert sharded_load(spec_70b(strategy="deepspeed", deepspeed_stage=3), 8)
+    assert sharded_load(spec_70b(strategy="deepspeed", deepspeed_config={"zero_optimization": {"stage": 3}}), 8)
+    # DeepSpeed quantizes frozen partitions only as it partitions a loaded model: that config loads whole.
+    quantizing = {"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}}
+    assert not sharded_load(spec_70b(strategy="deepspeed", deepspeed_config=quantizing), 8)
     quantized = validate_job_spec({"model": {"base_model": "llama-3-70b", "quantization": "nf4"}, "adapter": {"type": "qlora"},
                                    "dataset": {"path": "file-1"},
                                    "resources": {"num_gpus": 8, "gpu_type": "h100-80gb", "strategy": "fsdp"}})
