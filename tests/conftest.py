@@ -139,6 +139,16 @@ def _postgres_or_skip():
     return engine
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """`slow_on_postgresql`: an end-to-end test whose PostgreSQL variant runs with -m slow. The SQL it issues runs
+    on both databases in the database-level tests, so the default suite (CI's 30 minutes) runs its flow once."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.get_closest_marker("slow_on_postgresql") and params.get("database_url") == "postgresql":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> str:
     """A fresh, empty database of each kind (a new PostgreSQL database per test, dropped afterwards)."""

@@ -164,7 +164,8 @@ def test_fsdp_full_fine_tuning_consolidates_one_model(tmp_path, tiny_model_dir, 
     AutoModelForCausalLM.from_pretrained(two / "model")  # a plain Hugging Face model directory
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# fsdp behind slow: the CLI and preemption path is the same torchrun launch (CI time)
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_the_cli_launches_torchrun_and_preemption_stops_every_rank(strategy, tmp_path, tiny_model_dir, tuneforge_home):
     """SIGTERM to `tuneforge train`: every rank agrees to stop, checkpoints and the command exits 75."""
     job_dir = job_with(tmp_path, tiny_model_dir, "cli", processes=2, strategy=strategy,
@@ -191,6 +192,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the default suite runs two nodes through Ray (test_ray_multinode.py), same c10d rendezvous
 def test_two_nodes_rendezvous_and_train_like_one_process(single, tmp_path, tiny_model_dir, tuneforge_home):
     """resources.num_nodes 2: `tuneforge train` prints each node's command; run on two 'nodes' (two
     launchers on this machine, c10d rendezvous, shared job directory) they train like one process."""
@@ -213,7 +215,7 @@ def test_two_nodes_rendezvous_and_train_like_one_process(single, tmp_path, tiny_
 
 
 @pytest.mark.parametrize("resources", [
-    {"fsdp_sharding": "shard_grad_op", "cpu_offload": True},
+    pytest.param({"fsdp_sharding": "shard_grad_op", "cpu_offload": True}, marks=pytest.mark.slow),
     {"fsdp_sharding": "hybrid_shard"},
 ], ids=["shard_grad_op+offload", "hybrid_shard"])
 def test_fsdp_sharding_modes_train_like_one_process(resources, single, tmp_path, tiny_model_dir, tuneforge_home):
@@ -224,7 +226,7 @@ def test_fsdp_sharding_modes_train_like_one_process(resources, single, tmp_path,
         assert any(e["data"].get("kind") == "cpu_offload_ignored" for e in read_events(job_dir))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_qlora_shards_the_adapter(strategy, tmp_path, tiny_model_dir, tuneforge_home):
     """FSDP keeps the 4-bit base whole on every rank; ZeRO-3 partitions it too. Both shard the adapter."""
     if strategy == "deepspeed":
@@ -240,7 +242,8 @@ def test_qlora_shards_the_adapter(strategy, tmp_path, tiny_model_dir, tuneforge_
     assert PeftConfig.from_pretrained(job_dir / "adapter").r == 8
 
 
-@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3+offload"])
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), pytest.param(3, True, marks=pytest.mark.slow)],
+                         ids=["zero2", "zero3", "zero3+offload"])
 def test_deepspeed_zero_trains_like_one_process_and_consolidates_the_adapter(stage, offload, single, tmp_path,
                                                                              tiny_model_dir, tuneforge_home):
     pytest.importorskip("deepspeed")
@@ -260,6 +263,7 @@ def test_deepspeed_zero_trains_like_one_process_and_consolidates_the_adapter(sta
     assert all(abs(r["optimizer_state_bytes"] / single_optimizer - 0.5) < 0.02 for r in summary["ranks"])
 
 
+@pytest.mark.slow  # the default suite resumes sharded checkpoints after a killed rank under FSDP (above)
 def test_deepspeed_resumes_from_its_zero_checkpoint_after_a_rank_dies(single, tmp_path, tiny_model_dir, tuneforge_home):
     pytest.importorskip("deepspeed")
     job_dir = job_with(tmp_path, tiny_model_dir, "zero-killed", processes=2, strategy="deepspeed",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, chat, make_job_dir, write_jsonl
 from tuneforge.engine.events import read_events
 from tuneforge.spec.jobdir import read_summary
@@ -28,6 +29,7 @@ def text_job(tmp_path, model_dir, records):
                         evaluation={"metrics": ["loss"]}, checkpoint={"every_steps": 4, "max_restarts": 0})
 
 
+@pytest.mark.slow  # an experimental recipe: opt-in, like its use
 def test_continued_pretraining_learns_resumes_after_a_crash_and_writes_the_job_directory(tmp_path, tiny_model_dir,
                                                                                           tuneforge_home):
     documents = [{"text": f"Record {i}: the quick brown fox jumps over the lazy dog {i % 7} times."} for i in range(60)]

@@ -122,7 +122,7 @@ def test_2_kill_in_the_middle_of_a_checkpoint_write(reference, job, tuneforge_ho
     assert_identical_to(reference, job)
 
 
-@pytest.mark.parametrize("damage", ["flip_a_byte", "truncate"])
+@pytest.mark.parametrize("damage", ["flip_a_byte", pytest.param("truncate", marks=pytest.mark.slow)])
 def test_3_a_corrupted_newest_checkpoint_is_skipped_with_an_event(reference, job, tuneforge_home, damage):
     assert finish(job, tuneforge_home, "kill_at_step=11") == -signal.SIGKILL
     newest = job / "checkpoints" / "step-000009"

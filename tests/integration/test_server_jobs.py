@@ -142,6 +142,7 @@ def _lock_free(job_dir) -> bool:
         os.close(fd)
 
 
+@pytest.mark.slow_on_postgresql
 def test_pause_resume_and_cancel_a_running_job(server):
     client = client_for(server)
     training = upload(client)
@@ -171,6 +172,7 @@ def test_pause_resume_and_cancel_a_running_job(server):
         client.fine_tuning.jobs.resume(job.id)
 
 
+@pytest.mark.slow_on_postgresql
 def test_killed_worker_job_is_requeued_and_finishes_from_its_checkpoint(api_only_server):
     server = api_only_server
     client = client_for(server)

@@ -42,6 +42,7 @@ def finished(client, job_id: str, server: ServerProcess, timeout: float = 300.0)
     raise AssertionError(f"job {job_id} did not finish\n{server.log_text()[-4000:]}")
 
 
+@pytest.mark.slow_on_postgresql
 def test_a_crash_is_restarted_from_its_checkpoint_and_the_job_reports_resolved_numbers(tmp_path, database_url,
                                                                                       monkeypatch):
     server = start_server(tmp_path, database_url, monkeypatch, faults="crash_at_step=3,restart=0")

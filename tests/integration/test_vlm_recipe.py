@@ -180,6 +180,7 @@ def recipe(job_dir: Path, home: Path, faults: str = "") -> int:
     return done.returncode
 
 
+@pytest.mark.slow  # the runtime's exact resume is tested on the SFT, DPO and reward recipes in the default suite
 def test_kill_9_then_resume_is_bit_identical(tmp_path, tiny_llava_dir, shapes_dir, tuneforge_home):
     sections = {"adapter": {"dropout": 0.1}, "training": {"max_steps": 6, "per_device_batch_size": 4},
                 "evaluation": {"metrics": ["loss"], "eval_before_training": False},
