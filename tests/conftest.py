@@ -71,6 +71,24 @@ def chat(user: str, answer: str, system: str | None = None) -> dict:
     return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
 
 
+def random_lora_adapter(base_dir: Path, out: Path, seed: int):
+    """A LoRA adapter (r 4, q/v) on base_dir whose B matrices are not zero, so it changes what the model answers;
+    saved to out, and returned (the PEFT model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # B starts at zero: make the adapter change something
+    model.save_pretrained(out)
+    return model
+
+
 def make_job_dir(tmp_path: Path, model_dir: Path, **sections) -> Path:
     """A job directory with a spec.json for the tiny model on the example data, sections overriding."""
     from tuneforge.spec import validate_job_spec

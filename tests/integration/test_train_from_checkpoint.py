@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import chat, write_jsonl
+from conftest import chat, random_lora_adapter, write_jsonl
 from test_registry_db import db, make_job  # noqa: F401 - db is the fixture
 
 from tuneforge.db import files as file_rows
@@ -50,28 +50,13 @@ class OneProcess:
         pass
 
 
-def random_adapter(base_dir: Path, out: Path, seed: int) -> None:
-    """A LoRA adapter on base_dir whose B matrices are not zero, so it changes what the model answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
-    model.save_pretrained(out)
-
-
 def trained(db, store, home: Path, job_id: str, *, base_dir: Path, steps: dict[int, int], final_seed: int) -> str:
     """The job's final adapter (final_seed) and a checkpoint per step (its seed), registered as the job's version."""
     job_dir = home / "jobs" / job_id
-    random_adapter(base_dir, job_dir / "adapter", seed=final_seed)
+    random_lora_adapter(base_dir, job_dir / "adapter", seed=final_seed)
     for step, seed in steps.items():
         folder = job_dir / "checkpoints" / f"step-{step:06d}"
-        random_adapter(base_dir, folder, seed=seed)  # what save_trainable keeps: the weights, and the training state
+        random_lora_adapter(base_dir, folder, seed=seed)  # what save_trainable keeps: the weights, and the training state
         (folder / "adapter_config.json").unlink()
         (folder / "README.md").unlink(missing_ok=True)
         (folder / "optimizer.pt").write_bytes(b"optimizer state")
@@ -169,10 +154,10 @@ def test_a_job_trains_from_a_kept_checkpoint_of_a_model(db, tmp_path):
 
     got = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32))
     scratch = tmp_path / "checkpoint-adapter"
-    random_adapter(base_dir, scratch, seed=3)  # the checkpoint's adapter, as a PEFT folder of its own
+    random_lora_adapter(base_dir, scratch, seed=3)  # the checkpoint's adapter, as a PEFT folder of its own
     assert torch.allclose(got, on_base(scratch), atol=1e-4, rtol=1e-4)
     shutil.rmtree(scratch)
-    random_adapter(base_dir, scratch, seed=1)
+    random_lora_adapter(base_dir, scratch, seed=1)
     assert (got - on_base(scratch)).abs().max() > 1e-2  # the final adapter answers otherwise
 
     # The job that trained from the checkpoint registers an adapter on it: its lineage names the checkpoint, the

@@ -11,27 +11,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import random_lora_adapter  # noqa: E402 - after the skip: it needs torch
+
 
 class OneProcess:
     is_main = True
 
     def barrier(self) -> None:
         pass
-
-
-def random_adapter(base_dir, out, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # B starts at zero: make the adapter change something
-    model.save_pretrained(out)
-    return model
 
 
 def test_an_adapter_chain_is_merged_into_its_base_and_answers_like_the_adapters(tiny_model_dir, tmp_path):
@@ -43,11 +30,11 @@ def test_an_adapter_chain_is_merged_into_its_base_and_answers_like_the_adapters(
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     first = tmp_path / "v1"
-    random_adapter(tiny_model_dir, first, seed=1)
+    random_lora_adapter(tiny_model_dir, first, seed=1)
     (first / BASE_OF_ADAPTER).write_text(json.dumps({"base_model": str(tiny_model_dir)}))
-    merged_first = random_adapter(tiny_model_dir, tmp_path / "unused", seed=1).merge_and_unload()
+    merged_first = random_lora_adapter(tiny_model_dir, tmp_path / "unused", seed=1).merge_and_unload()
     second = tmp_path / "v2"
-    random_adapter(tiny_model_dir, second, seed=2)  # trained "on v1": same shapes, applied on top of it
+    random_lora_adapter(tiny_model_dir, second, seed=2)  # trained "on v1": same shapes, applied on top of it
     (second / BASE_OF_ADAPTER).write_text(json.dumps({"base_model": str(first)}))
 
     job_dir = tmp_path / "job"
