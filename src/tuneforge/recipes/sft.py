@@ -200,8 +200,8 @@ def resolve(job: RecipeJob, data: Data, model: nn.Module, loss: CausalLMLoss) ->
     if cfg.packing is True and not supported:
         raise SpecError(f"training.packing: {why_not}; set it to auto or false")
     packing = supported and cfg.packing in (True, "auto")
-    batcher = Batcher(data.train, data.tokenizer.pad_token_id, packing=packing, max_seq_length=row_length,
-                      attention=attention)
+    batcher = Batcher(data.train, data.tokenizer.pad_token_id, packing=True, max_seq_length=row_length,
+                      attention=attention) if packing else None
     if packing and cfg.packing == "auto" and len(data.train) < MIN_EXAMPLES_PER_ROW * len(batcher):
         # Rows of about one example save no padding and still pay the block-diagonal mask (~10% slower).
         why_not = (f"rows of {row_length} tokens would hold {len(data.train) / len(batcher):.1f} examples each "
