@@ -144,7 +144,7 @@ def source_key(source: ModelSource) -> str:
     if source.directory is not None:
         return str(source.directory)
     own = manifest_digest(source.manifest)
-    checkpoint = getattr(source, "checkpoint", None)  # a kept checkpoint's weights in place of the version's
+    checkpoint = source.checkpoint  # a kept checkpoint's weights in place of the version's
     if checkpoint is not None:
         own += f"@{checkpoint.job_dir.name}/{checkpoint.path}"
     return own if source.base is None else f"{own}-on-{source_key(source.base)}"
