@@ -24,6 +24,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "json-extraction"
 QUICK_EVAL = {"metrics": ["loss", "exact_match"], "max_eval_examples": 16, "eval_before_training": False}
+RL_DATA = REPO / "examples" / "rl"
+FORMAT = {"type": "string_check", "name": "format", "input": "{{sample.output_text}}", "reference": "Answer:",
+          "operation": "like"}
+RL = {"rollout": {"prompts_per_step": 4, "max_new_tokens": 48},
+      "evaluation": {"max_new_tokens": 48, "max_eval_examples": 8, "eval_before_training": False},
+      "dataset": {"max_seq_length": 256}}
 JOBS = {
     # name: (model, tuneforge sections, what it is)
     "tiny-steps": ("tiny-llama", {"training": {"max_steps": 30, "batch_size": 4}, "evaluation": QUICK_EVAL},
@@ -38,6 +44,13 @@ JOBS = {
                      "SmolLM2-135M full fine-tuning, 32 steps x 2 packed rows"),
     "smollm2-epochs": ("smollm2-135m-instruct", {"training": {"num_epochs": 1}, "evaluation": QUICK_EVAL},
                        "SmolLM2-135M LoRA, 1 epoch, auto batch (8 examples)"),
+    # Online RL on examples/rl's prompts (configs/grpo and configs/ppo's rollouts and graders).
+    "smollm2-grpo": ("smollm2-135m-instruct", {"method": {"type": "reinforcement", "reinforcement": {"grader": FORMAT}},
+                                               **RL, "grpo": {"num_generations": 8}, "training": {"max_steps": 3}},
+                     "SmolLM2-135M GRPO LoRA, 3 steps x 4 prompts x 8 completions of <= 48 tokens"),
+    "smollm2-ppo": ("smollm2-135m-instruct", {"method": {"type": "ppo"}, **RL, "training": {"max_steps": 3},
+                                              "rollout": {**RL["rollout"], "graders": [FORMAT]}},
+                    "SmolLM2-135M PPO LoRA, 3 steps x 4 prompts, 4 PPO epochs"),
 }
 
 
@@ -55,16 +68,22 @@ def run(names: list[str]) -> list[dict]:
     try:
         wait(lambda: _healthy(http), 120, "the server")
         files = {}
-        for name in ("train", "val"):
-            with open(DATA / f"{name}.jsonl", "rb") as handle:
+        for name, path in (("train", DATA / "train.jsonl"), ("val", DATA / "val.jsonl"),
+                           ("rl-train", RL_DATA / "prompts.jsonl"), ("rl-val", RL_DATA / "held_out.jsonl")):
+            with open(path, "rb") as handle:
                 files[name] = http.post("/v1/files", data={"purpose": "fine-tune"},
-                                        files={"file": (f"{name}.jsonl", handle)}).json()["id"]
+                                        files={"file": (path.name, handle)}).json()["id"]
             wait(lambda: http.get(f"/v1/files/{files[name]}").json()["status"] == "processed", 120, f"{name} validated")
         results = []
         for name in names:
             model, sections, what = JOBS[name]
-            body = {"model": model, "training_file": files["train"], "validation_file": files["val"],
+            sections = dict(sections)
+            method = sections.pop("method", None)  # OpenAI's method object (reinforcement is GRPO)
+            data = "rl-" if method else ""
+            body = {"model": model, "training_file": files[data + "train"], "validation_file": files[data + "val"],
                     "tuneforge": {"dataset": {"max_seq_length": 512}, "resources": {"gpu_type": "cpu"}, **sections}}
+            if method:
+                body["method"] = method
             created = http.post("/v1/fine_tuning/jobs", json=body)
             created.raise_for_status()
             job = created.json()

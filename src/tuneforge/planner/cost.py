@@ -41,7 +41,7 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 # What the recipe does per trained token beyond one SFT-style step, in step-equivalents: DPO also runs the
 # reference model's forward pass (2N of a LoRA step's 4N FLOPs); an eval run only runs forward passes.
-# PPO and GRPO spend most of their time generating rollouts, which this model does not estimate.
+# PPO and GRPO are counted by rollout_tokens: their steps generate, score and then train.
 METHOD_FACTOR = {"sft": 1.0, "reward": 1.0, "dpo": 1.5, "vlm": 1.0, "clip": 1.0, "eval": 1 / 3}
 # Without a tokenizer's count (uploads are validated without one), tokens are characters / 4 (BPE
 # tokenizers on English text) plus the chat template's markers, about 8 tokens per message.
@@ -296,13 +296,15 @@ class TokenCount(NamedTuple):
 def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False, row_cap: int | None = None,
                     validation_examples: int | None = None, image_tokens: int = 0) -> TokenCount | None:
     """Tokens a job trains on (examples x epochs, or max_steps x batch) in SFT step-equivalents, its
-    evaluations included; None for a method this model cannot price (PPO / GRPO generate) or an empty
-    dataset. `packed`: the job packs (see packs()); a max_steps job's explicit batch then counts rows of
+    evaluations included (PPO and GRPO: rollout_tokens); None for a method this model cannot price or an
+    empty dataset. `packed`: the job packs (see packs()); a max_steps job's explicit batch then counts rows of
     several examples, at most row_cap tokens (ModelArch.packed_row_cap). Without a validation file
     (validation_examples None) train_split carves the validation set out of the examples. `image_tokens`: the
     positions one image fills for a VLM (ModelArch.vision.image_tokens)."""
     from tuneforge.spec.hyperparameters import resolve_hyperparameters
 
+    if spec.method in ("ppo", "grpo"):
+        return rollout_tokens(spec, prompts=examples, stats=stats, validation_prompts=validation_examples)
     factor = METHOD_FACTOR.get(spec.method)
     if factor is None or examples < 1:
         return None
@@ -333,3 +335,52 @@ def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False, r
         tokens += evaluated
         basis += f"; {passes}: {evaluated:,} step-equivalent tokens"
     return TokenCount(tokens, math.ceil(steps), basis)
+
+
+def rollout_tokens(spec, *, prompts: int, stats: dict, validation_prompts: int | None = None) -> TokenCount | None:
+    """PPO and GRPO in SFT step-equivalents. Each step samples completions of its rollout.prompts_per_step
+    prompts (GRPO: grpo.num_generations of each): a prefill (a forward, 1/3 of a token) and up to
+    rollout.max_new_tokens decoded tokens at one step-equivalent each, as an evaluation's decoding
+    (evaluation_tokens). The full rollout.max_new_tokens is counted: sampled completions often run to it, and an
+    estimate that budgets hold jobs to had better be high than low. Then forwards over prompt and completion:
+    PPO the policy's log-probabilities and values, the reference, a reward model; GRPO the reference (beta > 0),
+    the sampling policy's log-probabilities (num_iterations > 1), a reward model. Then training on them: PPO
+    ppo_epochs passes, GRPO num_iterations. The held-out evaluations (before training, every eval_every_steps,
+    the final one) decode greedily up to evaluation.max_new_tokens and score the answers with the reference."""
+    if prompts < 1:
+        return None
+    rollout, data = spec.rollout, spec.dataset
+    prompt, how = tokens_per_example(stats, prompts, max(1, data.max_seq_length - rollout.max_new_tokens))
+    if validation_prompts is None:  # train_split carves the held-out prompts out of the training file
+        validation_prompts = prompts - max(1, round(prompts * data.train_split))
+        prompts -= validation_prompts
+    from tuneforge.spec.hyperparameters import resolve_hyperparameters
+
+    training = resolve_hyperparameters(spec, prompts).training  # the epochs as the recipe resolves them
+    # engine/rl/setup.py's PromptSchedule: whole steps of prompts_per_step prompts per epoch.
+    steps = training.max_steps or max(1, round(prompts // rollout.prompts_per_step * float(training.num_epochs)))
+    completion, sequence = float(rollout.max_new_tokens), prompt + rollout.max_new_tokens
+    reward_model = rollout.reward_model is not None
+    if spec.method == "ppo":
+        samples, passes = rollout.prompts_per_step, spec.ppo.ppo_epochs
+        forwards = 2 + reward_model
+        updates = spec.ppo.ppo_epochs * spec.ppo.num_mini_batches
+    else:
+        samples, passes = rollout.prompts_per_step * spec.grpo.num_generations, spec.grpo.num_iterations
+        forwards = (spec.grpo.beta > 0) + (spec.grpo.num_iterations > 1) + reward_model
+        updates = spec.grpo.num_iterations
+    per_step = samples * (prompt / 3 + completion + forwards * sequence / 3 + passes * sequence)
+    tokens = int(steps * per_step)
+    basis = (f"{steps} steps x {samples} completions of {prompt:,.0f} prompt ({how}) + {completion:,.0f} sampled tokens: "
+             f"generation, {forwards} scoring forward{'s' if forwards != 1 else ''}, {passes} training "
+             f"pass{'es' if passes != 1 else ''}")
+    count = min(validation_prompts, spec.evaluation.max_eval_examples or validation_prompts)
+    if count > 0:
+        evaluations = 1 + int(spec.evaluation.eval_before_training)
+        if spec.evaluation.eval_every_steps:
+            evaluations += steps // spec.evaluation.eval_every_steps
+        answer = float(spec.evaluation.max_new_tokens)
+        evaluated = int(evaluations * count * (prompt / 3 + answer + (1 + reward_model) * (prompt + answer) / 3))
+        tokens += evaluated
+        basis += f"; {evaluations} evaluation{'s' if evaluations > 1 else ''} of {count} prompts: {evaluated:,} step-equivalent tokens"
+    return TokenCount(tokens, steps * updates, basis)

@@ -187,3 +187,35 @@ def test_packed_rows_of_about_one_long_example_are_priced_as_examples():
     assert packed_row_tokens(361, 2048, row_cap=576) == 361  # a 576-token row holds one 361-token chat: not packed
     assert packed_row_tokens(361, 2048) == pytest.approx(1472 * 0.95)  # uncapped: four of them
     assert packed_row_tokens(60, 2048, row_cap=576) == pytest.approx(256 * 0.95)  # short chats: the cap is not reached
+
+
+RL_GRADER = {"type": "string_check", "name": "a", "input": "{{sample.output_text}}", "reference": "a", "operation": "like"}
+RL_NO_EVAL = {"eval_before_training": False, "max_eval_examples": 1}
+
+
+def test_ppo_and_grpo_are_priced_by_their_rollouts_scoring_and_training_passes():
+    stats = {"total_tokens": 40 * 20}  # 20 prompts of 40 tokens
+    rollout = {"prompts_per_step": 4, "max_new_tokens": 60, "graders": [RL_GRADER]}
+    grpo = training_tokens(spec(method="grpo", rollout=rollout, grpo={"num_generations": 8, "beta": 0.04},
+                                training={"max_steps": 3}, evaluation=RL_NO_EVAL), examples=20, stats=stats,
+                           validation_examples=0)
+    # 32 completions a step: prefill 40/3 + 60 decoded + the reference's forward 100/3 + one training pass of 100.
+    assert grpo.tokens == int(3 * 32 * (40 / 3 + 60 + 100 / 3 + 100)) and grpo.steps == 3
+    assert "3 steps x 32 completions" in grpo.basis
+    ppo = training_tokens(spec(method="ppo", rollout=rollout, ppo={"ppo_epochs": 2, "num_mini_batches": 2},
+                               training={"max_steps": 3}, evaluation=RL_NO_EVAL), examples=20, stats=stats,
+                          validation_examples=0)
+    # 4 completions a step, the policy's and the reference's forwards, two PPO epochs; 2 x 2 optimizer steps a step.
+    assert ppo.tokens == int(3 * 4 * (40 / 3 + 60 + 2 * 100 / 3 + 2 * 100)) and ppo.steps == 12
+    # Epochs: whole steps of prompts_per_step prompts (19 training prompts -> 4 steps an epoch), as the recipe's schedule.
+    epochs = training_tokens(spec(method="grpo", rollout=rollout, training={"num_epochs": 2}, evaluation=RL_NO_EVAL),
+                             examples=20, stats=stats)
+    assert epochs.steps == 8
+    # Held-out evaluations decode evaluation.max_new_tokens greedily and score the answers with the reference.
+    evaluated = training_tokens(spec(method="grpo", rollout=rollout, training={"max_steps": 3},
+                                     evaluation={"eval_before_training": True, "max_new_tokens": 30}),
+                                examples=20, stats=stats, validation_examples=5)
+    plain = training_tokens(spec(method="grpo", rollout=rollout, training={"max_steps": 3}, evaluation=RL_NO_EVAL),
+                            examples=20, stats=stats, validation_examples=0)
+    assert evaluated.tokens - plain.tokens == int(2 * 5 * (40 / 3 + 30 + 70 / 3))
+    assert "2 evaluations of 5 prompts" in evaluated.basis
