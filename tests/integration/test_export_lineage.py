@@ -242,3 +242,69 @@ def test_a_failed_or_absent_deploy_records_no_export(db, tmp_path):
         _, model_id = trained_with_deploy(db, store, home, deployment)
         with db.session() as session:
             assert export_rows.list_exports(session, tenant_id="t", model_id=model_id) == []
+
+
+def test_an_export_is_deleted_with_its_files_and_blobs_but_never_while_its_job_may_run(db, tmp_path):
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, select
+
+    from tuneforge.api.app import create_app
+    from tuneforge.db.tables import RegistryBlob
+
+    home = Path(os.environ["TUNEFORGE_HOME"])
+    app = create_app(Settings.from_env(database_url=db.engine.url.render_as_string(hide_password=False),
+                                       artifacts_dir=tmp_path / "artifacts"), db=db)
+    store = app.state.store
+    keys = {}
+    with db.session() as session:
+        for tenant in ("t", "u"):
+            _, keys[tenant] = tenant_rows.create_api_key(session, tenant_id=tenant)
+    succeeded = Deployment(status="succeeded", target="vllm", format="adapter", path=EXPORT_DIR, command="vllm serve")
+    trained, model_id = trained_with_deploy(db, store, home, succeeded)
+    api_job, api_export, api_dir = export_job(db, home, model_id=model_id)
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=api_job)
+        register_export(session, store, job=job, job_dir=api_dir)
+        job.status = "succeeded"
+        ((deployed, _), *_) = export_rows.list_exports(session, tenant_id="t", model_id=model_id)
+        deployed_id = deployed.id
+    queued_job, queued_export, _ = export_job(db, home, model_id=model_id)
+
+    def holders(export_id: str) -> dict[str, int]:
+        """Each file the export owns -> how many registry rows (any owner) hold its bytes: what the collector reads."""
+        with db.session() as session:
+            return {f["path"]: session.scalar(select(func.count()).where(RegistryBlob.sha256 == f["sha256"]))
+                    for f in export_rows.artifact_files(session, export_id=export_id)}
+
+    api_files, deploy_files = holders(api_export), holders(deployed_id)
+    assert api_files[LINEAGE_PATH] == 1 and api_files["adapter/adapter_model.safetensors"] == 2  # both exports hold it
+    client = TestClient(app, headers={"Authorization": f"Bearer {keys['t']}"})
+    other = TestClient(app, headers={"Authorization": f"Bearer {keys['u']}"})
+
+    # Not while its job may still run; another tenant's id answers like a missing one.
+    refused = client.delete(f"/v1/models/{model_id}/exports/{queued_export}")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "export_in_use", refused.text
+    assert queued_job in refused.json()["error"]["message"]
+    theirs = other.delete(f"/v1/models/{model_id}/exports/{api_export}")
+    missing = other.delete(f"/v1/models/{model_id}/exports/export_missing")
+    assert theirs.status_code == missing.status_code == 404
+
+    # The Exports API export: row, files in its job directory and its registry rows gone; the export job stays hidden.
+    deleted = client.delete(f"/v1/models/{model_id}/exports/{api_export}")
+    assert deleted.status_code == 200 and deleted.json() == {"object": "model.export", "id": api_export, "deleted": True}
+    assert not (api_dir / EXPORT_DIR).exists()
+    assert holders(api_export) == {}
+    assert holders(deployed_id)["adapter/adapter_model.safetensors"] == 1  # the other export still holds those bytes
+    assert client.get(f"/v1/models/{model_id}/exports/{api_export}").status_code == 404
+    assert [e["id"] for e in client.get(f"/v1/models/{model_id}/exports").json()["data"]] == [deployed_id, queued_export]
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs").json()["data"]] == [trained]
+
+    # deploy:'s export: only DIR/export of the training job goes; the job, its model and its version stay.
+    assert client.delete(f"/v1/models/{model_id}/exports/{deployed_id}").status_code == 200
+    trained_dir = home / "jobs" / trained
+    assert not (trained_dir / EXPORT_DIR).exists() and (trained_dir / "adapter").is_dir()
+    assert holders(deployed_id) == {} and deploy_files
+    assert client.get(f"/v1/fine_tuning/jobs/{trained}").status_code == 200
+    assert client.get("/v1/registry/models/support-bot/versions/v1").status_code == 200
+    lineage = client.get("/v1/registry/models/support-bot/versions/v1/lineage").json()
+    assert [e["id"] for e in lineage["exports"]] == [queued_export]

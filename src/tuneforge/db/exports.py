@@ -7,7 +7,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import new_id, now
-from tuneforge.db.tables import Job, ModelExport, RegistryBlob
+from tuneforge.db.tables import Job, ModelExport, ObjectLink, RegistryBlob
 
 EXPORT = "export_"
 
@@ -34,6 +34,21 @@ def list_exports(session: Session, *, tenant_id: str, model_id: str) -> list[tup
 
 def export_of_job(session: Session, *, job_id: str) -> ModelExport | None:
     return session.scalar(select(ModelExport).where(ModelExport.job_id == job_id))
+
+
+def delete_export(session: Session, *, export: ModelExport) -> None:
+    """Forget an export: the registry blobs it owns (the blob collector removes those nothing else holds), the
+    object-store links of its job's published export files (the store's collector removes the objects), and its
+    row. Its job's row stays (usage is accounted to it); the caller removes DIR/export after the commit."""
+    session.execute(delete(RegistryBlob).where(RegistryBlob.owner == export.id).execution_options(synchronize_session=False))
+    session.execute(delete(ObjectLink).where(ObjectLink.owner == export.job_id, ObjectLink.kind == "export")
+                    .execution_options(synchronize_session=False))
+    session.execute(delete(ModelExport).where(ModelExport.id == export.id).execution_options(synchronize_session=False))
+
+
+def exports_of_model(session: Session, *, tenant_id: str, model_id: str) -> list[ModelExport]:
+    return list(session.scalars(select(ModelExport).where(ModelExport.tenant_id == tenant_id,
+                                                          ModelExport.model_id == model_id)))
 
 
 def get_export_any_model(session: Session, *, tenant_id: str, export_id: str) -> ModelExport | None:

@@ -37,10 +37,11 @@ def create_job(
 
 def fine_tuning_only():
     """Jobs that are not eval runs or exports: those are scheduled like training but shown only by the Evals
-    API and the Exports API. An export job's model is the model it exports; a training job whose deploy: was
-    recorded as an export of the model it made (registry/exports.py) is a fine-tuning job still."""
-    return ~exists().where(EvalRun.job_id == Job.id) & ~exists().where(ModelExport.job_id == Job.id,
-                                                                        ModelExport.model_id == Job.model)
+    API and the Exports API. An export job's model is the model it exports, and it has no training file (so it
+    stays hidden once its export is deleted); a training job whose deploy: was recorded as an export of the model
+    it made (registry/exports.py) is a fine-tuning job still."""
+    return (~exists().where(EvalRun.job_id == Job.id) & (Job.training_file != "")
+            & ~exists().where(ModelExport.job_id == Job.id, ModelExport.model_id == Job.model))
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ from tuneforge.spec.jobdir import ENVIRONMENT_FILE, EXPORT_DIR, read_summary
 LINEAGE_PATH = ".tuneforge/lineage.json"  # the lineage's blob among the export's rows; not a file of the export
 MAX_LINEAGE_BYTES = 1 << 20
 log = logging.getLogger("tuneforge.registry")
+
+
+def remove_export_files(job_dir: Path) -> bool:
+    """Remove a deleted export's files from its job directory (DIR/export, sealed or plain); True when there were
+    any. The job's other files (its checkpoints and model, for a deploy: export) stay."""
+    folder = job_dir / EXPORT_DIR
+    if not folder.exists():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

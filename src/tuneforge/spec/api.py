@@ -356,7 +356,7 @@ class TagRequest(Request):
 
 
 class RegistryDeleted(Response):
-    object: Literal["model.version", "model.alias", "model.tag"]
+    object: Literal["model.version", "model.alias", "model.tag", "model.export"]
     id: str
     deleted: bool = True
 

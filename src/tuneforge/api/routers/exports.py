@@ -18,19 +18,19 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from tuneforge.api.auth import Principal
-from tuneforge.api.dependencies import Caller, Config, Db, Store
+from tuneforge.api.dependencies import Caller, Config, Db, JobsCaller, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.db import exports as export_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db import models as model_rows
 from tuneforge.home import tuneforge_home
 from tuneforge.registry.artifacts import LocalArtifactStore
-from tuneforge.registry.exports import export_artifact, source_record
+from tuneforge.registry.exports import export_artifact, remove_export_files, source_record
 from tuneforge.registry.models import model_name_of
 from tuneforge.registry.storage import job_files
 from tuneforge.scheduler.admission import capacity_problem, live_inventories
 from tuneforge.scheduler.submission import QuotaExceeded, submit_job
-from tuneforge.spec.api import ListObject
+from tuneforge.spec.api import ACTIVE_STATUSES, ListObject, RegistryDeleted
 from tuneforge.spec.exports import ExportCreateRequest, ExportObject
 from tuneforge.spec.job import NO_DATASET, JobSpec
 from tuneforge.spec.jobdir import EXPORT_DIR
@@ -107,6 +107,21 @@ def get_export(model_id: str, export_id: str, caller: Caller, db: Db, store: Sto
     """The export, the version it was made from and, once it succeeded, its lineage."""
     with db.session() as session:
         return _export_object(session, store, *_export(session, caller, model_id, export_id), config.jobs_dir)
+
+
+@router.delete("/{export_id}", response_model=RegistryDeleted)
+def delete_export(model_id: str, export_id: str, caller: JobsCaller, db: Db, config: Config) -> RegistryDeleted:
+    """Delete an export: its files in the job directory and the registry (once nothing else holds them) and its
+    lineage; 409 while its export job may still run (cancel it first). The model and its version stay."""
+    with db.session() as session:
+        export, job = _export(session, caller, model_id, export_id)
+        if job.status in ACTIVE_STATUSES and job.model == model_id and not job.training_file:
+            raise ApiError(409, f"export {export_id} is {job.status}: cancel its job first "
+                                f"(POST /v1/fine_tuning/jobs/{job.id}/cancel)", param="export_id", code="export_in_use")
+        export_rows.delete_export(session, export=export)
+        job_id = job.id
+    remove_export_files(config.jobs_dir / job_id)  # after the commit, as a version's files
+    return RegistryDeleted(object="model.export", id=export_id)
 
 
 @router.get("/{export_id}/content", response_class=StreamingResponse,
