@@ -253,6 +253,10 @@ def add_control_plane_commands(commands) -> None:
 
     add_models_command(commands)  # the model registry (a module of its own: it is long)
 
+    from tuneforge.datasets_cli import add_datasets_command
+
+    add_datasets_command(commands)  # the dataset registry: named versions of uploaded files
+
     from tuneforge.storage_cli import add_storage_command
 
     add_storage_command(commands)  # the object store's tenant keys: rotate, shred; a job's published outputs

@@ -110,6 +110,7 @@ def _lineage(args, settings, db) -> int:
             print(f"{'  ' * depth}base model {base.get('ref')} ({base.get('kind')})")
             continue
         data = ", ".join(f"{d['filename'] or d['file_id']} sha256:{(d['sha256'] or '?')[:12]}"
+                         + (f" (dataset {d['dataset']} v{d['version']})" if d.get("dataset") else "")
                          for d in step.get("datasets") or [])
         print(f"{'  ' * depth}{step['name']} {step['version']} ({step['kind']}, {step['model']}) from job "
               f"{step['job_id']}, seed {step['seed']}, data: {data or '-'}, trained on {base.get('ref')}")
@@ -240,7 +241,7 @@ def _download(args, settings, db) -> int:
     with db.session() as session:
         version = _version(session, args)
         manifest, label = version.manifest, f"{version.name} v{version.version}"
-        contents = file_contents(session, store, manifest, tenant_id=version.tenant_id)
+        contents = file_contents(session, store, manifest, tenant_id=version.tenant_id, holder=version.job_id)
     try:
         write_files(store, manifest, out, contents=contents)
     except (ManifestMismatch, OSError) as exc:

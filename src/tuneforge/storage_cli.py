@@ -5,7 +5,8 @@ These talk to the database, the artifact folder and the store this machine's TUN
 tenant (objects in the store and sealed blobs in the artifact folder) under a new key version (`rotate-key
 --base-models`: of the registered base models' objects, whose owner is no tenant); shredding
 destroys the tenant's keys, after which its objects and sealed uploads cannot be read by anyone;
-seal-artifacts seals the plaintext uploads and model registry files of an install from before sealing;
+seal-artifacts seals the plaintext uploads, model registry files and ended jobs' directories of an install from
+before sealing;
 register-dataset makes an s3:// object a tenant's file without copying it (docs/storage.md).
 """
 
@@ -53,10 +54,11 @@ def cmd_storage(args: argparse.Namespace) -> int:
     if args.action == "seal-artifacts":
         from tuneforge.home import tuneforge_home
         from tuneforge.registry.artifacts import LocalArtifactStore
-        from tuneforge.registry.storage.reseal import DamagedBlob, seal_plaintext_uploads
+        from tuneforge.registry.storage.reseal import DamagedBlob, seal_ended_job_dirs, seal_plaintext_uploads
 
+        store = LocalArtifactStore.from_settings(settings)
         try:
-            report = seal_plaintext_uploads(db, LocalArtifactStore.from_settings(settings), tenant_id=args.tenant,
+            report = seal_plaintext_uploads(db, store, tenant_id=args.tenant,
                                             registry_root=tuneforge_home() / "registry")
         except DamagedBlob as exc:
             raise UserError(str(exc)) from None
@@ -66,6 +68,13 @@ def cmd_storage(args: argparse.Namespace) -> int:
               f"{report.copies_removed} plaintext copies of sealed model versions"
               + (f", kept {report.copies_kept} while a job runs (run it again later)" if report.copies_kept else ""),
               file=sys.stderr)
+        jobs = seal_ended_job_dirs(db, store.keys, settings.jobs_dir, tenant_id=args.tenant)
+        print(f"sealed {jobs.files} plaintext files ({jobs.bytes / 1e6:.1f} MB) in {jobs.jobs_sealed} ended jobs' "
+              f"directories; {jobs.already_sealed} ended jobs had nothing plaintext left"
+              + (f"; removed {jobs.leftovers_removed} half-written leftovers" if jobs.leftovers_removed else "")
+              + (f"; skipped {len(jobs.skipped)} jobs:" if jobs.skipped else ""), file=sys.stderr)
+        for job_id, why in jobs.skipped:
+            print(f"  skipped {job_id} ({why})", file=sys.stderr)
         return 0
     store = open_tenant_store(db, settings)
     if store is None:
@@ -109,13 +118,14 @@ def _base_models_owner(args: argparse.Namespace) -> str:
 
 
 def add_storage_command(commands) -> None:
-    storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; seal plaintext uploads; fetch a "
-                                  "job's published outputs; register a dataset from s3:// without copying",
+    storage = commands.add_parser("storage", help="rotate or shred a tenant's keys; seal plaintext uploads and job "
+                                  "directories; fetch a job's published outputs; register a dataset from s3:// "
+                                  "without copying",
                                   description="Encryption at rest and the object store (TUNEFORGE_ARTIFACTS_DIR, "
                                               "TUNEFORGE_STORE_URL, TUNEFORGE_KEYS_DIR; docs/storage.md).")
     storage.add_argument("action", choices=("rotate-key", "shred", "seal-artifacts", "fetch-outputs", "register-dataset"))
     storage.add_argument("--tenant", help="the tenant (every action but seal-artifacts, which seals every tenant's "
-                                          "plaintext uploads without it)")
+                                          "plaintext uploads and ended jobs' directories without it)")
     storage.add_argument("--base-models", action="store_true",
                          help="rotate-key: rotate the key of the registered base models' objects in the store (owned by "
                          "no tenant) instead of a tenant's")

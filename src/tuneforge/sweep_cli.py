@@ -110,29 +110,60 @@ def _local_database():
 
 
 def _store_local_file(session, store, path: str) -> str:
-    """A local data file as an uploaded file of the local tenant, validated the way uploads are."""
+    """A local data file as an uploaded file of the local tenant, stored as a server stores an upload: sealed
+    for the tenant with encryption at rest (its own blob, as api/routers/files.py commits one), else a plaintext
+    blob; validated the way uploads are (read from the file itself, so no plaintext copy lands in the store)."""
     from tuneforge.db import files as file_rows
+    from tuneforge.registry.artifacts import CHUNK
     from tuneforge.registry.datasets import inspect_dataset
 
     file = Path(path).expanduser().resolve()
     try:
-        with open(file, "rb") as handle, store.staging(handle, filename=file.name, max_bytes=1 << 40) as staged:
-            blob = store.commit(staged)
-            sha256, size = staged.sha256, staged.size
+        writer = store.open_staging(max_bytes=1 << 40, name=file.name, tenant_id=LOCAL_TENANT)
+        try:
+            with open(file, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    writer.write(chunk)
+            staged = writer.finish()
+            report = inspect_dataset(file, display_name=file.name)
+            if _sha256(file) != staged.sha256:
+                raise _user_error(f"{file}: the file changed while it was read; run the sweep again")
+            if not report.valid:
+                raise _user_error(report.summary)
+            store.commit(staged, session=session)  # the blob before the row, in the row's transaction
+        finally:
+            writer.discard()
     except OSError as exc:
         raise _user_error(f"{file}: cannot read it ({exc.strerror or exc})") from None
-    report = inspect_dataset(blob, display_name=file.name)
-    if not report.valid:
-        raise _user_error(report.summary)
-    return file_rows.create_file(session, tenant_id=LOCAL_TENANT, filename=file.name, purpose="fine-tune", size=size,
-                                 sha256=sha256, report=report.model_dump(mode="json"), status=file_rows.PROCESSED,
-                                 status_details=None).id
+    return file_rows.create_file(session, tenant_id=LOCAL_TENANT, filename=file.name, purpose="fine-tune",
+                                 size=staged.size, sha256=staged.sha256, report=report.model_dump(mode="json"),
+                                 status=file_rows.PROCESSED, status_details=None).id
+
+
+def _sha256(file: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local_store(settings):
+    """The artifact folder as the server opens it: sealing the local tenant's files under its key from
+    TUNEFORGE_KEYS_DIR unless TUNEFORGE_ENCRYPT_AT_REST=false."""
+    from tuneforge.registry.artifacts import LocalArtifactStore
+
+    try:
+        return LocalArtifactStore.from_settings(settings)
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
 
 
 def _run_here(args: argparse.Namespace, spec) -> int:
     from tuneforge.db import sweeps as sweep_rows
     from tuneforge.db import tenants as tenant_rows
-    from tuneforge.registry.artifacts import LocalArtifactStore
     from tuneforge.scheduler.executors import build_executor
     from tuneforge.scheduler.sweeps import SweepDriver
     from tuneforge.scheduler.worker import Worker
@@ -145,7 +176,7 @@ def _run_here(args: argparse.Namespace, spec) -> int:
             raise _user_error(f"no local sweep {args.resume!r} (tuneforge sweep show lists none by that id)")
         sweep_id = sweep.id
     else:
-        store = LocalArtifactStore(settings.artifacts_dir)
+        store = _local_store(settings)
         with db.session() as session:
             tenant_rows.ensure_tenant(session, tenant_id=LOCAL_TENANT)
             base = spec.base.model_copy(deep=True)

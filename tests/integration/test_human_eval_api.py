@@ -55,6 +55,25 @@ def with_report(server: ServerProcess, job_id: str) -> None:
                                                              fine_tuned=FINE_TUNED[i]) for i in range(6)]))
 
 
+def stored_text(server: ServerProcess, job_id: str, name: str) -> str:
+    """DIR/human_eval/NAME as the server reads it: decrypted with the job's key when sealed."""
+    from tuneforge.db.session import Database
+    from tuneforge.registry.storage import job_files
+    from tuneforge.registry.storage.keys import FolderKeyProvider
+
+    path = server.home / "jobs" / job_id / "human_eval" / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    db = Database(server.env["TUNEFORGE_DATABASE_URL"])
+    try:
+        with db.read_session() as session:
+            key = job_files.job_key(session, FolderKeyProvider(server.home / "keys"), tenant_id="tenant-a",
+                                    job_id=job_id)
+    finally:
+        db.dispose()
+    return job_files.unseal_bytes(key, f"human_eval/{name}", job_files.sealed_path(path)).decode("utf-8")
+
+
 def verdict_for_fine_tuned(row: dict) -> str:
     assert {row["left"], row["right"]} == {FINE_TUNED[int(row["prompt"].split()[-1])],
                                            BASE[int(row["prompt"].split()[-1])]}
@@ -117,8 +136,9 @@ def test_export_judge_report_round_trip_keeps_the_key_on_the_server(server):
 
     status = a.get(f"/v1/fine_tuning/jobs/{job_id}/human_eval").json()
     assert (status["judgements"], status["uploads"], status["annotators"]) == (12, 2, ["ann1", "ann2"])
-    # The key is on the server, and no answer ever showed which side a model was on.
-    key = json.loads((server.home / "jobs" / job_id / "human_eval" / "key.json").read_text())
+    # The key is on the server (sealed at rest: the server's default), and no answer ever showed which side a
+    # model was on.
+    key = json.loads(stored_text(server, job_id, "key.json"))
     assert set(key["key"]["rows"]) == {r["row_id"] for r in rows}
     for text in (created.text, exported.text, uploaded.text, json.dumps(status)):
         assert '"item"' not in text and not any(row_id in text for row_id in key["key"]["rows"] if text != exported.text)

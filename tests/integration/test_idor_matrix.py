@@ -47,6 +47,13 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/registry/models/{name}/versions/{version}/tags/{key}": ("registry_name", "version", "tag"),
     "/v1/registry/models/{name}/aliases": ("registry_name",),
     "/v1/registry/models/{name}/aliases/{alias}": ("registry_name", "alias"),
+    "/v1/registry/datasets/{name}": ("dataset_name",),
+    "/v1/registry/datasets/{name}/versions": ("dataset_name",),
+    "/v1/registry/datasets/{name}/versions/{version}": ("dataset_name", "dataset_version"),
+    "/v1/registry/datasets/{name}/versions/{version}/tags": ("dataset_name", "dataset_version"),
+    "/v1/registry/datasets/{name}/versions/{version}/tags/{key}": ("dataset_name", "dataset_version", "dataset_tag"),
+    "/v1/registry/datasets/{name}/aliases": ("dataset_name",),
+    "/v1/registry/datasets/{name}/aliases/{alias}": ("dataset_name", "dataset_alias"),
     "/v1/evals/{eval_id}": ("eval",),
     "/v1/evals/{eval_id}/runs": ("eval",),
     "/v1/evals/{eval_id}/runs/{run_id}": ("eval", "run"),
@@ -85,6 +92,10 @@ BODIES = {
     ("PUT", "/v1/tuneforge/tenants/{tenant_id}/limits"): {"max_gpus": 1},
     ("PUT", "/v1/registry/models/{name}/aliases"): {"alias": "idor", "version": "v1"},
     ("POST", "/v1/registry/models/{name}/versions/{version}/tags"): {"key": "idor", "value": "v"},
+    # Registering names a new version of the caller's own name: a missing file makes both answers 404 alike.
+    ("POST", "/v1/registry/datasets/{name}/versions"): {"file_id": "file-000000000000000000000000"},
+    ("PUT", "/v1/registry/datasets/{name}/aliases"): {"alias": "idor", "version": "v1"},
+    ("POST", "/v1/registry/datasets/{name}/versions/{version}/tags"): {"key": "idor", "value": "v"},
     ("POST", "/v1/uploads/{upload_id}/complete"): {"part_ids": ["part_000000000000000000000000"]},
     ("PUT", "/v1/tuneforge/tenants/{tenant_id}/budget"): {"monthly_cost_usd": 10},
     ("POST", "/v1/models/{model_id}/exports"): {},
@@ -92,7 +103,8 @@ BODIES = {
 MISSING = {"file": "file-000000000000000000000000", "job": "ftjob-000000000000000000000000",
            "model": "ft:tiny-llama:nobody::missing", "eval": "eval_000000000000000000000000",
            "registry_name": "no-such-model", "version": "mv_000000000000000000000000", "alias": "no-such-alias",
-           "tag": "no-such-tag",
+           "tag": "no-such-tag", "dataset_name": "no-such-dataset", "dataset_version": "dsv_000000000000000000000000",
+           "dataset_alias": "no-such-dataset-alias", "dataset_tag": "no-such-dataset-tag",
            "run": "evalrun_000000000000000000000000", "output_item": "outputitem_000000000000000000000000",
            "tenant": "no-such-tenant", "key": "key_000000000000000000000000",
            "sweep": "sweep_000000000000000000000000",
@@ -136,7 +148,15 @@ def objects_of(server: ServerProcess, tenant: str) -> dict[str, str]:
     assert run.status_code == 200, run.text
     ids = {"file": file["id"], "job": job.json()["id"], "eval": evaluation.json()["id"], "run": run.json()["id"],
            "model": f"ft:tiny-llama:{tenant}::idor", "tenant": tenant,
-           "registry_name": f"bot-{tenant}", "alias": f"prod-{tenant}", "tag": f"tag-{tenant}"}
+           "registry_name": f"bot-{tenant}", "alias": f"prod-{tenant}", "tag": f"tag-{tenant}",
+           "dataset_name": f"data-{tenant}", "dataset_alias": f"clean-{tenant}", "dataset_tag": f"dtag-{tenant}"}
+    dataset = http.post(f"/v1/registry/datasets/{ids['dataset_name']}/versions", json={"file_id": file["id"]})
+    assert dataset.status_code == 201, dataset.text  # a dataset version of the file, with an alias and a tag
+    ids["dataset_version"] = dataset.json()["id"]
+    assert http.put(f"/v1/registry/datasets/{ids['dataset_name']}/aliases",
+                    json={"alias": ids["dataset_alias"], "version": "v1"}).status_code == 200
+    assert http.post(f"/v1/registry/datasets/{ids['dataset_name']}/versions/v1/tags",
+                     json={"key": ids["dataset_tag"], "value": "v"}).status_code == 200
     db = Database(server.env["TUNEFORGE_DATABASE_URL"])
     with db.session() as session:
         model_rows.create_model(session, model_id=ids["model"], tenant_id=tenant, job_id=ids["job"],
@@ -251,7 +271,7 @@ def test_every_path_id_of_another_tenant_answers_like_a_missing_one_and_lists_ne
 
     # No read of A's shows B's ids: every GET list, every GET of A's own objects, lists paged from B's ids.
     leaks = [theirs[k] for k in ("file", "job", "model", "eval", "run", "output_item", "sweep", "registry_name",
-                                 "version", "export")]
+                                 "version", "export", "dataset_name", "dataset_version")]
     reads = []
     for path, ops in spec["paths"].items():
         if "get" not in ops:

@@ -135,6 +135,10 @@ def test_a_worker_without_the_api_disk_trains_from_and_publishes_to_s3(s3_server
 
     from tuneforge.db.session import Database
     from tuneforge.registry.artifacts import LocalArtifactStore
+    from sqlalchemy import func, select
+
+    from tuneforge.db.tables import ObjectLink
+    from tuneforge.registry.storage import job_files
     from tuneforge.registry.storage.jobs import fetch_outputs
     from tuneforge.registry.storage.keys import FolderKeyProvider
     from tuneforge.registry.storage.tenant_store import TenantStore
@@ -193,11 +197,17 @@ def test_a_worker_without_the_api_disk_trains_from_and_publishes_to_s3(s3_server
     store = TenantStore(db, S3Store(bucket, "tf", endpoint_url=s3_server.endpoint_url),
                         keys=FolderKeyProvider(tmp_path / "keys"), scratch=LocalArtifactStore(tmp_path / "scratch"))
     published = fetch_outputs(store, tenant_id="tenant-a", job_id=job["id"], dest=tmp_path / "fetched")
-    db.dispose()
     assert "adapter/adapter_model.safetensors" in published and "evaluation.json" in published
-    for name in published:
-        assert (tmp_path / "fetched" / name).read_bytes() == (job_dir / name).read_bytes()
-    assert len(stored) == len(published) + 1  # the outputs and the dataset
+    keys = FolderKeyProvider(tmp_path / "keys")
+    with db.read_session() as session:  # the worker's own copies are sealed at rest since the job succeeded
+        for name in published:
+            assert (tmp_path / "fetched" / name).read_bytes() == job_files.read_job_file(
+                session, keys, tenant_id="tenant-a", job_id=job["id"], job_dir=job_dir, relative=name)
+        checkpoints = session.scalar(select(func.count()).select_from(ObjectLink).where(
+            ObjectLink.owner == job["id"], ObjectLink.kind == "checkpoint"))
+    db.dispose()
+    assert checkpoints >= 1  # the kept checkpoint's weights, to train from elsewhere
+    assert len(stored) == len(published) + checkpoints + 1  # the outputs, the kept checkpoint and the dataset
 
 
 def test_a_dataset_registered_from_s3_is_used_where_it_lies(s3_server, tmp_path):

@@ -21,6 +21,7 @@ from tuneforge.api.routers import uploads as upload_routes
 from tuneforge.api.routers import usage as usage_routes
 from tuneforge.api.routers import evaluation as evaluation_routes
 from tuneforge.api.routers import registry as registry_routes
+from tuneforge.api.routers import datasets as dataset_routes
 from tuneforge.api.routers import sweeps as sweep_routes
 from tuneforge.api.routers import exports as export_routes
 from tuneforge.api.routers import inference as inference_routes
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None) 
     app.include_router(usage_routes.router)  # cost: usage, prices, budgets
     app.include_router(evaluation_routes.router)  # a job's evaluation report and human eval
     app.include_router(registry_routes.router)  # model names, versions, lineage, aliases, tags
+    app.include_router(dataset_routes.router)  # dataset names, versions (uploaded files), aliases, tags
     app.include_router(sweep_routes.router)  # hyperparameter sweeps (scheduler/sweeps.py)
     app.include_router(export_routes.router)  # exports of fine-tuned models, as export jobs
     app.include_router(inference_routes.router)  # chat / completions from the tenant's models (the playground)

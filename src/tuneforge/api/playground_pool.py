@@ -165,7 +165,8 @@ def _check_chain_readable(store: LocalArtifactStore, db, source: ModelSource | N
     while source is not None:
         if source.tenant_id is not None:
             with db.read_session() as session:
-                check_readable(store, file_contents(session, store, source.manifest, tenant_id=source.tenant_id))
+                check_readable(store, file_contents(session, store, source.manifest, tenant_id=source.tenant_id,
+                                                    holder=source.job_id))
         source = source.base
 
 

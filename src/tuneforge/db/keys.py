@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
@@ -47,6 +49,16 @@ def drop_object(session: Session, *, obj: StoredObject) -> None:
     session.flush()
 
 
+def set_aside_object(session: Session, *, obj: StoredObject) -> None:
+    """Take an object whose tenant key was shredded off its content's address, links and all: the same
+    content stored again becomes a new object under the new key, and what linked the old one (owners that
+    had it when the key was shredded) keeps pointing at ciphertext nobody can open, never at the new bytes.
+    Its new address is a digest of its own id, which no content's address can be (a tenant_address is a digest
+    of a tenant and a content digest); the collector removes it once nothing links to it."""
+    obj.address = hashlib.sha256(f"tuneforge-shredded-object\x00{obj.id}".encode()).hexdigest()
+    session.flush()
+
+
 def find_object(session: Session, *, tenant_id: str, address: str) -> StoredObject | None:
     return session.scalar(select(StoredObject).where(StoredObject.tenant_id == tenant_id, StoredObject.address == address))
 
@@ -60,11 +72,14 @@ def add_object(session: Session, *, object_id: str, tenant_id: str, address: str
     return row
 
 
-def objects_wrapped_under_older(session: Session, *, tenant_id: str, version: int, limit: int = 500) -> list[StoredObject]:
-    """The tenant's encrypted objects whose data key is still wrapped under a version before `version`."""
-    return list(session.scalars(select(StoredObject).where(
-        StoredObject.tenant_id == tenant_id, StoredObject.encrypted.is_(True), StoredObject.key_version < version)
-        .order_by(StoredObject.seq).limit(limit)))
+def objects_wrapped_under_older(session: Session, *, tenant_id: str, version: int, among: list[int] | None = None,
+                                limit: int = 500) -> list[StoredObject]:
+    """The tenant's encrypted objects whose data key is still wrapped under a version before `version` (of
+    `among` when given: the versions that still exist; one shredded stays as it is)."""
+    scope = [StoredObject.tenant_id == tenant_id, StoredObject.encrypted.is_(True), StoredObject.key_version < version]
+    if among is not None:
+        scope.append(StoredObject.key_version.in_(among))
+    return list(session.scalars(select(StoredObject).where(*scope).order_by(StoredObject.seq).limit(limit)))
 
 
 def rewrap_object(session: Session, *, object_id: str, old_version: int, version: int, wrapped_key: str) -> bool:

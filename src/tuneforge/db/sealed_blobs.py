@@ -1,8 +1,9 @@
 """Data access for the sealed artifact folder: one row per tenant and content with its wrapped data key,
 and the references that keep a blob (sealed, or a plaintext one of an install from before sealing): a tenant's
 files and upload parts, and the model registry's files (a version's, an export's: registry_blobs rows whose
-owner is the tenant's); and the wrapped data key of each job directory sealed at rest
-(registry/storage/job_files.py)."""
+owner is the tenant's); the holders buried when a blob's key was shredded (shredded_holders: who had the bytes
+then, so the same bytes sealed again never open for them); and the wrapped data key of each job directory sealed
+at rest (registry/storage/job_files.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from tuneforge.db.identifiers import now
-from tuneforge.db.tables import (File, Job, ModelExport, ModelVersion, RegistryBlob, SealedBlob, SealedJobKey, Sweep,
-                                 Upload, UploadPart)
+from tuneforge.db.tables import (File, Job, ModelExport, ModelVersion, RegistryBlob, SealedBlob, SealedJobKey,
+                                 ShreddedHolder, Sweep, Upload, UploadPart)
 from tuneforge.db.uploads import PENDING as PENDING_UPLOAD
 from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING
 
@@ -40,14 +41,24 @@ def touch_blob(session: Session, *, blob_id: str) -> bool:
 
 
 def drop_blob(session: Session, *, blob_id: str) -> None:
-    session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id).execution_options(synchronize_session=False))
+    # "evaluate": the dropped row leaves this session too (SQLite may hand its seq to the row that replaces it).
+    session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id)
+                    .execution_options(synchronize_session="evaluate"))
 
 
 def drop_if_untouched(session: Session, *, blob_id: str, cutoff: int) -> bool:
     """Forget the blob unless somebody committed it at or after cutoff; True when forgotten. One guarded
-    DELETE: a concurrent commit either touched it first (kept) or finds it gone (stores its own copy)."""
-    return session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id, SealedBlob.touched_at < cutoff)
-                           .execution_options(synchronize_session=False)).rowcount == 1
+    DELETE: a concurrent commit either touched it first (kept) or finds it gone (stores its own copy).
+    The holders buried for these bytes go with it: the collector drops a blob only once no holder of them
+    can read it any more (sealed_blob_referenced counts buried holders too), so none is left to keep out."""
+    found = session.execute(select(SealedBlob.tenant_id, SealedBlob.sha256).where(SealedBlob.id == blob_id)).first()
+    dropped = session.execute(delete(SealedBlob).where(SealedBlob.id == blob_id, SealedBlob.touched_at < cutoff)
+                              .execution_options(synchronize_session=False)).rowcount == 1
+    if dropped and found is not None:
+        session.execute(delete(ShreddedHolder).where(ShreddedHolder.tenant_id == found.tenant_id,
+                                                     ShreddedHolder.sha256 == found.sha256)
+                        .execution_options(synchronize_session=False))
+    return dropped
 
 
 def blobs_untouched_since(session: Session, *, cutoff: int, after_seq: int = 0, limit: int = 500) -> list[SealedBlob]:
@@ -59,16 +70,75 @@ def known_blob_ids(session: Session, *, blob_ids: list[str]) -> set[str]:
     return set(session.scalars(select(SealedBlob.id).where(SealedBlob.id.in_(blob_ids)))) if blob_ids else set()
 
 
-def blobs_wrapped_under_older(session: Session, *, tenant_id: str, version: int, limit: int = 500) -> list[SealedBlob]:
-    return list(session.scalars(select(SealedBlob).where(SealedBlob.tenant_id == tenant_id,
-                                                         SealedBlob.key_version < version)
-                                .order_by(SealedBlob.seq).limit(limit)))
+def blobs_wrapped_under_older(session: Session, *, tenant_id: str, version: int, among: list[int] | None = None,
+                              limit: int = 500) -> list[SealedBlob]:
+    """As db/keys.py objects_wrapped_under_older, for sealed blobs."""
+    scope = [SealedBlob.tenant_id == tenant_id, SealedBlob.key_version < version]
+    if among is not None:
+        scope.append(SealedBlob.key_version.in_(among))
+    return list(session.scalars(select(SealedBlob).where(*scope).order_by(SealedBlob.seq).limit(limit)))
 
 
 def rewrap_blob(session: Session, *, blob_id: str, old_version: int, version: int, wrapped_key: str) -> bool:
     return session.execute(update(SealedBlob).where(SealedBlob.id == blob_id, SealedBlob.key_version == old_version)
                            .values(key_version=version, wrapped_key=wrapped_key)
                            .execution_options(synchronize_session=False)).rowcount == 1
+
+
+# ---- crypto-shredding made permanent ---------------------------------------------------------------
+#
+# A holder of a tenant's bytes is what a reader asks for them as: a file id, an upload part id, or the id of
+# the job whose registered files a model version or an export lists (registry_blobs). When bytes whose blob
+# was wrapped under a shredded key are sealed again under a new key (registry/artifacts.py _commit_sealed),
+# every holder they had until then is buried first: those stay unreadable for good, new holders read the
+# new blob. No clock is compared: who is buried is decided in the transaction that replaces the blob, under
+# the tenant's lock, before the new holder's row exists ("the blob before the row", in every writer).
+
+
+def holders_of(session: Session, *, tenant_id: str, sha256: str) -> set[str]:
+    """Every holder the tenant has of these bytes: its file rows (deleted ones too), its uploads' parts, and
+    the jobs of its versions and exports that list them."""
+    files = select(File.id).where(File.tenant_id == tenant_id, File.sha256 == sha256)
+    parts = select(UploadPart.id).where(UploadPart.sha256 == sha256, UploadPart.upload_id == Upload.id,
+                                        Upload.tenant_id == tenant_id)
+    owners = select(RegistryBlob.owner).where(RegistryBlob.sha256 == sha256)
+    versions = select(ModelVersion.job_id).where(ModelVersion.tenant_id == tenant_id, ModelVersion.id.in_(owners),
+                                                 ModelVersion.job_id.is_not(None))
+    exports = select(ModelExport.job_id).where(ModelExport.tenant_id == tenant_id, ModelExport.id.in_(owners))
+    return {holder for query in (files, parts, versions, exports) for holder in session.scalars(query)}
+
+
+def bury_holders(session: Session, *, blob: SealedBlob) -> int:
+    """Record every present holder of a blob whose tenant key was shredded (before it is replaced); those
+    recorded by an earlier shredding of the same bytes stay. Returns how many were added."""
+    holders = holders_of(session, tenant_id=blob.tenant_id, sha256=blob.sha256)
+    known = set(session.scalars(select(ShreddedHolder.holder).where(ShreddedHolder.tenant_id == blob.tenant_id,
+                                                                    ShreddedHolder.sha256 == blob.sha256)))
+    at = now()
+    for holder in sorted(holders - known):
+        session.add(ShreddedHolder(tenant_id=blob.tenant_id, sha256=blob.sha256, holder=holder, blob_id=blob.id,
+                                   key_version=blob.key_version, created_at=at))
+    session.flush()
+    return len(holders - known)
+
+
+def buried_holder(session: Session, *, tenant_id: str, sha256: str, holder: str | None) -> ShreddedHolder | None:
+    """The burial that keeps this holder out of the tenant's bytes; with no holder named, any burial of these
+    bytes (a reader that cannot say whose bytes it wants is refused whenever one exists: never a shredded
+    holder let in)."""
+    query = select(ShreddedHolder).where(ShreddedHolder.tenant_id == tenant_id, ShreddedHolder.sha256 == sha256)
+    if holder is not None:
+        query = query.where(ShreddedHolder.holder == holder)
+    return session.scalar(query.order_by(ShreddedHolder.seq).limit(1))
+
+
+def sole_version_job(session: Session, *, tenant_id: str, manifest_sha256: str) -> str | None:
+    """The job of the tenant's only version with this manifest (None: none, several, or one with no job): the
+    holder of a version's files for a reader that has only its manifest."""
+    jobs = list(session.scalars(select(ModelVersion.job_id).where(ModelVersion.tenant_id == tenant_id,
+                                                                  ModelVersion.manifest_sha256 == manifest_sha256)
+                                .limit(2)))
+    return jobs[0] if len(jobs) == 1 else None
 
 
 def _files_keeping(sha256: str, deleted_after: int, active_statuses: tuple[str, ...], tenant_id: str | None):
@@ -195,11 +265,13 @@ def add_job_key(session: Session, *, job_id: str, tenant_id: str, key_version: i
     return row
 
 
-def job_keys_wrapped_under_older(session: Session, *, tenant_id: str, version: int,
+def job_keys_wrapped_under_older(session: Session, *, tenant_id: str, version: int, among: list[int] | None = None,
                                  limit: int = 500) -> list[SealedJobKey]:
-    return list(session.scalars(select(SealedJobKey).where(SealedJobKey.tenant_id == tenant_id,
-                                                           SealedJobKey.key_version < version)
-                                .order_by(SealedJobKey.job_id).limit(limit)))
+    """As db/keys.py objects_wrapped_under_older, for job directories' data keys."""
+    scope = [SealedJobKey.tenant_id == tenant_id, SealedJobKey.key_version < version]
+    if among is not None:
+        scope.append(SealedJobKey.key_version.in_(among))
+    return list(session.scalars(select(SealedJobKey).where(*scope).order_by(SealedJobKey.job_id).limit(limit)))
 
 
 def rewrap_job_key(session: Session, *, job_id: str, old_version: int, version: int, wrapped_key: str) -> bool:

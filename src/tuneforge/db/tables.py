@@ -550,3 +550,82 @@ class SealedJobKey(Base):
     wrapped_key: Mapped[str] = mapped_column(String(120))
     created_at: Mapped[int] = mapped_column(BigInteger)
     __table_args__ = (Index("ix_sealed_job_keys_tenant_key", "tenant_id", "key_version"),)
+
+
+class ShreddedHolder(Base):
+    """Crypto-shredding made permanent (issue 15; migration 0016): a holder of a tenant's bytes (a file id, an upload
+    part id, or the job id whose registered files a model version or an export lists) that had them when the sealed
+    blob was wrapped under a key since shredded. Written when the same bytes are sealed again under a new key
+    (registry/artifacts.py): the new blob opens for new holders only, never for these. blob_id and key_version are
+    the shredded blob's; the rows go with the tenant's sealed blob of these bytes (the collector's)."""
+
+    __tablename__ = "shredded_holders"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(63))
+    sha256: Mapped[str] = mapped_column(String(64))
+    holder: Mapped[str] = mapped_column(String(64))
+    blob_id: Mapped[str] = mapped_column(String(40))
+    key_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256", "holder", name="uq_shredded_holders_tenant_sha256_holder"),)
+
+
+# ---- the dataset registry: named versions of uploaded files (issue 13; migration 0017) ----
+
+
+class DatasetVersion(Base):
+    """One immutable version of a tenant's dataset name: an uploaded file (the bytes stay the file's) with
+    the digest, size and report facts it had when registered, and the version it was derived from."""
+
+    __tablename__ = "dataset_versions"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str | None] = mapped_column(String(32))  # the dataset report's: chat, instruction, ...
+    examples: Mapped[int] = mapped_column(Integer)
+    source_version_id: Mapped[str | None] = mapped_column(ForeignKey("dataset_versions.id"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version", name="uq_dataset_versions_tenant_name_version"),
+                      Index("ix_dataset_versions_tenant_file", "tenant_id", "file_id"))
+
+
+class DatasetAlias(Base):
+    """A movable name (latest-clean, eval, production...) for one version of a dataset name."""
+
+    __tablename__ = "dataset_aliases"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    alias: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(ForeignKey("dataset_versions.id"))
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "alias", name="uq_dataset_aliases_tenant_name_alias"),)
+
+
+class DatasetTag(Base):
+    __tablename__ = "dataset_tags"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(512))
+    __table_args__ = (UniqueConstraint("version_id", "key", name="uq_dataset_tags_version_key"),)
+
+
+class JobDataset(Base):
+    """The dataset version a job named for its training or validation file (dataset:NAME@vN or NAME:ALIAS),
+    as resolved at submission: what the lineage of its model records, whatever the alias names later."""
+
+    __tablename__ = "job_datasets"
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    role: Mapped[str] = mapped_column(String(16))  # training | validation
+    version_id: Mapped[str] = mapped_column(ForeignKey("dataset_versions.id"))
+    __table_args__ = (UniqueConstraint("job_id", "role", name="uq_job_datasets_job_role"),)

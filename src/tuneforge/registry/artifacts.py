@@ -87,6 +87,7 @@ class Content:
     blob_id: str | None = None
     key_version: int | None = None
     wrapped_key: str | None = None
+    shredded: bool = False  # a holder's bytes sealed under a key since shredded: never readable again
 
     @property
     def sealed(self) -> bool:
@@ -291,6 +292,8 @@ class LocalArtifactStore:
             path = self.sealed_path(found.tenant_id, found.id)
             if self._opens(found) and path.is_file() and blob_rows.touch_blob(session, blob_id=found.id):
                 return path  # stored once per tenant: ours is discarded with the staging folder
+            if not self._opens(found):  # whoever had these bytes until now stays out of ours for good (find_content)
+                blob_rows.bury_holders(session, blob=found)
             blob_rows.drop_blob(session, blob_id=found.id)  # its file is gone, or its key was shredded: ours replaces it
             path.unlink(missing_ok=True)
         version = version_for_writing(session, self.keys, sealing.tenant_id)
@@ -308,13 +311,24 @@ class LocalArtifactStore:
         """Whether the tenant key version that wrapped a sealed blob's data key still exists."""
         return self.keys is not None and row.key_version in self.keys.versions(row.tenant_id)
 
-    def find_content(self, session: Session, *, tenant_id: str, sha256: str) -> Content | None:
-        """Where the tenant's bytes with this digest are: its sealed blob, else a plaintext blob (an upload
-        from before sealing, or with sealing off); None when neither is recorded here. The row decides,
-        never the file's first bytes: a sealed blob starts with the envelope's magic (TFE1), but so may a
-        plaintext upload."""
+    def find_content(self, session: Session, *, tenant_id: str, sha256: str,
+                     holder: str | None = None) -> Content | None:
+        """Where the tenant's bytes with this digest are for holder (the file id, upload part id, or the id of
+        the job whose registered files a version or an export lists, that asks for them): its sealed blob, else
+        a plaintext blob (an upload from before sealing, or with sealing off); None when neither is recorded here.
+        The row decides, never the file's first bytes: a sealed blob starts with the envelope's magic (TFE1), but
+        so may a plaintext upload.
+
+        Crypto-shredding is for good: a holder that had the bytes when their key was shredded gets them as
+        shredded (open_content raises KeyUnavailable) even once the same bytes are sealed again under a new key;
+        only holders that came after read the new blob. A reader that names no holder gets them as shredded
+        whenever any holder of these bytes was shredded (db/sealed_blobs.py buried_holder)."""
         from tuneforge.db import sealed_blobs as blob_rows
 
+        buried = blob_rows.buried_holder(session, tenant_id=tenant_id, sha256=sha256, holder=holder)
+        if buried is not None:
+            return Content(tenant_id=tenant_id, sha256=sha256, path=self.sealed_path(tenant_id, buried.blob_id),
+                           blob_id=buried.blob_id, key_version=buried.key_version, shredded=True)
         row = blob_rows.find_blob(session, tenant_id=tenant_id, sha256=sha256)
         if row is not None:
             return Content(tenant_id=tenant_id, sha256=sha256, path=self.sealed_path(tenant_id, row.id), blob_id=row.id,
@@ -327,6 +341,11 @@ class LocalArtifactStore:
         """The plaintext, read as a stream: decrypted chunk by chunk (each authenticated before its bytes are
         returned; memory bounded by two 1 MiB chunks) for a sealed blob. Raises ContentMissing,
         KeyUnavailable (the tenant key was destroyed: crypto-shredded) or DecryptionFailed (tampered)."""
+        if content.shredded:  # before the path: the shredded blob's file may be gone, its key is
+            from tuneforge.registry.storage.keys import KeyUnavailable
+
+            raise KeyUnavailable(f"tenant {content.tenant_id}'s key version {content.key_version} that sealed the "
+                                 f"content {content.sha256[:12]} was destroyed (crypto-shredded)")
         try:
             source = open(content.path, "rb")
         except FileNotFoundError:

@@ -3,15 +3,19 @@
 A checkpoint holds only the trained weights (engine/weights.py save_trainable) with the optimizer state, so the
 model a job trains from is assembled: the files of the version the checkpoint's job made (the adapter's config
 and tokenizer, or the full model's config), with the checkpoint's weights in place of the final ones. It lives in
-the job directory of the machine that trained it (checkpoints are not published to the object store), sealed at
-rest there when encryption at rest is on.
+the job directory of the machine that trained it, sealed at rest there when encryption at rest is on; with an
+object store, the kept ones are published to it too and staged by a worker elsewhere (registry/storage/jobs.py). A checkpoint saved in parts (FSDP's shards, DeepSpeed's ZeRO partitions)
+is consolidated into the weights a single-process one holds (registry/consolidate.py, in a process of its own).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tuneforge.db.tables import JobCheckpoint
+from tuneforge.registry.consolidate import REFUSED, saved_in_parts
 from tuneforge.registry.versions import COMPLETE
 
 CHECKPOINT_ID = re.compile(r"^(ft:.+):ckpt-step-([0-9]{1,9})$")
@@ -66,12 +71,14 @@ def _final_weights(relative: str, kind: str) -> bool:
 
 def assemble_checkpoint(version_dir: Path, weights_dir: Path, root: Path, *, kind: str, step: int, label: str) -> Path:
     """root/<version folder>-ckpt-step-N: the version's materialized files (with the base an adapter applies to)
-    and the checkpoint's weights in place of the final ones; written once, renamed into place when complete."""
+    and the checkpoint's weights in place of the final ones (consolidated first when they were saved in parts);
+    written once, renamed into place when complete."""
     name = WEIGHTS[kind]
     weights = weights_dir / name
-    if not weights.is_file():
-        raise CheckpointUnavailable(f"{label} holds no {name} (it was saved sharded, by FSDP or DeepSpeed, or by a "
-                                    "recipe whose weights are in parts): train from the model itself")
+    in_parts = None if weights.is_file() else saved_in_parts(weights_dir)
+    if not weights.is_file() and in_parts is None:
+        raise CheckpointUnavailable(f"{label} holds no {name}, nor FSDP shards or DeepSpeed partitions of it: "
+                                    "train from the model itself")
     final = root / f"{version_dir.name}-ckpt-step-{step}"
     if (final / COMPLETE).is_file():
         return final
@@ -83,7 +90,10 @@ def assemble_checkpoint(version_dir: Path, weights_dir: Path, root: Path, *, kin
             if path.is_file() and relative != COMPLETE and not _final_weights(relative, kind):
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, staging / relative)
-        shutil.copyfile(weights, staging / name)
+        if in_parts is None:
+            shutil.copyfile(weights, staging / name)
+        else:
+            _consolidate(weights_dir, version_dir, kind=kind, out=staging / name, label=f"{label} ({in_parts})")
         (staging / COMPLETE).write_text(label)
         try:
             os.rename(staging, final)
@@ -93,3 +103,21 @@ def assemble_checkpoint(version_dir: Path, weights_dir: Path, root: Path, *, kin
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _consolidate(checkpoint: Path, version_dir: Path, *, kind: str, out: Path, label: str) -> None:
+    """registry/consolidate.py in a process of its own (it reads the shards with torch, which this process never
+    imports); a refusal or a failure becomes CheckpointUnavailable, without the worker's paths."""
+    import tuneforge
+
+    source = str(Path(tuneforge.__file__).resolve().parents[1])  # this tuneforge, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "tuneforge.registry.consolidate", str(checkpoint), str(version_dir),
+                           kind, str(out)], env=env, capture_output=True, text=True)
+    if done.returncode == 0 and out.is_file():
+        return
+    lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit status {done.returncode}"]
+    if done.returncode == REFUSED and lines[-1].startswith('{"refused"'):
+        raise CheckpointUnavailable(f"{label} cannot be trained from: {json.loads(lines[-1])['refused']}")
+    reason = lines[-1].replace(str(checkpoint), "<checkpoint>").replace(str(version_dir), "<version>")
+    raise CheckpointUnavailable(f"{label} could not be consolidated: {reason}")

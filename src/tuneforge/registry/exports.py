@@ -142,7 +142,7 @@ def export_artifact(session: Session, store: LocalArtifactStore, *, export: Mode
     recorded = next((row for row in rows if row["path"] == LINEAGE_PATH), None)
     if recorded is None:
         return None
-    content = store.find_content(session, tenant_id=export.tenant_id, sha256=recorded["sha256"])
+    content = store.find_content(session, tenant_id=export.tenant_id, sha256=recorded["sha256"], holder=export.job_id)
     try:
         if content is None:
             raise FileNotFoundError(recorded["sha256"])

@@ -1,9 +1,9 @@
 """A version's lineage: everything that made it, read once from the job row and the job directory when the
 job succeeds, so a result can be traced and reproduced after the job directory is gone.
 
-Base model (and the version it resolved to), dataset files with their SHA-256, the resolved JobSpec, the
-job id, the summary's metrics and the evaluation report's headline rows, tenant, time, the library
-versions the recipe recorded (environment.json), the seed and the chat template's hash.
+Base model (and the version it resolved to), dataset files with their SHA-256 (and dataset version), the
+resolved JobSpec, the job id, the summary's metrics and the evaluation report's headline rows, tenant, time,
+the library versions the recipe recorded (environment.json), the seed and the chat template's hash.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tuneforge.db import model_versions as version_rows
 from tuneforge.db.identifiers import now
 from tuneforge.db.tables import Job
 from tuneforge.registry.checkpoints import parse_checkpoint_id
+from tuneforge.registry.dataset_versions import lineage_dataset
 from tuneforge.spec.job import BUILTIN_BASE_MODELS
 from tuneforge.spec.jobdir import ENVIRONMENT_FILE, read_report, read_resolved_spec, read_summary
 
@@ -115,8 +116,10 @@ def job_lineage(session: Session, *, job: Job, job_dir: Path, output: Path) -> d
     dataset = spec.get("dataset") or {}
     file_ids = [fid for fid in (dataset.get("path"), dataset.get("validation_path")) if fid]
     rows = file_rows.files_by_id(session, file_ids=file_ids)
+    # A file registered as a dataset version when the job was created names that version too (issue 13).
     datasets = [{"role": role, "file_id": fid, "filename": rows[fid].filename if fid in rows else None,
-                 "sha256": rows[fid].sha256 if fid in rows else None, "bytes": rows[fid].bytes if fid in rows else None}
+                 "sha256": rows[fid].sha256 if fid in rows else None, "bytes": rows[fid].bytes if fid in rows else None,
+                 **lineage_dataset(session, job=job, role=role, file_id=fid)}
                 for role, fid in zip(("training", "validation"), file_ids)]
     training = resolved.get("training") or spec.get("training") or {}
     return {

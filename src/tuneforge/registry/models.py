@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.db import model_versions as version_rows
 from tuneforge.db import models as model_rows
+from tuneforge.db.checkpoint_links import drop_checkpoint_links
 from tuneforge.db.tables import FineTunedModel, Job, JobCheckpoint, ModelVersion
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.checkpoints import (
@@ -177,14 +178,15 @@ def resolve_base_reference(session: Session, *, tenant_id: str, ref: str) -> str
 
 
 def _resolve_checkpoint(session: Session, *, tenant_id: str, ref: str) -> str:
-    """A kept checkpoint of one of the tenant's models, pinned as it is (a kept checkpoint never changes)."""
+    """A kept checkpoint of one of the tenant's models, pinned as it is (a kept checkpoint never changes): a job's
+    base model, or a reward or judge model (registry/named_models.py), another tenant's answering like a missing one."""
     parsed = parse_checkpoint_id(ref)
     model = model_rows.get_model(session, tenant_id=tenant_id, model_id=parsed[0]) if parsed else None
     if model is None:
         raise RegistryError(f"no model with id {ref!r}")
     if version_rows.version_of_model(session, tenant_id=tenant_id, model_id=model.id) is None:
         raise RegistryError(f"{ref}: its model was registered before model versions existed, so the registry holds no "
-                            "files to train its checkpoints from; train from the model itself", status=400,
+                            "files to assemble its checkpoints from; name the model itself", status=400,
                             code="invalid_value")
     if kept_checkpoint(session, job_id=model.job_id, step=parsed[1]) is None:
         raise RegistryError(f"{model.id} has no kept checkpoint at step {parsed[1]} (GET /v1/models lists the kept ones)")
@@ -286,49 +288,75 @@ def _checkpoint_source(session: Session, *, tenant_id: str, model_id: str, step:
 
 
 def materialize_source(store: LocalArtifactStore, source: ModelSource, root: Path, *, db=None,
-                       private_root: Path | None = None) -> str:
+                       private_root: Path | None = None, object_store=None) -> str:
     """What model.base_model becomes in the recipe's spec: a built-in name or a local directory. A tenant's version
     is read from its tenant's blobs (sealed ones decrypted; db looks them up) and, with private_root (encryption at
-    rest: a job's inputs, a playground process's folder), written there rather than into the shared root."""
+    rest: a job's inputs, a playground process's folder), written there rather than into the shared root. A kept
+    checkpoint whose job directory is not on this machine is staged from object_store (a registry.storage
+    TenantStore), when one is configured."""
     if source.as_is is not None:
         return source.as_is
     if source.directory is not None:
         return str(source.directory)
     if source.checkpoint is not None:
-        return str(_materialize_checkpoint(store, source, root, db=db, private_root=private_root))
-    base = (materialize_source(store, source.base, root, db=db, private_root=private_root)
+        return str(_materialize_checkpoint(store, source, root, db=db, private_root=private_root,
+                                           object_store=object_store))
+    base = (materialize_source(store, source.base, root, db=db, private_root=private_root, object_store=object_store)
             if source.base is not None else None)
     contents = None
     if source.tenant_id is not None and db is not None:
         with db.read_session() as session:
-            contents = file_contents(session, store, source.manifest, tenant_id=source.tenant_id)
+            contents = file_contents(session, store, source.manifest, tenant_id=source.tenant_id,
+                                     holder=source.job_id)
     target_root = private_root if source.tenant_id is not None and private_root is not None else root
     return str(materialize(store, source.manifest, target_root, base=base, contents=contents))
 
 
 def _materialize_checkpoint(store: LocalArtifactStore, source: ModelSource, root: Path, *, db,
-                            private_root: Path | None) -> Path:
-    """The version materialized as usual, then beside it the same files with the checkpoint's weights (decrypted,
-    when its job directory is sealed at rest, into a scratch folder removed once they are copied)."""
+                            private_root: Path | None, object_store=None) -> Path:
+    """The version materialized as usual, then beside it the same files with the checkpoint's weights: read from its
+    job directory (decrypted, when it is sealed at rest, into a scratch folder removed once they are copied) or, on
+    a machine without that directory, fetched from the object store into that scratch folder."""
     from tuneforge.registry.storage.job_files import plaintext_folder
 
     checkpoint = source.checkpoint
     version_dir = Path(materialize_source(store, dataclasses.replace(source, checkpoint=None), root, db=db,
-                                          private_root=private_root))
+                                          private_root=private_root, object_store=object_store))
     label = f"checkpoint step {checkpoint.step} of job {source.job_id}"
-    if not (checkpoint.job_dir / checkpoint.path).is_dir():
-        raise CheckpointUnavailable(f"{label} is not on this worker: checkpoints stay in the job directory of the "
-                                    "machine that trained them (run the job there, or share the job root)")
+    here = (checkpoint.job_dir / checkpoint.path).is_dir()
+    if not here and object_store is None:
+        raise CheckpointUnavailable(f"{label} is not on this worker, and no object store is configured to stage it "
+                                    "from (TUNEFORGE_STORE_URL): run the job where it was trained, or share the job root")
     target_root = version_dir.parent
     target_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target_root, prefix=".staging-checkpoint-"))
     try:
-        weights = plaintext_folder(db, store.keys, tenant_id=source.tenant_id, job_id=source.job_id,
-                                   job_dir=checkpoint.job_dir, part=checkpoint.path, dest=scratch / "weights")
+        if here:
+            weights = plaintext_folder(db, store.keys, tenant_id=source.tenant_id, job_id=source.job_id,
+                                       job_dir=checkpoint.job_dir, part=checkpoint.path, dest=scratch / "weights")
+        else:
+            weights = _staged_checkpoint(object_store, source, dest=scratch / "weights", label=label)
         return assemble_checkpoint(version_dir, weights, target_root, kind=source.output, step=checkpoint.step,
                                    label=label)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _staged_checkpoint(object_store, source: ModelSource, *, dest: Path, label: str) -> Path:
+    """The checkpoint's published files from the object store, checked against the manifest its row records."""
+    from tuneforge.registry.storage.jobs import PUBLISHED_FILES, StoreUnavailable, stage_checkpoint
+
+    checkpoint = source.checkpoint
+    with object_store.db.read_session() as session:
+        row = kept_checkpoint(session, job_id=source.job_id, step=checkpoint.step)
+        manifest = (row.metrics or {}).get(PUBLISHED_FILES) if row is not None else None
+    if row is None:
+        raise CheckpointUnavailable(f"{label} is gone: the retention policy or the model's deletion removed it")
+    try:
+        return stage_checkpoint(object_store, tenant_id=source.tenant_id, job_id=source.job_id, path=checkpoint.path,
+                                step=checkpoint.step, manifest=manifest, dest=dest)
+    except StoreUnavailable as exc:
+        raise CheckpointUnavailable(str(exc)) from None
 
 
 # ---- deletion ---------------------------------------------------------------------------------------
@@ -347,7 +375,8 @@ def uses_model(spec: dict[str, Any], model_id: str) -> bool:
 
 def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None:
     """Delete a fine-tuned model and its version, unless an alias or a job not finished yet uses it
-    (RegistryError 409 naming them). Its files go after the commit (remove_model_files)."""
+    (RegistryError 409 naming them). Its files go after the commit (remove_model_files); the object-store links
+    of its kept checkpoints go now."""
     version = version_rows.version_of_model(session, tenant_id=model.tenant_id, model_id=model.id)
     if version is not None:
         blockers = version_rows.deletion_blockers(session, version=version, active_statuses=ACTIVE_STATUSES,
@@ -362,6 +391,8 @@ def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None
     if version is not None:
         version_rows.delete_version(session, version=version)
     model_rows.delete_model(session, model=model)
+    # Its kept checkpoints go with it: their objects in the store are collected once nothing links them.
+    drop_checkpoint_links(session, job_id=model.job_id)
 
 
 # ---- checkpoints, as OpenAI lists them among the models ---------------------------------------------

@@ -77,12 +77,20 @@ def put_stream(store: LocalArtifactStore, stream: BinaryIO, *, session=None,
 
 
 def file_contents(session, store: LocalArtifactStore, manifest: dict[str, Any], *,
-                  tenant_id: str) -> dict[str, Content]:
+                  tenant_id: str, holder: str | None = None) -> dict[str, Content]:
     """Where the tenant's bytes of each file of the manifest are (sha256 -> its sealed blob, or a plaintext blob
-    of an install from before sealing); a file found nowhere is left out (write_files names it)."""
+    of an install from before sealing); a file found nowhere is left out (write_files names it). holder: the job
+    that registered the version (or export): one registered before its tenant's key was shredded gets its files
+    as shredded for good, even once a later job registers the same bytes (LocalArtifactStore.find_content).
+    Without one, the job of the tenant's only version with this manifest; when several versions have it, none
+    is named, and bytes any holder of which was shredded come back shredded."""
+    if holder is None:
+        from tuneforge.db.sealed_blobs import sole_version_job
+
+        holder = sole_version_job(session, tenant_id=tenant_id, manifest_sha256=manifest_digest(manifest))
     found = {}
     for entry in manifest["files"]:
-        content = store.find_content(session, tenant_id=tenant_id, sha256=entry["sha256"])
+        content = store.find_content(session, tenant_id=tenant_id, sha256=entry["sha256"], holder=holder)
         if content is not None:
             found[entry["sha256"]] = content
     return found

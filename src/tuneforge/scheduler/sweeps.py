@@ -26,6 +26,8 @@ from tuneforge.db import sweeps as sweep_rows
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.session import Database, is_sqlite
 from tuneforge.db.tables import Job, Sweep, SweepTrial
+from tuneforge.registry.models import RegistryError, resolve_base_reference
+from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
 from tuneforge.scheduler.loop import run_until_stopped, stop_on_signals
@@ -33,6 +35,7 @@ from tuneforge.scheduler import cost
 from tuneforge.scheduler.submission import QuotaExceeded, budget_problem, check_submission, submit_job
 from tuneforge.settings import Settings
 from tuneforge.spec.api import CANCELLED, FAILED, SUCCEEDED, TERMINAL_STATUSES
+from tuneforge.spec.openai_jobs import REGISTERED_MODEL
 from tuneforge.spec.sweep import SweepSpec
 
 log = logging.getLogger("tuneforge.sweeps")
@@ -315,8 +318,9 @@ class SweepDriver:
             with self.db.read_session() as session:  # priced like an API job: the budgets count its estimate
                 estimate = cost.estimate_job(session, tenant_id=sweep.tenant_id, spec=job_spec, inventories=inventories)
             problem = check_submission(job_spec, inventories).problem or budget_problem(job_spec, estimate)
-            if problem is not None:
-                self._record_failed(study, sweep, trial.number, chosen, problem.message)
+            refused = problem.message if problem is not None else self._unavailable_model(sweep, job_spec)
+            if refused is not None:
+                self._record_failed(study, sweep, trial.number, chosen, refused)
                 continue
             try:
                 with self.db.session() as session:
@@ -334,6 +338,21 @@ class SweepDriver:
             log.info("sweep %s: trial %d is job %s (%s)", sweep.id, trial.number, job.id, chosen)
             submitted += 1
         return submitted
+
+    def _unavailable_model(self, sweep: Sweep, job_spec) -> str | None:
+        """Why a trial's models are not the tenant's now (a checkpoint the retention policy pruned, a model deleted
+        since the sweep was created), resolved as a job request's are at submission; None when they all are. A
+        local sweep's base may be a directory (the CLI's own door): only registered (ft:) ones are looked up."""
+        with self.db.read_session() as session:
+            try:
+                if REGISTERED_MODEL.match(job_spec.model.base_model):
+                    resolve_base_reference(session, tenant_id=sweep.tenant_id, ref=job_spec.model.base_model)
+                check_named_models(session, tenant_id=sweep.tenant_id, spec=job_spec)
+            except NamedModelError as exc:
+                return exc.message
+            except RegistryError as exc:
+                return f"model.base_model: {exc.message}"
+        return None
 
     def _record_failed(self, study, sweep: Sweep, number: int, chosen: dict[str, Any], error: str) -> None:
         import optuna

@@ -130,7 +130,7 @@ class UploadValidator:
         """The file's report from a bounded child process; raises Interrupted when the scheduler stops.
         on_valid(plaintext path), when given, runs on a valid file before its plaintext is removed."""
         with self.db.read_session() as session:
-            content = self.store.find_content(session, tenant_id=file.tenant_id, sha256=file.sha256)
+            content = self.store.find_content(session, tenant_id=file.tenant_id, sha256=file.sha256, holder=file.id)
         if content is None:
             return _content_missing(file)
         folder = self.store.work_folder()

@@ -43,6 +43,7 @@ from tuneforge.launch.outcome import (
 )
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.checkpoints import model_of as checkpoint_model
+from tuneforge.registry.checkpoints import parse_checkpoint_id
 from tuneforge.registry.exports import register_export
 from tuneforge.registry.models import (RegistryError, fine_tuned_model_id, materialize_source, model_source,
                                       register_job_output)
@@ -177,7 +178,7 @@ class Worker:
                 spec = JobSpec.model_validate(claimed.spec)
                 ids = [] if spec.method == "export" else (  # an export job reads no data
                     [spec.dataset.path] + ([spec.dataset.validation_path] if spec.dataset.validation_path else []))
-                contents = {fid: self.store.find_content(session, tenant_id=claimed.tenant_id, sha256=row.sha256)
+                contents = {fid: self.store.find_content(session, tenant_id=claimed.tenant_id, sha256=row.sha256, holder=fid)
                             for fid, row in file_rows.files_by_id(session, file_ids=ids).items()}
                 models = {model_id: row for _, model_id in registered_models(spec)  # a checkpoint: its model's row
                           if (row := model_rows.get_model(session, tenant_id=claimed.tenant_id,
@@ -187,6 +188,13 @@ class Worker:
                                                home=tuneforge_home())
                 except RegistryError as exc:
                     base_source = exc
+                try:  # a kept checkpoint as a reward or judge model: assembled as a checkpoint base model is
+                    checkpoints = {model_id: model_source(session, tenant_id=claimed.tenant_id, base_model=model_id,
+                                                          home=tuneforge_home())
+                                   for where, model_id in registered_models(spec)
+                                   if where != "model.base_model" and parse_checkpoint_id(model_id) is not None}
+                except RegistryError as exc:
+                    checkpoints = exc
                 row = job_rows.get_job_any_tenant(session, job_id=claimed.job_id)
                 offset, restarts = row.events_offset, row.restarts or 0
             job_dir = self.settings.jobs_dir / claimed.job_id
@@ -206,8 +214,9 @@ class Worker:
                 gone = [model_id for _, model_id in registered_models(spec) if model_id not in models]
                 if gone:
                     raise LaunchError(f"the model {gone[0]} this job uses was deleted")
-                if isinstance(base_source, RegistryError):
-                    raise LaunchError(base_source.message)
+                for unavailable in (base_source, checkpoints):
+                    if isinstance(unavailable, RegistryError):
+                        raise LaunchError(unavailable.message)
                 if self.tenant_store is not None:  # a version another machine made: its files from the object store
                     job_storage.stage_registered_model(self.tenant_store, self.store, tenant_id=claimed.tenant_id,
                                                        source=base_source)
@@ -215,8 +224,10 @@ class Worker:
                 # when the run ends), never into the shared TUNEFORGE_HOME/registry cache.
                 private = job_dir / job_storage.INPUTS_DIR / "models" if self.settings.encrypt_at_rest else None
                 base_model = materialize_source(self.store, base_source, tuneforge_home() / "registry", db=self.db,
-                                                private_root=private)
-                attempt.spec = materialize_spec(spec, blobs, self._model_dirs(attempt, models), base_model=base_model)
+                                                private_root=private, object_store=self.tenant_store)
+                model_dirs = {**self._model_dirs(attempt, {k: row for k, row in models.items() if k not in checkpoints}),
+                              **self._checkpoint_dirs(attempt, checkpoints, private_root=private)}
+                attempt.spec = materialize_spec(spec, blobs, model_dirs, base_model=base_model)
                 prepare_job_dir(job_dir, attempt.spec)
             except (LaunchError, OSError, ManifestMismatch, job_files.SealedFileRefused) as exc:
                 job_storage.remove_inputs(job_dir)  # what this claim decrypted before the failure (data, a model)
@@ -234,6 +245,18 @@ class Worker:
                 self.db, self.store.keys, tenant_id=attempt.tenant_id, job_id=row.job_id, job_dir=output.parent,
                 # Named by the model, not per attempt: the path goes into the spec, which a re-attempt must not change.
                 part=output.name, dest=attempt.job_dir / job_storage.INPUTS_DIR / "models" / f"{row.job_id}-{output.name}")
+        return found
+
+    def _checkpoint_dirs(self, attempt: Attempt, checkpoints: dict, *, private_root: Path | None) -> dict[str, Path]:
+        """The kept checkpoints a job uses as reward or judge models, each assembled from its version's files and
+        its weights (decrypted into this job's inputs with encryption at rest), as a checkpoint base model is."""
+        found = {}
+        for model_id, source in checkpoints.items():
+            if self.tenant_store is not None:  # the version's files, when another machine made it
+                job_storage.stage_registered_model(self.tenant_store, self.store, tenant_id=attempt.tenant_id,
+                                                   source=source)
+            found[model_id] = Path(materialize_source(self.store, source, tuneforge_home() / "registry", db=self.db,
+                                                      private_root=private_root, object_store=self.tenant_store))
         return found
 
     def _launch(self, attempt: Attempt) -> None:
@@ -488,11 +511,16 @@ class Worker:
         return (time.time() - attempt.started) * attempt.gpus if attempt.run is not None else 0.0
 
     def _publish(self, attempt: Attempt, summary: JobSummary) -> JobSummary | None:
-        """The job's outputs into the object store before it counts as succeeded; None (the job fails
-        with the reason) when the store refuses them."""
+        """The job's outputs, and the checkpoints retention keeps of a training run, into the object store before
+        it counts as succeeded; None (the job fails with the reason) when the store refuses them."""
         try:
             job_storage.publish_outputs(self.tenant_store, tenant_id=attempt.tenant_id, job_id=attempt.job_id,
                                         job_dir=attempt.job_dir)
+            if summary.eval_run is None and summary.method != "export":  # what registering its output keeps
+                job_storage.publish_checkpoints(
+                    self.tenant_store, tenant_id=attempt.tenant_id, job_id=attempt.job_id, job_dir=attempt.job_dir,
+                    keep_last=attempt.spec.checkpoint.keep_last, keys=self.store.keys,
+                    best_step=summary.best_checkpoint.step if summary.best_checkpoint else None)
         except OSError as exc:  # job_storage.StoreUnavailable included
             attempt.report.error = f"the outputs could not be published to the object store: {exc}"
             return None

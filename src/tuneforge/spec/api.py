@@ -150,8 +150,11 @@ class MethodObject(Request):
 
 class JobCreateRequest(Request):
     model: str = Field(..., max_length=255, description="Base model name (GET /v1/models lists them).")
-    training_file: str = Field(..., max_length=64, description="File id of the training data (purpose fine-tune).")
-    validation_file: str | None = Field(None, max_length=64)
+    training_file: str = Field(..., max_length=140, description=(
+        "File id of the training data (purpose fine-tune); tuneforge also takes a dataset version, "
+        "dataset:NAME@vN or dataset:NAME:ALIAS, pinned to its file id at creation."))
+    validation_file: str | None = Field(None, max_length=140, description="File id, or dataset:NAME@vN / "
+                                        "dataset:NAME:ALIAS, of the validation data.")
     method: MethodObject | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated OpenAI form of method.supervised.hyperparameters.")
     suffix: str | None = Field(None, max_length=64)

@@ -20,6 +20,7 @@ from tuneforge.db import files as file_rows
 from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.registry.artifacts import CHUNK, ContentMissing
+from tuneforge.registry.dataset_versions import file_blockers
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.spec.api import DatasetReport, FileDeleted, FileObject, ListObject
@@ -113,9 +114,14 @@ def get_file(file_id: str, caller: Reader, db: Db) -> FileObject:
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, caller: FilesCaller, db: Db) -> FileDeleted:
     """Delete the file. Its bytes stay while anything refers to them (another tenant's copy of the same
-    content, a job that may still run on it); the scheduler's collector removes them afterwards."""
+    content, a job that may still run on it); the scheduler's collector removes them afterwards. 409
+    file_in_use while a live dataset version holds it (delete the version first)."""
     with db.session() as session:
-        file_rows.delete_file(session, file=_file(session, caller, file_id))
+        file = _file(session, caller, file_id)
+        if blockers := file_blockers(session, file=file):
+            raise ApiError(409, f"file {file_id} cannot be deleted: {'; '.join(blockers)}", param="file_id",
+                           code="file_in_use")
+        file_rows.delete_file(session, file=file)
     return FileDeleted(id=file_id)
 
 
@@ -126,7 +132,7 @@ def file_content(file_id: str, caller: Reader, db: Db, store: Store):
     tenant's key was destroyed (crypto-shredded)."""
     with db.read_session() as session:
         row = _file(session, caller, file_id)
-        content = store.find_content(session, tenant_id=caller.tenant_id, sha256=row.sha256)
+        content = store.find_content(session, tenant_id=caller.tenant_id, sha256=row.sha256, holder=row.id)
     if content is None:
         raise not_found("file content", file_id, param="file_id")
     if not content.sealed:  # an upload from before sealing (or with encryption at rest off)

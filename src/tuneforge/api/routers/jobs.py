@@ -17,12 +17,15 @@ from tuneforge.api.dependencies import Db, JobsCaller, Reader
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.streams import EventStreams, SlotStreamingResponse
 from tuneforge.api.objects import checkpoint_object, event_object, job_object, metric_point, page
+from tuneforge.db import dataset_versions as dataset_rows
 from tuneforge.db import files as file_rows
 from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
-from tuneforge.db import models as model_rows
 from tuneforge.db.session import Database
+from tuneforge.registry.dataset_versions import DatasetError, resolve_file_reference
+from tuneforge.registry.dataset_versions import is_reference as is_dataset_reference
 from tuneforge.registry.models import RegistryError, resolve_base_reference
+from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler import states
 from tuneforge.scheduler.admission import live_inventories
 from tuneforge.scheduler import cost
@@ -35,11 +38,28 @@ from tuneforge.spec.api import (
     ListObject,
 )
 from tuneforge.spec.job import JobSpec
-from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request, registered_models
+from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 STREAM_KEEPALIVE_SECONDS = 15.0
 STREAM_BATCH = 500  # events per read; a stream that is behind reads again at once
+
+
+def _pin_datasets(request: JobCreateRequest, session, caller: Principal) -> tuple[JobCreateRequest, dict[str, str]]:
+    """The request with each dataset:NAME@vN / dataset:NAME:ALIAS in training_file / validation_file replaced by
+    the file id that version holds now (pinned: a moved alias never changes what a created job trains on), and
+    role -> the version id each reference named. Another tenant's dataset answers like a missing one."""
+    files, named = {}, {}
+    for role, param in (("training", "training_file"), ("validation", "validation_file")):
+        ref = getattr(request, param)
+        if not is_dataset_reference(ref):
+            continue
+        try:
+            version = resolve_file_reference(session, tenant_id=caller.tenant_id, ref=ref)
+        except DatasetError as exc:
+            raise ApiError(400, f"{param}: {exc.message}", param=param, code=exc.code) from None
+        files[param], named[role] = version.file_id, version.id
+    return (request.model_copy(update=files) if files else request), named
 
 
 def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
@@ -59,12 +79,10 @@ def _spec_for(request: JobCreateRequest, session, caller: Principal) -> JobSpec:
         spec.model.base_model = resolve_base_reference(session, tenant_id=caller.tenant_id, ref=spec.model.base_model)
     except RegistryError as exc:
         raise ApiError(400, f"model: {exc.message}", param="model", code=exc.code) from None
-    for where, model_id in registered_models(spec):  # reward and judge models: the caller's own
-        if where == "model.base_model":  # resolved above (a kept checkpoint of a model is no model row)
-            continue
-        if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
-            raise ApiError(400, f"{where}: no model with id {model_id!r}", param=f"tuneforge.{where}",
-                           code="model_not_found")
+    try:  # reward and judge models: the caller's own models or their kept checkpoints, as the base is
+        check_named_models(session, tenant_id=caller.tenant_id, spec=spec)
+    except NamedModelError as exc:
+        raise ApiError(400, exc.message, param=f"tuneforge.{exc.where}", code=exc.code) from None
     return spec
 
 
@@ -91,7 +109,8 @@ def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
     with db.read_session() as session:
         if idempotency_key and (replayed := _replay(session, caller, idempotency_key, digest)):
             return replayed
-        spec = _spec_for(body, session, caller)
+        pinned, named = _pin_datasets(body, session, caller)
+        spec = _spec_for(pinned, session, caller)
         inventories = live_inventories(session)
         estimate = cost.estimate_job(session, tenant_id=caller.tenant_id, spec=spec, inventories=inventories)
     problem = check_submission(spec, inventories).problem or budget_problem(spec, estimate)
@@ -100,10 +119,12 @@ def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
     try:
         with db.session() as session:
             job = submit_job(
-                session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=body.training_file,
-                validation_file=body.validation_file, suffix=body.suffix, metadata=body.metadata,
+                session, tenant_id=caller.tenant_id, spec=spec, model=body.model, training_file=pinned.training_file,
+                validation_file=pinned.validation_file, suffix=body.suffix, metadata=body.metadata,
                 idempotency_key=idempotency_key, request_hash=digest, estimate=estimate,
             )
+            for role, version_id in named.items():  # what the model's lineage names, whatever the alias does later
+                dataset_rows.record_job_dataset(session, job_id=job.id, role=role, version_id=version_id)
             return job_object(job)
     except QuotaExceeded as exc:
         raise ApiError(429, exc.problem.message, param=exc.problem.param, code=exc.problem.code,
@@ -121,7 +142,7 @@ def create_job(body: JobCreateRequest, caller: JobsCaller, db: Db,
 def plan_job(body: JobCreateRequest, caller: JobsCaller, db: Db) -> JobPlan:
     """tuneforge: what a job request would ask for and whether the workers can hold it; creates nothing."""
     with db.read_session() as session:
-        spec = _spec_for(body, session, caller)
+        spec = _spec_for(_pin_datasets(body, session, caller)[0], session, caller)
         inventories = live_inventories(session)
         estimate = cost.estimate_job(session, tenant_id=caller.tenant_id, spec=spec, inventories=inventories)
     check = check_submission(spec, inventories)

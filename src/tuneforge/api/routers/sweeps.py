@@ -13,14 +13,15 @@ from tuneforge.api.dependencies import Db, JobsCaller, Reader
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import page
 from tuneforge.db import files as file_rows
-from tuneforge.db import models as model_rows
 from tuneforge.db import sweeps as sweep_rows
+from tuneforge.registry.models import RegistryError, resolve_base_reference
+from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler.admission import live_inventories
 from tuneforge.scheduler.submission import check_submission
 from tuneforge.scheduler.sweeps import cancel_sweep, sweep_object
 from tuneforge.spec.api import ListObject
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
-from tuneforge.spec.openai_jobs import REGISTERED_MODEL, RequestError, refuse_model_paths, registered_models
+from tuneforge.spec.openai_jobs import REGISTERED_MODEL, RequestError, refuse_model_paths
 from tuneforge.spec.sweep import SweepObject, SweepSpec, SweepTrialObject
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -28,7 +29,8 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 
 def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
     """The data are the caller's uploads, and every model the base or a value of the space names is built in
-    or the caller's own: a sweep, like a job, never makes the server read a path."""
+    or the caller's own (a model, or a kept checkpoint of one: ft:...:ckpt-step-N, pinned as it is): a sweep,
+    like a job, never makes the server read a path."""
     for param, file_id in (("base.dataset.path", spec.base.dataset.path),
                            ("base.dataset.validation_path", spec.base.dataset.validation_path)):
         if file_id is None:
@@ -52,10 +54,14 @@ def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
             refuse_model_paths(job_spec, prefix=where)
         except RequestError as exc:
             raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
-        for field, model_id in registered_models(job_spec):
-            if model_rows.get_model(session, tenant_id=caller.tenant_id, model_id=model_id) is None:
-                raise ApiError(400, f"{where}: {field}: no model with id {model_id!r}", param=where,
-                               code="model_not_found")
+        try:  # the caller's models or their kept checkpoints (ft:...:ckpt-step-N), as a job request's are
+            resolve_base_reference(session, tenant_id=caller.tenant_id, ref=base_model)
+        except RegistryError as exc:
+            raise ApiError(400, f"{where}: model.base_model: {exc.message}", param=where, code=exc.code) from None
+        try:
+            check_named_models(session, tenant_id=caller.tenant_id, spec=job_spec)
+        except NamedModelError as exc:
+            raise ApiError(400, f"{where}: {exc.message}", param=where, code=exc.code) from None
 
 
 @router.post("", response_model=SweepObject)

@@ -20,6 +20,7 @@ from tuneforge.db import tenants as tenant_rows
 from tuneforge.db import uploads as upload_rows
 from tuneforge.db.tables import Upload
 from tuneforge.registry.artifacts import CHUNK, UploadTooLarge
+from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.spec.uploads import (MAX_PARTS, PART_MAX_BYTES, UPLOAD_MIME_TYPES, UploadComplete, UploadCreate,
                                     UploadObject, UploadPartObject)
 
@@ -148,7 +149,7 @@ def _complete(db, store, caller, upload_id: str, body: UploadComplete) -> Upload
         row = _pending(session, caller, upload_id)
         parts, unknown = upload_rows.parts_in_order(session, upload_id=row.id, part_ids=body.part_ids)
         size, purpose, filename = row.bytes, row.purpose, row.filename
-        contents = [store.find_content(session, tenant_id=caller.tenant_id, sha256=p.sha256) for p in parts]
+        contents = [store.find_content(session, tenant_id=caller.tenant_id, sha256=p.sha256, holder=p.id) for p in parts]
     if unknown:
         raise ApiError(400, f"part_ids: {', '.join(unknown[:5])} {'is not a part' if len(unknown) == 1 else 'are not parts'} "
                             f"of upload {upload_id!r}", param="part_ids")
@@ -173,6 +174,10 @@ def _complete(db, store, caller, upload_id: str, body: UploadComplete) -> Upload
         return _store_file(db, store, caller, upload_id, staged, filename=filename, purpose=purpose)
     except UploadTooLarge:
         raise ApiError(400, "part_ids: the parts hold more bytes than declared", param="part_ids") from None
+    except KeyUnavailable:  # a part's bytes were sealed under a tenant key since destroyed
+        raise ApiError(410, f"part_ids: a part of upload {upload_id!r} can no longer be read: the tenant's encryption "
+                            "key was destroyed (crypto-shredded); upload it again", param="part_ids",
+                       code="content_shredded") from None
     finally:
         writer.discard()
 

@@ -8,7 +8,9 @@ data key is wrapped under the tenant key (sealed_job_keys): rotation re-wraps it
 unreadable. The worker seals when the recipe's run ends (whatever the outcome) and, before it launches a run
 that resumes, unseals the checkpoints back in place: a running recipe reads plain files (exact resume is the
 runtime's, unchanged), and nothing it wrote stays plaintext once it is not running. Readers in the server
-(the evaluation report, an export's files) go through open_job_file, which decrypts as it reads.
+(the evaluation report, an export's files) go through open_job_file, which decrypts as it reads. The human
+evaluation (DIR/human_eval/, made by API requests after the run ended) is written sealed by those requests,
+through seal_bytes with the same keys (evaluation/human_store.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ PARTIAL_SUFFIX = ".partial"
 # An eval run's output items (the model's answers) are read into the database when it succeeds, then sealed too.
 SEALED_PARTS = (CHECKPOINTS_DIR, ADAPTER_DIR, MODEL_DIR, REPORT_FILE, EXPORT_DIR, OUTPUT_ITEMS_FILE)
 RESUME_PARTS = (CHECKPOINTS_DIR,)  # what a run that resumes reads of its own directory
+# The job's human evaluation (evaluation/human_store.py): API requests write it sealed after the run ended, and
+# `tuneforge storage seal-artifacts` seals an older plaintext one. Its dot files (the lock, staging) hold no data.
+HUMAN_EVAL_DIR = "human_eval"
+HUMAN_EVAL_LOCK = ".lock"  # the lock human_store's judgement uploads take (the same file: test_sealed_human_eval.py)
 CHECKPOINT_STAGING = ".staging-"  # engine/checkpoint.py STAGING_PREFIX: a save a dead run never finished
 
 
@@ -68,6 +74,19 @@ class JobKey:
 
     def context(self, relative: str) -> bytes:
         return file_context(self.tenant_id, self.job_id, relative)
+
+    # What evaluation/human_store.py seals with (it takes this object, and imports nothing of the registry).
+    def sealed_path(self, path: Path) -> Path:
+        return sealed_path(path)
+
+    def seal_bytes(self, relative: str, data: bytes, out: Path) -> None:
+        seal_bytes(self, relative, data, out)
+
+    def unseal_bytes(self, relative: str, path: Path) -> bytes:
+        return unseal_bytes(self, relative, path)
+
+    def seal_file(self, job_dir: Path, path: Path) -> int:
+        return seal_file(self, job_dir, path)
 
 
 def job_key(session: Session, keys: KeyProvider, *, tenant_id: str, job_id: str, create: bool = False) -> JobKey | None:
@@ -104,8 +123,15 @@ def _files(job_dir: Path, parts: tuple[str, ...], *, sealed: bool) -> Iterator[P
         for path in sorted(top.rglob("*")) if top.is_dir() else [top, sealed_path(top)]:
             if path.is_symlink() or not path.is_file() or path.name.endswith(PARTIAL_SUFFIX):
                 continue
+            if part == HUMAN_EVAL_DIR and path.name.startswith("."):
+                continue
             if path.name.endswith(SEALED_SUFFIX) == sealed:
                 yield path
+
+
+def plaintext_files(job_dir: Path, parts: tuple[str, ...]) -> list[Path]:
+    """The files under parts still plaintext (what seal_job_dir would seal)."""
+    return list(_files(job_dir, parts, sealed=False))
 
 
 @dataclass
@@ -156,6 +182,26 @@ def seal_file(key: JobKey, job_dir: Path, path: Path) -> int:
     return size
 
 
+def seal_human_eval(key: JobKey, job_dir: Path) -> SealReport:
+    """Seal the plaintext files of DIR/human_eval/ (one made while encryption at rest was off, or before it), under
+    the lock judgement uploads take, so none interleaves; a plaintext file beside its sealed copy replaces it (the
+    plaintext is what readers take)."""
+    import fcntl
+
+    report, folder = SealReport(), job_dir / HUMAN_EVAL_DIR
+    if not folder.is_dir():
+        return report
+    with open(folder / HUMAN_EVAL_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for path in _files(job_dir, (HUMAN_EVAL_DIR,), sealed=False):
+                report.bytes += seal_file(key, job_dir, path)
+                report.files += 1
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return report
+
+
 def unseal_job_dir(db: Database, keys: KeyProvider, *, tenant_id: str, job_id: str, job_dir: Path,
                    parts: tuple[str, ...] = RESUME_PARTS) -> int:
     """Decrypt the sealed files under parts back in place (NAME.tfe -> NAME, 0600) for a run that resumes;
@@ -193,6 +239,37 @@ def _decrypt(key: JobKey, relative: str, sealed: Path, out: Path) -> None:
         except DecryptionFailed as exc:
             raise SealedFileRefused(f"{relative} of job {key.job_id} (sealed at rest) does not authenticate: {exc}; "
                                     "it was changed on disk after the job sealed it, so it is not used") from None
+
+
+def seal_bytes(key: JobKey, relative: str, data: bytes, out: Path) -> None:
+    """data sealed as the job file `relative` (its key and context, wherever out is: a staging name the caller
+    renames into place), written 0600 and fsynced."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as sink:
+        encrypt_stream(io.BytesIO(data), sink, key.file_key(relative), context=key.context(relative))
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
+def unseal_bytes(key: JobKey, relative: str, path: Path) -> bytes:
+    """The plaintext of the sealed job file `relative` at path; SealedFileRefused when it does not authenticate."""
+    with open(path, "rb") as source:
+        try:
+            reader = SealedReader(source, key.file_key(relative), context=key.context(relative), close_source=False)
+            return reader.read()
+        except DecryptionFailed as exc:
+            raise SealedFileRefused(f"{relative} of job {key.job_id} (sealed at rest) does not authenticate: {exc}; "
+                                    "it was changed on disk after it was sealed, so it is not used") from None
+
+
+def job_key_or_shredded(session: Session, keys: KeyProvider, *, tenant_id: str, job_id: str,
+                        create: bool = False) -> JobKey | None:
+    """job_key, with a destroyed tenant key raised as JobKeyShredded (what readers answer 410 for)."""
+    try:
+        return job_key(session, keys, tenant_id=tenant_id, job_id=job_id, create=create)
+    except KeyUnavailable as exc:
+        raise JobKeyShredded(f"job {job_id}'s files cannot be read: the tenant key is gone: {exc} "
+                             "(destroyed: crypto-shredded)") from None
 
 
 def _existing_key(session: Session, keys: KeyProvider, *, tenant_id: str, job_id: str) -> JobKey:

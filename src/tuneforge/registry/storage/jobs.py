@@ -6,20 +6,26 @@ It removes that folder when the job's run ends, and with it the tokenized copies
 inputs (remove_tokenized), so no plaintext copy outlives the job. After success it publishes the output
 (DIR/adapter/ or DIR/model/), DIR/evaluation.json and DIR/export/ to the store, each file an object of
 the tenant linked to the job id under its path in the job directory. A base model the operator registers is
-published too (publish_base_model), so a worker on another machine can stage it like a version.
+published too (publish_base_model), so a worker on another machine can stage it like a version, and so are the
+checkpoints retention keeps (publish_checkpoints: what training from one reads, not its resume state), which a
+worker without the job directory stages (stage_checkpoint) to assemble ft:...:ckpt-step-N.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy import select
 
+from tuneforge.db.checkpoint_links import CHECKPOINT_KIND
 from tuneforge.registry.artifacts import Content, ContentMissing, LocalArtifactStore
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
@@ -29,6 +35,14 @@ from tuneforge.spec.jobdir import ADAPTER_DIR, EXPORT_DIR, MERGED_BASE_DIR, MODE
 INPUTS_DIR = "inputs"
 DATASET_LINK = "data"
 OUTPUT_KINDS = {ADAPTER_DIR: "adapter", MODEL_DIR: "model", EXPORT_DIR: "export", REPORT_FILE: "evaluation"}
+# What a checkpoint's top level holds only to resume its run (engine/checkpoint.py save_training_checkpoint): the
+# optimizer, scheduler and loss-scaler state, RNG states, the trainer state, and the manifest a resume verifies.
+# The rest is what training from it reads: save_trainable's weights (and a value head), or FSDP's shards and
+# DeepSpeed's partitions, which carry their optimizer state inside and are consolidated whole.
+RESUME_ONLY = re.compile(r"(optimizer|scheduler|scaler|rng(-[0-9]+)?)\.pt|trainer_state\.json|manifest\.json")
+# JobCheckpoint.metrics key (no column of its own): the published files' manifest, [{path, sha256, bytes}], which
+# staging checks each fetched file against. The API shows only a checkpoint's numeric metrics.
+PUBLISHED_FILES = "published_files"
 # Registered base models are the operator's, no tenant's: their objects belong to this store-only owner (the dot
 # keeps it out of tenant names, which are lowercase letters, digits and dashes) and are sealed under its own key.
 BASE_MODELS_TENANT = "tuneforge.base-models"
@@ -193,9 +207,12 @@ def publish_outputs(store: TenantStore, *, tenant_id: str, job_id: str, job_dir:
 
 
 def fetch_outputs(store: TenantStore, *, tenant_id: str, job_id: str, dest: Path) -> list[str]:
-    """The job's published outputs, decrypted, under dest (e.g. to serve or export them elsewhere)."""
+    """The job's published outputs, decrypted, under dest (e.g. to serve or export them elsewhere); not its
+    kept checkpoints (stage_checkpoint)."""
     names = []
-    for name, (_, obj) in sorted(store.linked(tenant_id=tenant_id, owner=job_id).items()):
+    for name, (kind, obj) in sorted(store.linked(tenant_id=tenant_id, owner=job_id).items()):
+        if kind == CHECKPOINT_KIND:
+            continue
         target = dest / name
         if not target.resolve().is_relative_to(dest.resolve()):
             continue  # a link name is a path inside the job directory, never outside dest
@@ -231,8 +248,12 @@ def _missing_files(store: TenantStore, artifacts: LocalArtifactStore, source) ->
     if source.tenant_id is None:
         return [entry for entry in entries if not artifacts.exists(entry["sha256"])]
     with store.db.read_session() as session:
-        return [entry for entry in entries
-                if artifacts.find_content(session, tenant_id=source.tenant_id, sha256=entry["sha256"]) is None]
+        found = {entry["sha256"]: artifacts.find_content(session, tenant_id=source.tenant_id, sha256=entry["sha256"],
+                                                         holder=source.job_id) for entry in entries}
+    # A sealed blob's row is in the shared database, its file only on the machine that sealed it: absent here, it
+    # is fetched (a shredded one is not: reading it fails with the shredded error, as it must).
+    return [entry for entry in entries
+            if (content := found[entry["sha256"]]) is None or (not content.shredded and not content.path.is_file())]
 
 
 def _keep_fetched(store: TenantStore, artifacts: LocalArtifactStore, source, local: Path, staged) -> None:
@@ -293,3 +314,93 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
                     folder.remove()
         source = source.base
     return fetched
+
+
+# ---- kept checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The paths (in a checkpoint's folder) of the files training from it reads: all but its resume state."""
+    return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not (p.parent == folder and RESUME_ONLY.fullmatch(p.name))]
+
+
+def _sha256_and_size(path: Path) -> tuple[str, int]:
+    from tuneforge.registry.artifacts import CHUNK
+
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def publish_checkpoints(store: TenantStore, *, tenant_id: str, job_id: str, job_dir: Path, keep_last: int,
+                        best_step: int | None, keys=None) -> list[int]:
+    """Put the checkpoints the retention policy keeps (registry/retention.py kept_checkpoints) into the store, each
+    file an object of the tenant linked to the job as CHECKPOINT_PATH/FILE (kind checkpoint), and record their
+    manifest in the checkpoint's row; returns the steps. A folder sealed at rest is decrypted (keys, the artifact
+    folder's) into scratch first. Called before the job succeeds: registering its output applies the same policy."""
+    from tuneforge.db.tables import JobCheckpoint
+    from tuneforge.registry.retention import kept_checkpoints
+    from tuneforge.registry.storage.job_files import plaintext_folder
+
+    with store.db.read_session() as session:
+        kept = [(row.id, row.path, row.step) for row in kept_checkpoints(
+            session, job_id=job_id, job_dir=job_dir, keep_last=keep_last, best_step=best_step)]
+    manifests = {}
+    for row_id, path, step in kept:
+        folder = store.scratch.work_folder()
+        try:
+            with _store_errors(f"checkpoint step {step} cannot be written to the object store"):
+                plain = plaintext_folder(store.db, keys, tenant_id=tenant_id, job_id=job_id, job_dir=job_dir,
+                                         part=path, dest=folder.path / "checkpoint")
+                entries = []
+                for relative in checkpoint_files(plain):
+                    digest, size = _sha256_and_size(plain / relative)
+                    obj = store.put(tenant_id=tenant_id, path=plain / relative, owner=job_id,
+                                    name=f"{path}/{relative}", kind=CHECKPOINT_KIND)
+                    if obj.address != tenant_address(tenant_id, digest):
+                        raise StoreUnavailable(f"checkpoint step {step}: {relative} changed while it was published")
+                    entries.append({"path": relative, "sha256": digest, "bytes": size})
+        finally:
+            folder.remove()
+        manifests[row_id] = entries
+    with store.db.session() as session:
+        for row in session.scalars(select(JobCheckpoint).where(JobCheckpoint.id.in_(manifests))):
+            row.metrics = {**(row.metrics or {}), PUBLISHED_FILES: manifests[row.id]}  # a new dict: JSON is not tracked
+    return [step for _, _, step in kept]
+
+
+def stage_checkpoint(store: TenantStore, *, tenant_id: str, job_id: str, path: str, step: int,
+                     manifest: list[dict] | None, dest: Path) -> Path:
+    """A kept checkpoint's published files (publish_checkpoints) fetched from the store into dest, each checked
+    against its manifest's SHA-256 and size; dest is removed on any failure. StoreUnavailable names what is
+    missing (a checkpoint kept before the store was configured, or whose object is gone) or does not match."""
+    what = f"checkpoint step {step} of job {job_id}"
+    if not manifest:
+        raise StoreUnavailable(f"{what} is not on this worker, and its job published it to no object store (it was "
+                               "kept before one was configured): run the job where it was trained, or train from the "
+                               "model itself")
+    try:
+        with _store_errors(f"{what} cannot be read from the object store"):
+            linked = store.linked(tenant_id=tenant_id, owner=job_id)
+            dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+            root = dest.resolve()
+            for entry in manifest:
+                name, target = f"{path}/{entry['path']}", dest / entry["path"]
+                if not target.resolve().is_relative_to(root):
+                    raise StoreUnavailable(f"{what}: its manifest names {entry['path']!r}, outside the checkpoint")
+                if name not in linked or not store.exists(linked[name][1]):
+                    raise StoreUnavailable(f"{what}: {entry['path']} is not in the object store")
+                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                store.fetch(linked[name][1], target)
+                digest, size = _sha256_and_size(target)
+                if digest != entry["sha256"] or size != entry["bytes"]:
+                    raise StoreUnavailable(f"{what}: {entry['path']} in the object store is not the published file "
+                                           f"(sha256 {digest}, expected {entry['sha256']})")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # no partial plaintext copy
+        raise
+    return dest

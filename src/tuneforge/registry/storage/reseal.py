@@ -5,13 +5,15 @@ of one of the tenant's model versions or exports (registry_blobs) names becomes 
 plaintext blob is then removed unless something still needs it (a registered base model with the same bytes, a
 job running on it right now: the blob collector removes it once that has ended). Then the plaintext copies of the
 tenants' versions materialized under TUNEFORGE_HOME/registry/ (the shared cache readers used before sealing) go.
+The directories of jobs that ended before sealing existed are sealed as the worker seals them when a run ends
+(seal_ended_job_dirs), with their human evaluation; a job that may still run is left to its worker.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -20,7 +22,12 @@ from tuneforge.db import sealed_blobs as blob_rows
 from tuneforge.db.tables import Job, ModelVersion
 from tuneforge.db.session import Database
 from tuneforge.registry.artifacts import CHUNK, LocalArtifactStore
-from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING
+from tuneforge.registry.storage import job_files
+from tuneforge.registry.storage.keys import KeyProvider, KeyUnavailable
+from tuneforge.spec.api import ACTIVE_STATUSES, RUNNING, TERMINAL_STATUSES
+
+ENDED_JOB_PARTS = job_files.SEALED_PARTS + (job_files.HUMAN_EVAL_DIR,)
+STALE_STAGING_SECONDS = 3600  # a human-eval request's staging older than this was left by a process that died
 
 
 class DamagedBlob(ValueError):
@@ -101,3 +108,75 @@ def _remove_materialized_copies(db: Database, registry_root: Path, *, tenant_id:
             continue
         shutil.rmtree(folder, ignore_errors=True)
         report.copies_removed += 1
+
+
+@dataclass
+class JobDirsReport:
+    jobs_sealed: int = 0  # ended jobs whose plaintext parts were sealed
+    files: int = 0
+    bytes: int = 0  # plaintext bytes sealed
+    already_sealed: int = 0  # ended jobs with nothing plaintext left
+    leftovers_removed: int = 0  # half-written files of a dead process (.partial, stale staging)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (job id, why): may still run, or its key is gone
+
+
+def seal_ended_job_dirs(db: Database, keys: KeyProvider, jobs_dir: Path, *,
+                        tenant_id: str | None = None) -> JobDirsReport:
+    """Seal the plaintext parts (job_files.SEALED_PARTS and the human evaluation) of every job that has ended,
+    as the worker seals them (the job's data key, NAME -> NAME.tfe); idempotent, and a directory a crash left
+    half-sealed is completed. A job that may still run (validating_files, queued, running, paused) is skipped:
+    its worker seals it when its run ends."""
+    report = JobDirsReport()
+    with db.read_session() as session:
+        query = select(Job.id, Job.tenant_id, Job.status).order_by(Job.seq)
+        if tenant_id is not None:
+            query = query.where(Job.tenant_id == tenant_id)
+        jobs = list(session.execute(query))
+    for job_id, tenant, status in jobs:
+        job_dir = jobs_dir / job_id
+        if not job_dir.is_dir():
+            continue
+        plaintext = job_files.plaintext_files(job_dir, ENDED_JOB_PARTS)
+        if status not in TERMINAL_STATUSES:
+            if plaintext:
+                report.skipped.append((job_id, f"{status}: it may still run; its worker seals it when the run ends"))
+            continue
+        report.leftovers_removed += _remove_leftovers(job_dir)
+        if not plaintext:
+            report.already_sealed += 1
+            continue
+        try:
+            sealed = job_files.seal_job_dir(db, keys, tenant_id=tenant, job_id=job_id, job_dir=job_dir)
+            with db.session() as session:
+                key = job_files.job_key_or_shredded(session, keys, tenant_id=tenant, job_id=job_id, create=True)
+            judged = job_files.seal_human_eval(key, job_dir)
+        except (job_files.SealedFileRefused, KeyUnavailable) as exc:  # a destroyed tenant key; another tenant's key row
+            report.skipped.append((job_id, f"{status}: {exc}"))
+            continue
+        report.jobs_sealed += 1
+        report.files += sealed.files + judged.files
+        report.bytes += sealed.bytes + judged.bytes
+    return report
+
+
+def _remove_leftovers(job_dir: Path) -> int:
+    """What a process that died left in an ended job's directory: NAME.partial (a sealed copy being written, or a
+    resume's decrypted one: plaintext) and a human-eval request's staging (a directory or a dot file)."""
+    removed, stale = 0, time.time() - STALE_STAGING_SECONDS
+    for part in ENDED_JOB_PARTS:
+        top = job_dir / part
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top.with_name(top.name + job_files.PARTIAL_SUFFIX),
+                                                                  top.with_name(top.name + job_files.SEALED_SUFFIX
+                                                                                + job_files.PARTIAL_SUFFIX)]:
+            if path.is_file() and not path.is_symlink() and path.name.endswith(job_files.PARTIAL_SUFFIX):
+                path.unlink()
+                removed += 1
+    human_eval = job_dir / job_files.HUMAN_EVAL_DIR
+    staging = [p for p in job_dir.glob(f".{job_files.HUMAN_EVAL_DIR}.tmp-*") if p.is_dir() and not p.is_symlink()]
+    staging += [p for p in human_eval.glob(".*.tmp-*") if p.is_file() and not p.is_symlink()] \
+        if human_eval.is_dir() else []
+    for path in staging:
+        if path.lstat().st_mtime < stale:  # a younger one may be a request still writing it
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed += 1
+    return removed

@@ -67,23 +67,30 @@ class TenantKeys:
         return version
 
     def _rewrap_all(self, tenant_id: str, version: int) -> None:
+        """Re-wrap under version every data key wrapped under an older version the provider still holds: one
+        destroyed (a shredding) wrapped data keys nobody can open any more, and those stay as they are."""
         while True:
+            held = [v for v in self.keys.versions(tenant_id) if v < version]
+            if not held:
+                return
             with self.db.session() as session:
-                objects = key_rows.objects_wrapped_under_older(session, tenant_id=tenant_id, version=version)
+                objects = key_rows.objects_wrapped_under_older(session, tenant_id=tenant_id, version=version,
+                                                               among=held)
                 for obj in objects:
                     data_key = unwrap(self.keys, tenant_id, obj.key_version, obj.wrapped_key,
                                       object_wrap_context(tenant_id, obj.id, obj.key_version))
                     key_rows.rewrap_object(session, object_id=obj.id, old_version=obj.key_version, version=version,
                                            wrapped_key=wrap(self.keys, tenant_id, version, data_key,
                                                             object_wrap_context(tenant_id, obj.id, version)))
-                blobs = blob_rows.blobs_wrapped_under_older(session, tenant_id=tenant_id, version=version)
+                blobs = blob_rows.blobs_wrapped_under_older(session, tenant_id=tenant_id, version=version, among=held)
                 for blob in blobs:
                     data_key = unwrap(self.keys, tenant_id, blob.key_version, blob.wrapped_key,
                                       blob_wrap_context(tenant_id, blob.id, blob.key_version))
                     blob_rows.rewrap_blob(session, blob_id=blob.id, old_version=blob.key_version, version=version,
                                           wrapped_key=wrap(self.keys, tenant_id, version, data_key,
                                                            blob_wrap_context(tenant_id, blob.id, version)))
-                jobs = blob_rows.job_keys_wrapped_under_older(session, tenant_id=tenant_id, version=version)
+                jobs = blob_rows.job_keys_wrapped_under_older(session, tenant_id=tenant_id, version=version,
+                                                              among=held)
                 for job in jobs:  # the data keys of job directories sealed at rest (registry/storage/job_files.py)
                     data_key = unwrap(self.keys, tenant_id, job.key_version, job.wrapped_key,
                                       job_key_context(tenant_id, job.job_id, job.key_version))
@@ -95,7 +102,9 @@ class TenantKeys:
 
     def shred(self, tenant_id: str) -> None:
         """Crypto-shredding: destroy every version of the tenant's key. Its objects and sealed blobs stay as
-        ciphertext nobody can open; removing them is then only about space."""
+        ciphertext nobody can open; removing them is then only about space. For good: the same bytes stored
+        again later under a new key never open for what had them now (LocalArtifactStore.find_content's
+        buried holders, TenantStore.put's set-aside objects)."""
         self.keys.shred(tenant_id)
         with self.db.session() as session:
             key_rows.retire_key_versions(session, tenant_id=tenant_id,

@@ -89,7 +89,10 @@ class TenantStore:
                                          object_id=found.id)
                     self.backend.delete(location)
                     return found
-                if found is not None:  # its bytes went missing, or its key was shredded: ours replace it
+                if found is not None and self._shredded(session, found):
+                    # Its owners had it when the key was shredded: they keep their links to it, and stay out of ours.
+                    key_rows.set_aside_object(session, obj=found)
+                elif found is not None:  # its bytes went missing: ours replace them
                     key_rows.drop_object(session, obj=found)
                 wrapped = None
                 if data_key is not None:
@@ -109,10 +112,16 @@ class TenantStore:
     def _readable(self, session, obj: StoredObject) -> bool:
         """Whether an existing object can stand for new content: its bytes are there, and its key lives
         (after crypto-shredding, the same content stored again must not dedupe onto unreadable ciphertext)."""
-        if obj.encrypted and (self.keys is None or obj.key_version not in key_rows.live_key_versions(
-                session, tenant_id=obj.tenant_id) or obj.key_version not in self.keys.versions(obj.tenant_id)):
+        if obj.encrypted and (self.keys is None or self._shredded(session, obj)):
             return False
         return self.exists(obj)
+
+    def _shredded(self, session, obj: StoredObject) -> bool:
+        """Whether the tenant key version that wrapped an encrypted object's data key is destroyed or retired
+        (a rotation in progress re-wraps a retired version's data keys before destroying it)."""
+        return bool(obj.encrypted and self.keys is not None and (
+            obj.key_version not in key_rows.live_key_versions(session, tenant_id=obj.tenant_id)
+            or obj.key_version not in self.keys.versions(obj.tenant_id)))
 
     def _current_version(self, tenant_id: str) -> int:
         with self.db.session() as session:
