@@ -11,15 +11,16 @@ from tuneforge.spec.job import TrainingSpec
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with weight decay on matrices only (not on biases, norms or 1-d scales)."""
+    """Trainable parameters, with weight decay on matrices only (not on biases, norms or 1-d scales); an empty
+    group is left out (DeepSpeed drops empty groups, which leaves the LR schedule with one group too many)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            # Under ZeRO-3 a parameter's data is its empty 1-d partition until gathered; ds_shape is its real shape.
+            shape = getattr(parameter, "ds_shape", None) or parameter.shape
+            (decay if len(shape) >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:

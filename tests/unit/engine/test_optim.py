@@ -33,3 +33,14 @@ def test_weight_decay_skips_biases_and_norms():
     assert [len(g["params"]) for g in groups] == [1, 3] and [g["weight_decay"] for g in groups] == [0.1, 0.0]
     model[0].weight.requires_grad_(False)
     assert sum(len(g["params"]) for g in parameter_groups(model, 0.1)) == 3  # frozen weights are not optimized
+
+
+def test_zero3_partitions_are_grouped_by_their_real_shape_and_empty_groups_left_out():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    for parameter in model.parameters():  # what ZeRO-3's zero.Init leaves: an empty 1-d partition and ds_shape
+        parameter.ds_shape = parameter.shape
+        parameter.data = torch.empty(0)
+    groups = parameter_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[0]["params"][0] is model[0].weight
+    norms_only = parameter_groups(torch.nn.LayerNorm(4), 0.1)
+    assert [(len(g["params"]), g["weight_decay"]) for g in norms_only] == [(2, 0.0)]  # no empty decay group
