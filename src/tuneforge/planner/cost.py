@@ -337,11 +337,18 @@ def training_tokens(spec, *, examples: int, stats: dict, packed: bool = False, r
     return TokenCount(tokens, math.ceil(steps), basis)
 
 
+# A token the RL sampler (engine/rl/sampling.py: one KV-cached forward per position, per-row seeded nucleus
+# sampling) decodes, in step-equivalents. Fitted on this project's 2-core CPU with bench/cost_estimate.py
+# (SmolLM2-135M, 32 and 4 completions a step): at one step-equivalent a token (the evaluations' rule) GRPO was
+# priced 57% and PPO 34% low, at 5 they are 12% and 11% low. Decoding a few tokens a forward is memory- and
+# overhead-bound, far from a training step's efficiency. Not measured on a GPU.
+SAMPLED_TOKEN_COST = 5.0
+
+
 def rollout_tokens(spec, *, prompts: int, stats: dict, validation_prompts: int | None = None) -> TokenCount | None:
     """PPO and GRPO in SFT step-equivalents. Each step samples completions of its rollout.prompts_per_step
     prompts (GRPO: grpo.num_generations of each): a prefill (a forward, 1/3 of a token) and up to
-    rollout.max_new_tokens decoded tokens at one step-equivalent each, as an evaluation's decoding
-    (evaluation_tokens). The full rollout.max_new_tokens is counted: sampled completions often run to it, and an
+    rollout.max_new_tokens decoded tokens at SAMPLED_TOKEN_COST step-equivalents each (measured). The full rollout.max_new_tokens is counted: sampled completions often run to it, and an
     estimate that budgets hold jobs to had better be high than low. Then forwards over prompt and completion:
     PPO the policy's log-probabilities and values, the reference, a reward model; GRPO the reference (beta > 0),
     the sampling policy's log-probabilities (num_iterations > 1), a reward model. Then training on them: PPO
@@ -369,7 +376,7 @@ def rollout_tokens(spec, *, prompts: int, stats: dict, validation_prompts: int |
         samples, passes = rollout.prompts_per_step * spec.grpo.num_generations, spec.grpo.num_iterations
         forwards = (spec.grpo.beta > 0) + (spec.grpo.num_iterations > 1) + reward_model
         updates = spec.grpo.num_iterations
-    per_step = samples * (prompt / 3 + completion + forwards * sequence / 3 + passes * sequence)
+    per_step = samples * (prompt / 3 + SAMPLED_TOKEN_COST * completion + forwards * sequence / 3 + passes * sequence)
     tokens = int(steps * per_step)
     basis = (f"{steps} steps x {samples} completions of {prompt:,.0f} prompt ({how}) + {completion:,.0f} sampled tokens: "
              f"generation, {forwards} scoring forward{'s' if forwards != 1 else ''}, {passes} training "
@@ -380,7 +387,8 @@ def rollout_tokens(spec, *, prompts: int, stats: dict, validation_prompts: int |
         if spec.evaluation.eval_every_steps:
             evaluations += steps // spec.evaluation.eval_every_steps
         answer = float(spec.evaluation.max_new_tokens)
-        evaluated = int(evaluations * count * (prompt / 3 + answer + (1 + reward_model) * (prompt + answer) / 3))
+        evaluated = int(evaluations * count * (prompt / 3 + SAMPLED_TOKEN_COST * answer
+                                               + (1 + reward_model) * (prompt + answer) / 3))
         tokens += evaluated
         basis += f"; {evaluations} evaluation{'s' if evaluations > 1 else ''} of {count} prompts: {evaluated:,} step-equivalent tokens"
     return TokenCount(tokens, steps * updates, basis)

@@ -19,6 +19,7 @@ from tuneforge.planner.cost import (
     price_table,
     training_tokens,
 )
+from tuneforge.planner.cost import SAMPLED_TOKEN_COST as SAMPLED
 from tuneforge.spec import validate_job_spec
 
 TABLE = """
@@ -199,14 +200,14 @@ def test_ppo_and_grpo_are_priced_by_their_rollouts_scoring_and_training_passes()
     grpo = training_tokens(spec(method="grpo", rollout=rollout, grpo={"num_generations": 8, "beta": 0.04},
                                 training={"max_steps": 3}, evaluation=RL_NO_EVAL), examples=20, stats=stats,
                            validation_examples=0)
-    # 32 completions a step: prefill 40/3 + 60 decoded + the reference's forward 100/3 + one training pass of 100.
-    assert grpo.tokens == int(3 * 32 * (40 / 3 + 60 + 100 / 3 + 100)) and grpo.steps == 3
+    # 32 completions a step: prefill 40/3 + 60 sampled + the reference's forward 100/3 + one training pass of 100.
+    assert grpo.tokens == int(3 * 32 * (40 / 3 + SAMPLED * 60 + 100 / 3 + 100)) and grpo.steps == 3
     assert "3 steps x 32 completions" in grpo.basis
     ppo = training_tokens(spec(method="ppo", rollout=rollout, ppo={"ppo_epochs": 2, "num_mini_batches": 2},
                                training={"max_steps": 3}, evaluation=RL_NO_EVAL), examples=20, stats=stats,
                           validation_examples=0)
     # 4 completions a step, the policy's and the reference's forwards, two PPO epochs; 2 x 2 optimizer steps a step.
-    assert ppo.tokens == int(3 * 4 * (40 / 3 + 60 + 2 * 100 / 3 + 2 * 100)) and ppo.steps == 12
+    assert ppo.tokens == int(3 * 4 * (40 / 3 + SAMPLED * 60 + 2 * 100 / 3 + 2 * 100)) and ppo.steps == 12
     # Epochs: whole steps of prompts_per_step prompts (19 training prompts -> 4 steps an epoch), as the recipe's schedule.
     epochs = training_tokens(spec(method="grpo", rollout=rollout, training={"num_epochs": 2}, evaluation=RL_NO_EVAL),
                              examples=20, stats=stats)
@@ -217,5 +218,5 @@ def test_ppo_and_grpo_are_priced_by_their_rollouts_scoring_and_training_passes()
                                 examples=20, stats=stats, validation_examples=5)
     plain = training_tokens(spec(method="grpo", rollout=rollout, training={"max_steps": 3}, evaluation=RL_NO_EVAL),
                             examples=20, stats=stats, validation_examples=0)
-    assert evaluated.tokens - plain.tokens == int(2 * 5 * (40 / 3 + 30 + 70 / 3))
+    assert evaluated.tokens - plain.tokens == int(2 * 5 * (40 / 3 + SAMPLED * 30 + 70 / 3))
     assert "2 evaluations of 5 prompts" in evaluated.basis
