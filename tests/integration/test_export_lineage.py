@@ -164,19 +164,24 @@ def trained_with_deploy(db, store, home: Path, deployment: Deployment | None) ->
         return job_id, model.id
 
 
-def test_deploy_in_a_job_spec_is_recorded_and_the_api_shows_each_exports_lineage(db, tmp_path):
-    from fastapi.testclient import TestClient
-
+def api_app(db, tmp_path: Path):
+    """The API on db, its artifact store, and an API key for each of the tenants t and u."""
     from tuneforge.api.app import create_app
 
-    home = Path(os.environ["TUNEFORGE_HOME"])
     app = create_app(Settings.from_env(database_url=db.engine.url.render_as_string(hide_password=False),
                                        artifacts_dir=tmp_path / "artifacts"), db=db)
-    store = app.state.store
     keys = {}
     with db.session() as session:
         for tenant in ("t", "u"):
             _, keys[tenant] = tenant_rows.create_api_key(session, tenant_id=tenant)
+    return app, app.state.store, keys
+
+
+def test_deploy_in_a_job_spec_is_recorded_and_the_api_shows_each_exports_lineage(db, tmp_path):
+    from fastapi.testclient import TestClient
+
+    home = Path(os.environ["TUNEFORGE_HOME"])
+    app, store, keys = api_app(db, tmp_path)
     succeeded = Deployment(status="succeeded", target="vllm", format="adapter", path=EXPORT_DIR, command="vllm serve")
     trained, model_id = trained_with_deploy(db, store, home, succeeded)
 
@@ -248,17 +253,10 @@ def test_an_export_is_deleted_with_its_files_and_blobs_but_never_while_its_job_m
     from fastapi.testclient import TestClient
     from sqlalchemy import func, select
 
-    from tuneforge.api.app import create_app
     from tuneforge.db.tables import RegistryBlob
 
     home = Path(os.environ["TUNEFORGE_HOME"])
-    app = create_app(Settings.from_env(database_url=db.engine.url.render_as_string(hide_password=False),
-                                       artifacts_dir=tmp_path / "artifacts"), db=db)
-    store = app.state.store
-    keys = {}
-    with db.session() as session:
-        for tenant in ("t", "u"):
-            _, keys[tenant] = tenant_rows.create_api_key(session, tenant_id=tenant)
+    app, store, keys = api_app(db, tmp_path)
     succeeded = Deployment(status="succeeded", target="vllm", format="adapter", path=EXPORT_DIR, command="vllm serve")
     trained, model_id = trained_with_deploy(db, store, home, succeeded)
     api_job, api_export, api_dir = export_job(db, home, model_id=model_id)
