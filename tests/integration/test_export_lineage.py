@@ -306,3 +306,13 @@ def test_an_export_is_deleted_with_its_files_and_blobs_but_never_while_its_job_m
     assert client.get("/v1/registry/models/support-bot/versions/v1").status_code == 200
     lineage = client.get("/v1/registry/models/support-bot/versions/v1/lineage").json()
     assert [e["id"] for e in lineage["exports"]] == [queued_export]
+
+    # A deleted model's exports outlive it (their lineage does) and can still be deleted by their ids.
+    with db.session() as session:  # its export job ended (as a cancel leaves it), so the model is in use no more
+        job_rows.get_job_any_tenant(session, job_id=queued_job).status = "cancelled"
+        delete_model_and_version(session, model=model_rows.get_model(session, tenant_id="t", model_id=model_id))
+    assert client.get(f"/v1/models/{model_id}/exports/{queued_export}").status_code == 404
+    assert other.delete(f"/v1/models/{model_id}/exports/{queued_export}").status_code == 404
+    assert client.delete(f"/v1/models/{model_id}/exports/{queued_export}").status_code == 200
+    with db.session() as session:
+        assert export_rows.list_exports(session, tenant_id="t", model_id=model_id) == []

@@ -114,7 +114,11 @@ def delete_export(model_id: str, export_id: str, caller: JobsCaller, db: Db, con
     """Delete an export: its files in the job directory and the registry (once nothing else holds them) and its
     lineage; 409 while its export job may still run (cancel it first). The model and its version stay."""
     with db.session() as session:
-        export, job = _export(session, caller, model_id, export_id)
+        # Not through _model: a deleted model's exports stay (their lineage outlives the version) and may go later.
+        found = export_rows.get_export(session, tenant_id=caller.tenant_id, model_id=model_id, export_id=export_id)
+        if found is None:
+            raise not_found("export", export_id, param="export_id")
+        export, job = found
         if job.status in ACTIVE_STATUSES and job.model == model_id and not job.training_file:
             raise ApiError(409, f"export {export_id} is {job.status}: cancel its job first "
                                 f"(POST /v1/fine_tuning/jobs/{job.id}/cancel)", param="export_id", code="export_in_use")
