@@ -113,6 +113,7 @@ def _store_local_file(session, store, path: str) -> str:
     """A local data file as an uploaded file of the local tenant, stored as a server stores an upload: sealed
     for the tenant with encryption at rest (its own blob, as api/routers/files.py commits one), else a plaintext
     blob; validated the way uploads are (read from the file itself, so no plaintext copy lands in the store)."""
+    from tuneforge.data.loading import file_sha256
     from tuneforge.db import files as file_rows
     from tuneforge.registry.artifacts import CHUNK
     from tuneforge.registry.datasets import inspect_dataset
@@ -126,7 +127,7 @@ def _store_local_file(session, store, path: str) -> str:
                     writer.write(chunk)
             staged = writer.finish()
             report = inspect_dataset(file, display_name=file.name)
-            if _sha256(file) != staged.sha256:
+            if file_sha256(file) != staged.sha256:
                 raise _user_error(f"{file}: the file changed while it was read; run the sweep again")
             if not report.valid:
                 raise _user_error(report.summary)
@@ -138,16 +139,6 @@ def _store_local_file(session, store, path: str) -> str:
     return file_rows.create_file(session, tenant_id=LOCAL_TENANT, filename=file.name, purpose="fine-tune",
                                  size=staged.size, sha256=staged.sha256, report=report.model_dump(mode="json"),
                                  status=file_rows.PROCESSED, status_details=None).id
-
-
-def _sha256(file: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local_store(settings):

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -232,13 +233,19 @@ def unseal_job_dir(db: Database, keys: KeyProvider, *, tenant_id: str, job_id: s
 
 def _decrypt(key: JobKey, relative: str, sealed: Path, out: Path) -> None:
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(sealed, "rb") as source, os.fdopen(fd, "wb") as sink:
-        try:
-            shutil.copyfileobj(SealedReader(source, key.file_key(relative), context=key.context(relative),
-                                            close_source=False), sink, 1 << 20)
-        except DecryptionFailed as exc:
-            raise SealedFileRefused(f"{relative} of job {key.job_id} (sealed at rest) does not authenticate: {exc}; "
-                                    "it was changed on disk after the job sealed it, so it is not used") from None
+    with open(sealed, "rb") as source, os.fdopen(fd, "wb") as sink, _refused_unless_authentic(key, relative):
+        shutil.copyfileobj(SealedReader(source, key.file_key(relative), context=key.context(relative),
+                                        close_source=False), sink, 1 << 20)
+
+
+@contextmanager
+def _refused_unless_authentic(key: JobKey, relative: str):
+    """DecryptionFailed while reading the sealed job file `relative` raised as SealedFileRefused."""
+    try:
+        yield
+    except DecryptionFailed as exc:
+        raise SealedFileRefused(f"{relative} of job {key.job_id} (sealed at rest) does not authenticate: {exc}; "
+                                "it was changed on disk after it was sealed, so it is not used") from None
 
 
 def seal_bytes(key: JobKey, relative: str, data: bytes, out: Path) -> None:
@@ -253,13 +260,8 @@ def seal_bytes(key: JobKey, relative: str, data: bytes, out: Path) -> None:
 
 def unseal_bytes(key: JobKey, relative: str, path: Path) -> bytes:
     """The plaintext of the sealed job file `relative` at path; SealedFileRefused when it does not authenticate."""
-    with open(path, "rb") as source:
-        try:
-            reader = SealedReader(source, key.file_key(relative), context=key.context(relative), close_source=False)
-            return reader.read()
-        except DecryptionFailed as exc:
-            raise SealedFileRefused(f"{relative} of job {key.job_id} (sealed at rest) does not authenticate: {exc}; "
-                                    "it was changed on disk after it was sealed, so it is not used") from None
+    with open(path, "rb") as source, _refused_unless_authentic(key, relative):
+        return SealedReader(source, key.file_key(relative), context=key.context(relative), close_source=False).read()
 
 
 def job_key_or_shredded(session: Session, keys: KeyProvider, *, tenant_id: str, job_id: str,
@@ -273,11 +275,7 @@ def job_key_or_shredded(session: Session, keys: KeyProvider, *, tenant_id: str, 
 
 
 def _existing_key(session: Session, keys: KeyProvider, *, tenant_id: str, job_id: str) -> JobKey:
-    try:
-        key = job_key(session, keys, tenant_id=tenant_id, job_id=job_id)
-    except KeyUnavailable as exc:
-        raise JobKeyShredded(f"job {job_id}'s files cannot be read: the tenant key is gone: {exc} "
-                             "(destroyed: crypto-shredded)") from None
+    key = job_key_or_shredded(session, keys, tenant_id=tenant_id, job_id=job_id)
     if key is None:
         raise SealedFileRefused(f"job {job_id} has sealed files but no data key is recorded for it")
     return key

@@ -14,7 +14,6 @@ worker without the job directory stages (stage_checkpoint) to assemble ft:...:ck
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import re
 import shutil
@@ -29,7 +28,7 @@ from tuneforge.db.checkpoint_links import CHECKPOINT_KIND
 from tuneforge.registry.artifacts import Content, ContentMissing, LocalArtifactStore
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
-from tuneforge.registry.storage.tenant_store import TenantStore, tenant_address
+from tuneforge.registry.storage.tenant_store import TenantStore, file_sha256, tenant_address
 from tuneforge.spec.jobdir import ADAPTER_DIR, EXPORT_DIR, MERGED_BASE_DIR, MODEL_DIR, REPORT_FILE
 
 INPUTS_DIR = "inputs"
@@ -275,9 +274,7 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
     published (DIR/adapter/PATH or DIR/model/PATH), or, for a registered base model, the object
     publish_base_model linked, checked against the manifest's SHA-256 and size before it becomes a blob.
     Returns how many files were fetched; StoreUnavailable names a file the store lacks."""
-    import hashlib
-
-    from tuneforge.registry.artifacts import CHUNK, StagedBlob
+    from tuneforge.registry.artifacts import StagedBlob
 
     fetched = 0
     while source is not None:
@@ -300,14 +297,10 @@ def stage_registered_model(store: TenantStore, artifacts, *, tenant_id: str, sou
                                     " it: `tuneforge models register --base` it again there)" if registered else "")
                             raise StoreUnavailable(f"{what}: {name} is not in the object store{hint}")
                         local = store.fetch(linked[name][1], folder.path / "blob")
-                        digest, size = hashlib.sha256(), 0
-                        with open(local, "rb") as handle:
-                            while chunk := handle.read(CHUNK):
-                                digest.update(chunk)
-                                size += len(chunk)
-                        if digest.hexdigest() != entry["sha256"] or size != entry["bytes"]:
+                        digest, size = file_sha256(local), local.stat().st_size
+                        if digest != entry["sha256"] or size != entry["bytes"]:
                             raise StoreUnavailable(f"{what}: {name} in the object store is not the registered file "
-                                                   f"(sha256 {digest.hexdigest()}, expected {entry['sha256']})")
+                                                   f"(sha256 {digest}, expected {entry['sha256']})")
                         _keep_fetched(store, artifacts, source, local, StagedBlob(local, entry["sha256"], size))
                         fetched += 1
                 finally:
@@ -323,17 +316,6 @@ def checkpoint_files(folder: Path) -> list[str]:
     """The paths (in a checkpoint's folder) of the files training from it reads: all but its resume state."""
     return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
             if p.is_file() and not p.is_symlink() and not (p.parent == folder and RESUME_ONLY.fullmatch(p.name))]
-
-
-def _sha256_and_size(path: Path) -> tuple[str, int]:
-    from tuneforge.registry.artifacts import CHUNK
-
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def publish_checkpoints(store: TenantStore, *, tenant_id: str, job_id: str, job_dir: Path, keep_last: int,
@@ -358,7 +340,7 @@ def publish_checkpoints(store: TenantStore, *, tenant_id: str, job_id: str, job_
                                          part=path, dest=folder.path / "checkpoint")
                 entries = []
                 for relative in checkpoint_files(plain):
-                    digest, size = _sha256_and_size(plain / relative)
+                    digest, size = file_sha256(plain / relative), (plain / relative).stat().st_size
                     obj = store.put(tenant_id=tenant_id, path=plain / relative, owner=job_id,
                                     name=f"{path}/{relative}", kind=CHECKPOINT_KIND)
                     if obj.address != tenant_address(tenant_id, digest):
@@ -396,7 +378,7 @@ def stage_checkpoint(store: TenantStore, *, tenant_id: str, job_id: str, path: s
                     raise StoreUnavailable(f"{what}: {entry['path']} is not in the object store")
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 store.fetch(linked[name][1], target)
-                digest, size = _sha256_and_size(target)
+                digest, size = file_sha256(target), target.stat().st_size
                 if digest != entry["sha256"] or size != entry["bytes"]:
                     raise StoreUnavailable(f"{what}: {entry['path']} in the object store is not the published file "
                                            f"(sha256 {digest}, expected {entry['sha256']})")
