@@ -158,6 +158,52 @@ def test_median_pruner_cancels_a_bad_trial_and_its_slot_goes_to_the_next(db):
     assert len(rows) == 3 and rows[2][0].status == "running"  # its slot went to the next trial at once
 
 
+def test_pruner_warmup_steps_keeps_a_bad_trial_running_until_that_step(db):
+    sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=1, pruner="median",
+                          pruner_warmup_trials=1, pruner_warmup_steps=6, budget={"max_trials": 3},
+                          space={"training.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2}})
+    driver = SweepDriver(db, Settings.from_env(database_url=db.url))
+    driver.run_once()
+    (_, job), = trials(db, sweep_id)
+    run_job(db, job.id, valid=[1.0, 0.8, 0.6], final=0.5)
+    driver.run_once()
+    second, job = trials(db, sweep_id)[1]
+    run_job(db, job.id, valid=[2.0, 1.9])  # worse at steps 2 and 4, but the pruner judges from step 6 on
+    driver.run_once()
+    rows = trials(db, sweep_id)
+    assert len(rows) == 2 and rows[1][0].status == "running" and rows[1][1].status == "running"
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=rows[1][1].id)
+    events = [{"type": "metrics", "data": {"step": 6, "valid_loss": 1.8}}]
+    with db.session() as session:
+        assert ingest(session, job_id=job.id, attempt=job.attempt, worker_id=WORKER, events=events,
+                      offset=job.events_offset + len(json.dumps(events)))
+    driver.run_once()
+    rows = trials(db, sweep_id)
+    assert rows[1][0].status == "pruned" and "pruned by the sweep at step 6" in rows[1][0].error
+
+
+def test_a_trial_is_not_pruned_at_its_last_step_its_result_is_told(db):
+    sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=1, pruner="median",
+                          pruner_warmup_trials=1, budget={"max_trials": 2},
+                          space={"training.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2}})
+    driver = SweepDriver(db, Settings.from_env(database_url=db.url))
+    driver.run_once()
+    (_, job), = trials(db, sweep_id)
+    run_job(db, job.id, valid=[1.0, 0.8, 0.6, 0.5], final=0.5)
+    driver.run_once()
+    _, job = trials(db, sweep_id)[1]
+    run_job(db, job.id, valid=[0.9, 0.7, 0.55, 3.0])  # worse than the median only at step 8 = max_steps
+    driver.run_once()
+    assert trials(db, sweep_id)[1][0].status == "running"
+    with db.session() as session:
+        job = job_rows.get_job_any_tenant(session, job_id=job.id)
+    run_job(db, job.id, final=3.0)
+    driver.run_once()
+    second = trials(db, sweep_id)[1][0]
+    assert second.status == "succeeded" and second.values == [3.0]
+
+
 def test_a_failed_trial_is_told_to_optuna_and_a_restarted_driver_carries_on(db):
     sweep_id = make_sweep(db, training_file(db), sampler="tpe", parallelism=1, budget={"max_trials": 2},
                           space={"adapter.rank": {"type": "int", "low": 2, "high": 16}})

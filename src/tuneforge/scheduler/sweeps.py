@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from typing import Any
 
 from pydantic import ValidationError
@@ -73,7 +74,14 @@ def _sampler(spec: SweepSpec):
         # be a random one (bench/sweep.py's 6 trials were). A third of the budget, at least 2, explores.
         budget = spec.budget.max_trials
         startup = 10 if budget is None else min(10, max(2, budget // 3))
-        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
+        # multivariate: one joint density over the parameters instead of one per parameter, so that TPE can follow
+        # a ridge such as LoRA's (the update scales with lr x alpha / rank: a lower rank wants a lower rate);
+        # group: needed for that under conditional parameters (each set that appears together gets its own);
+        # constant liar: trials running at once are counted as bad results, so parallel asks spread out.
+        with warnings.catch_warnings():  # the three options are marked experimental in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup, multivariate=True,
+                                              group=spec.conditional(), constant_liar=spec.parallelism > 1)
     # grid: every point is enqueued when the study is created (with its conditions applied, which Optuna's
     # GridSampler cannot do); the random sampler is never asked for an enqueued point.
     return optuna.samplers.RandomSampler(seed=spec.seed)
@@ -82,14 +90,21 @@ def _sampler(spec: SweepSpec):
 def _pruner(spec: SweepSpec):
     import optuna
 
-    every = spec.base.evaluation.eval_every_steps or 1
+    first = spec.warmup_steps()
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_warmup_trials, n_warmup_steps=every)
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_warmup_trials, n_warmup_steps=first)
     if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first)
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=spec.base.training.max_steps or "auto")
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=spec.base.training.max_steps or "auto")
     return optuna.pruners.NopPruner()
+
+
+def _last_step(job: Job, step: int) -> bool:
+    """Whether a validation is the trial's last: its job is about to end with the objective measured, which
+    a prune would throw away after paying for it (a successive-halving rung can fall on max_steps)."""
+    max_steps = ((job.spec or {}).get("training") or {}).get("max_steps")
+    return isinstance(max_steps, int) and step >= max_steps
 
 
 def open_study(storage, sweep: Sweep, spec: SweepSpec):
@@ -185,7 +200,8 @@ class SweepDriver:
         last = self._report(study, spec, trial, job, frozen._trial_id) if running and job is not None else None
         if job is None or job.status in TERMINAL_STATUSES:
             self._conclude(study, spec, trial, job, frozen)
-        elif last is not None and optuna.trial.Trial(study, frozen._trial_id).should_prune():
+        elif last is not None and not _last_step(job, last[0]) and \
+                optuna.trial.Trial(study, frozen._trial_id).should_prune():
             key = f"valid_{spec.objectives[0].metric}"
             self._stop_trial(study, trial, job, status=sweep_rows.PRUNED,
                              note=f"pruned by the sweep at step {last[0]} ({key}={last[1]:.4g})")

@@ -145,6 +145,10 @@ class SweepSpec(_Section):
     )
     pruner_warmup_trials: int = Field(3, ge=0, le=1000, description="pruner median: trials that report before "
                                       "any is pruned (the median of fewer says little).")
+    pruner_warmup_steps: int | None = Field(
+        None, ge=1, le=10**7, description="Steps every trial trains before a pruner may stop it (median: Optuna's "
+        "n_warmup_steps; successive halving and Hyperband: their min_resource, the first rung). Default: "
+        "base.evaluation.eval_every_steps, the first validation.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sampler.")
 
     @field_validator("space")
@@ -174,6 +178,12 @@ class SweepSpec(_Section):
             if self.base.evaluation.eval_every_steps is None:
                 raise ValueError(f"pruner {self.pruner} is fed by the validation metrics during training: set "
                                  "base.evaluation.eval_every_steps")
+            last = self.base.training.max_steps
+            if last is not None and self.warmup_steps() >= last:
+                raise ValueError(f"pruner_warmup_steps {self.warmup_steps()}: a trial of base.training.max_steps "
+                                 f"{last} would never be judged before its last step; expected fewer steps")
+        elif self.pruner_warmup_steps is not None:
+            raise ValueError("pruner_warmup_steps: there is no pruner (pruner none); set one or leave it out")
         if self.sampler == "grid":
             for path, parameter in self.space.items():
                 try:
@@ -216,6 +226,15 @@ class SweepSpec(_Section):
                     raise ValueError(f"space.{path}: the job spec refuses the value {value!r} ({problem})") from None
 
     # ---- what the driver asks -------------------------------------------------------------------
+
+    def warmup_steps(self) -> int:
+        """The first step a pruner may judge a trial at."""
+        return self.pruner_warmup_steps or self.base.evaluation.eval_every_steps or 1
+
+    def conditional(self) -> bool:
+        """Whether some parameter applies only under a condition (TPE then models each group of parameters that
+        appear together on its own)."""
+        return any(parameter.when for parameter in self.space.values())
 
     def directions(self) -> list[Literal["minimize", "maximize"]]:
         return ["minimize" if o.resolved_direction() == "min" else "maximize" for o in self.objectives]

@@ -101,6 +101,14 @@ def test_objectives_pruner_grid_and_budget_rules_name_what_to_change():
         **CONDITIONAL, "adapter.rank": {"type": "choice", "values": [4], "when": {"adapter.type": ["qlora"]}}})
 
 
+def test_pruner_warmup_steps_must_judge_before_the_last_step_and_needs_a_pruner():
+    assert sweep(space=CONDITIONAL, pruner="median").warmup_steps() == BASE["evaluation"]["eval_every_steps"]
+    assert sweep(space=CONDITIONAL, pruner="median", pruner_warmup_steps=3).warmup_steps() == 3
+    assert "would never be judged before its last step" in refused(
+        space=CONDITIONAL, pruner="successive_halving", pruner_warmup_steps=4)
+    assert "there is no pruner" in refused(space=CONDITIONAL, pruner_warmup_steps=2)
+
+
 def test_several_objectives_keep_their_directions():
     spec = sweep(space=CONDITIONAL, objectives=[{"metric": "loss"}, {"metric": "exact_match"}])
     assert spec.directions() == ["minimize", "maximize"]
