@@ -92,9 +92,10 @@ def _run_on_server(args: argparse.Namespace, spec) -> int:
     body["base"] = spec.base.model_dump(mode="json", exclude_unset=True)
     with _client(args) as http:
         dataset = body["base"]["dataset"]
-        dataset["path"] = _upload(http, spec.base.dataset.path)
-        if spec.base.dataset.validation_path:
-            dataset["validation_path"] = _upload(http, spec.base.dataset.validation_path)
+        for field in ("path", "validation_path"):  # a dataset:NAME@vN the server pins; a local file is uploaded
+            value = getattr(spec.base.dataset, field)
+            if value and not _is_dataset_reference(value):
+                dataset[field] = _upload(http, value)
         sweep = _answer(http.post("/v1/sweeps", json=body))
         print(f"sweep {sweep['id']} created; follow it with: tuneforge sweep show {sweep['id']} --server {args.server}")
     return 0
@@ -141,6 +142,27 @@ def _store_local_file(session, store, path: str) -> str:
                                  status=file_rows.PROCESSED, status_details=None).id
 
 
+def _is_dataset_reference(value: str) -> bool:
+    from tuneforge.registry.dataset_versions import is_reference
+
+    return is_reference(value)
+
+
+def _local_data(session, store, value: str, *, field: str) -> str:
+    """The file id a local sweep trains on: a registered dataset of the local tenant (dataset:NAME@vN or
+    dataset:NAME:ALIAS, pinned to the file that version holds now, as the server pins one), else a local
+    file stored as an upload."""
+    if not _is_dataset_reference(value):
+        return _store_local_file(session, store, value)
+    from tuneforge.registry.dataset_versions import DatasetError, resolve_file_reference
+
+    try:
+        return resolve_file_reference(session, tenant_id=LOCAL_TENANT, ref=value).file_id
+    except DatasetError as exc:
+        raise _user_error(f"base.dataset.{field}: {exc.message} (a local sweep reads the datasets of tenant "
+                          f"{LOCAL_TENANT!r}: `tuneforge datasets list --tenant {LOCAL_TENANT}` shows them)") from None
+
+
 def _local_store(settings):
     """The artifact folder as the server opens it: sealing the local tenant's files under its key from
     TUNEFORGE_KEYS_DIR unless TUNEFORGE_ENCRYPT_AT_REST=false."""
@@ -175,9 +197,10 @@ def _run_here(args: argparse.Namespace, spec) -> int:
 
             if base.model.base_model not in BUILTIN_BASE_MODELS and not base.model.base_model.startswith("ft:"):
                 base.model.base_model = str(Path(base.model.base_model).expanduser().resolve())  # a local directory
-            base.dataset.path = _store_local_file(session, store, spec.base.dataset.path)
+            base.dataset.path = _local_data(session, store, spec.base.dataset.path, field="path")
             if spec.base.dataset.validation_path:
-                base.dataset.validation_path = _store_local_file(session, store, spec.base.dataset.validation_path)
+                base.dataset.validation_path = _local_data(session, store, spec.base.dataset.validation_path,
+                                                           field="validation_path")
             data = spec.model_dump(mode="json")
             data["base"] = base.model_dump(mode="json")
             sweep_id = sweep_rows.create_sweep(session, tenant_id=LOCAL_TENANT, name=spec.name, spec=data).id

@@ -248,6 +248,63 @@ def test_another_tenants_datasets_answer_like_missing_ones(db, api):
         assert dataset_rows.live_versions_of_file(session, tenant_id="tenant-a", file_id=theirs) == []
 
 
+def sweep_body(path: str, validation_path: str | None = None) -> dict:
+    dataset = {"path": path, **({"validation_path": validation_path} if validation_path else {})}
+    return {"sampler": "grid", "objectives": [{"metric": "loss"}],
+            "base": {"model": {"base_model": "tiny-llama"}, "dataset": dataset, "training": {"max_steps": 2},
+                     "evaluation": {"metrics": ["loss"]}},
+            "space": {"training.learning_rate": {"type": "choice", "values": [1e-4, 1e-3]}}}
+
+
+def test_a_sweep_names_dataset_versions_pinned_to_their_files_and_holds_them(db, api):
+    a, b = api
+    one, two = make_file(db, content="one"), make_file(db, content="two")
+    for file_id in (one, two):
+        a.post("/v1/registry/datasets/chats/versions", json={"file_id": file_id})
+    a.put("/v1/registry/datasets/chats/aliases", json={"alias": "prod", "version": "v1"})
+    created = a.post("/v1/sweeps", json=sweep_body("dataset:chats:prod", "dataset:chats@v2"))
+    assert created.status_code == 200, created.text
+    sweep = created.json()
+    assert (sweep["spec"]["base"]["dataset"]["path"], sweep["spec"]["base"]["dataset"]["validation_path"]) == (one, two)
+    a.put("/v1/registry/datasets/chats/aliases", json={"alias": "prod", "version": "v2"})  # moved after creation
+    assert a.get(f"/v1/sweeps/{sweep['id']}").json()["spec"]["base"]["dataset"]["path"] == one
+
+    for body, param, code in ((sweep_body("dataset:chats@v9"), "base.dataset.path", "dataset_not_found"),
+                              (sweep_body(one, "dataset:chats"), "base.dataset.validation_path", "invalid_value")):
+        refused = a.post("/v1/sweeps", json=body)
+        assert refused.status_code == 400, refused.text
+        assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (param, code)
+    theirs, missing = b.post("/v1/sweeps", json=sweep_body("dataset:chats:prod")), b.post(
+        "/v1/sweeps", json=sweep_body("dataset:nothing:prod"))
+    assert theirs.status_code == 400 and theirs.text == missing.text.replace("nothing", "chats")
+
+    # Its later trials will name the files: neither can be deleted while it runs (a version no longer holds one).
+    a.delete("/v1/registry/datasets/chats/aliases/prod")
+    assert a.delete("/v1/registry/datasets/chats/versions/v1").status_code == 200
+    held = a.delete(f"/v1/files/{one}")
+    assert held.status_code == 409 and held.json()["error"]["code"] == "file_in_use"
+    assert f"sweep {sweep['id']} (running) trains on it" in held.json()["error"]["message"]
+    assert b.delete(f"/v1/files/{one}").status_code == 404  # not theirs to delete either way
+    assert a.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 200
+    assert a.delete(f"/v1/files/{one}").status_code == 200
+
+
+def test_a_local_sweep_reads_the_local_tenants_datasets(db):
+    from tuneforge.sweep_cli import LOCAL_TENANT, SweepInputError, _local_data
+
+    file_id = make_file(db, tenant=LOCAL_TENANT, content="local")
+    with db.session() as session:
+        from tuneforge.registry.dataset_versions import register_file
+
+        register_file(session, file=file_rows.get_file(session, tenant_id=LOCAL_TENANT, file_id=file_id), name="chats")
+    make_file(db, tenant="tenant-a", content="elsewhere")
+    with db.session() as session:
+        assert _local_data(session, None, "dataset:chats@v1", field="path") == file_id
+        with pytest.raises(SweepInputError, match=r"base.dataset.validation_path: dataset 'chats' has no version or "
+                           r"alias 'v2' \(a local sweep reads the datasets of tenant 'default'"):
+            _local_data(session, None, "dataset:chats@v2", field="validation_path")
+
+
 def test_datasets_command(db, database_url, tmp_path):
     file_id = make_file(db, content="one")
     env = {**os.environ, "TUNEFORGE_DATABASE_URL": database_url, "TUNEFORGE_HOME": str(tmp_path)}

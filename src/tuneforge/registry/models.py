@@ -36,6 +36,7 @@ from tuneforge.registry.checkpoints import (
 from tuneforge.registry.exports import register_deploy_export
 from tuneforge.registry.lineage import job_lineage
 from tuneforge.registry.retention import apply_retention
+from tuneforge.registry.sweep_holds import sweeps_using_model
 from tuneforge.registry.versions import file_contents, materialize, store_directory
 from tuneforge.spec.api import ACTIVE_STATUSES
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
@@ -369,13 +370,17 @@ def uses_model(spec: dict[str, Any], model_id: str) -> bool:
         parsed = JobSpec.model_validate(spec)
     except ValueError:
         return False
+    return _uses_model(parsed, model_id)
+
+
+def _uses_model(spec: JobSpec, model_id: str) -> bool:
     return any(found == model_id or found.startswith(model_id + CHECKPOINT_SUFFIX)  # a checkpoint of it, too
-               for _, found in registered_models(parsed))
+               for _, found in registered_models(spec))
 
 
 def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None:
-    """Delete a fine-tuned model and its version, unless an alias or a job not finished yet uses it
-    (RegistryError 409 naming them). Its files go after the commit (remove_model_files); the object-store links
+    """Delete a fine-tuned model and its version, unless an alias, a job not finished yet or a running sweep uses
+    it (RegistryError 409 naming them). Its files go after the commit (remove_model_files); the object-store links
     of its kept checkpoints go now."""
     version = version_rows.version_of_model(session, tenant_id=model.tenant_id, model_id=model.id)
     if version is not None:
@@ -385,6 +390,7 @@ def delete_model_and_version(session: Session, *, model: FineTunedModel) -> None
         blockers = [f"job {job_id} ({status}) uses it" for job_id, status, spec in session.execute(
             select(Job.id, Job.status, Job.spec).where(Job.tenant_id == model.tenant_id,
                                                        Job.status.in_(ACTIVE_STATUSES))) if uses_model(spec, model.id)]
+    blockers += sweeps_using_model(session, tenant_id=model.tenant_id, names=lambda spec: _uses_model(spec, model.id))
     if blockers:
         label = f"{version.name} v{version.version}" if version is not None else model.id
         raise RegistryError(f"{label} cannot be deleted: {'; '.join(blockers)}", status=409, code="model_in_use")
@@ -441,12 +447,16 @@ def names_model(spec: dict[str, Any], name: str) -> bool:
         parsed = JobSpec.model_validate(spec)
     except ValueError:
         return False
-    return any(found == name for _, found in named_models(parsed))
+    return _names_model(parsed, name)
+
+
+def _names_model(spec: JobSpec, name: str) -> bool:
+    return any(found == name for _, found in named_models(spec))
 
 
 def delete_base_model(session: Session, *, name: str) -> None:
-    """Delete the base model an admin registered as `name`, unless a job not finished yet (of any tenant) names
-    it or a live adapter was trained on it (RegistryError 409 naming them). Its blobs and its objects in the
+    """Delete the base model an admin registered as `name`, unless a job not finished yet or a running sweep (of
+    any tenant) names it or a live adapter was trained on it (RegistryError 409 naming them). Its blobs and its objects in the
     object store are collected once nothing else holds them (scheduler/blobs.py)."""
     if name in BUILTIN_BASE_MODELS:
         raise RegistryError(f"{name} is a built-in base model: it ships with tuneforge and cannot be deleted",
@@ -456,6 +466,7 @@ def delete_base_model(session: Session, *, name: str) -> None:
         raise RegistryError(f"no base model named {name!r} is registered")
     blockers = version_rows.base_model_blockers(session, name=name, active_statuses=ACTIVE_STATUSES,
                                                 names_model=names_model)
+    blockers += sweeps_using_model(session, tenant_id=None, names=lambda spec: _names_model(spec, name))
     if blockers:
         raise RegistryError(f"base model {name} cannot be deleted: {'; '.join(blockers)}", status=409,
                             code="model_in_use")

@@ -215,15 +215,26 @@ class SweepSpec(_Section):
     def _check_values(self) -> None:
         """Every choice and both bounds of every range, applied to the base (with the conditions they
         need), must make a valid JobSpec: a sweep never submits a trial that the job spec refuses."""
+        for path, value, chosen in self._edges():
+            try:
+                self.trial_spec(chosen)
+            except ValidationError as exc:
+                problem = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job'}: "
+                                    f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3])
+                raise ValueError(f"space.{path}: the job spec refuses the value {value!r} ({problem})") from None
+
+    def _edges(self) -> list[tuple[str, Any, dict[str, Any]]]:
+        """(path, value, the choices that make it apply) for every choice and both bounds of every range."""
+        edges = []
         for path, parameter in self.space.items():
             context = {other: allowed[0] for other, allowed in (parameter.when or {}).items()}
-            for value in parameter.edges():
-                try:
-                    self.trial_spec({**context, path: value})
-                except ValidationError as exc:
-                    problem = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job'}: "
-                                        f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()[:3])
-                    raise ValueError(f"space.{path}: the job spec refuses the value {value!r} ({problem})") from None
+            edges += [(path, value, {**context, path: value}) for value in parameter.edges()]
+        return edges
+
+    def edge_specs(self) -> list[tuple[str, JobSpec]]:
+        """("base", the base) and ("space.PATH", its trial spec) for every choice and both bounds of every range:
+        every model a trial can name is named by one of them (what the API checks the caller may use)."""
+        return [("base", self.base), *((f"space.{path}", self.trial_spec(chosen)) for path, _, chosen in self._edges())]
 
     # ---- what the driver asks -------------------------------------------------------------------
 

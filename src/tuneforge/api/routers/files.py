@@ -21,6 +21,7 @@ from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.registry.artifacts import CHUNK, ContentMissing
 from tuneforge.registry.dataset_versions import file_blockers
+from tuneforge.registry.sweep_holds import sweeps_using_file
 from tuneforge.registry.storage.envelope import DecryptionFailed
 from tuneforge.registry.storage.keys import KeyUnavailable
 from tuneforge.spec.api import DatasetReport, FileDeleted, FileObject, ListObject
@@ -115,10 +116,12 @@ def get_file(file_id: str, caller: Reader, db: Db) -> FileObject:
 def delete_file(file_id: str, caller: FilesCaller, db: Db) -> FileDeleted:
     """Delete the file. Its bytes stay while anything refers to them (another tenant's copy of the same
     content, a job that may still run on it); the scheduler's collector removes them afterwards. 409
-    file_in_use while a live dataset version holds it (delete the version first)."""
+    file_in_use while a live dataset version holds it (delete the version first) or a running sweep trains on it
+    (its later trials would name it)."""
     with db.session() as session:
         file = _file(session, caller, file_id)
-        if blockers := file_blockers(session, file=file):
+        if blockers := file_blockers(session, file=file) + sweeps_using_file(session, tenant_id=caller.tenant_id,
+                                                                             file_id=file_id):
             raise ApiError(409, f"file {file_id} cannot be deleted: {'; '.join(blockers)}", param="file_id",
                            code="file_in_use")
         file_rows.delete_file(session, file=file)

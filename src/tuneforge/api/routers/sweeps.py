@@ -1,7 +1,7 @@
 """/v1/sweeps (tuneforge): create a hyperparameter sweep, list, retrieve (best trial, importance), its trials, cancel.
 
-A sweep's base job names uploaded file ids and built-in or registered models, exactly as a job request's
-`tuneforge` extension does; its trials are ordinary jobs of the caller's tenant (scheduler/sweeps.py).
+A sweep's base job names uploaded file ids (or dataset:NAME@vN / dataset:NAME:ALIAS, pinned to the file at
+creation) and built-in or registered models, exactly as a job request's `tuneforge` extension does; its trials are ordinary jobs of the caller's tenant (scheduler/sweeps.py).
 """
 
 from __future__ import annotations
@@ -14,17 +14,39 @@ from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import page
 from tuneforge.db import files as file_rows
 from tuneforge.db import sweeps as sweep_rows
+from tuneforge.registry.dataset_versions import DatasetError, resolve_file_reference
+from tuneforge.registry.dataset_versions import is_reference as is_dataset_reference
 from tuneforge.registry.models import RegistryError, resolve_base_reference
 from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler.admission import live_inventories
 from tuneforge.scheduler.submission import check_submission
 from tuneforge.scheduler.sweeps import cancel_sweep, sweep_object
 from tuneforge.spec.api import ListObject
-from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
+from tuneforge.spec.job import BUILTIN_BASE_MODELS
 from tuneforge.spec.openai_jobs import REGISTERED_MODEL, RequestError, refuse_model_paths
 from tuneforge.spec.sweep import SweepObject, SweepSpec, SweepTrialObject
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+
+def _pin_datasets(session, caller: Principal, spec: SweepSpec) -> SweepSpec:
+    """The spec with a dataset:NAME@vN / dataset:NAME:ALIAS in base.dataset.path or validation_path replaced by
+    the file id that version holds now: every trial trains on the same bytes, even if the alias moves while
+    the sweep runs. Another tenant's dataset answers like a missing one."""
+    pinned = {}
+    for param in ("path", "validation_path"):
+        ref = getattr(spec.base.dataset, param)
+        if not is_dataset_reference(ref):
+            continue
+        try:
+            pinned[param] = resolve_file_reference(session, tenant_id=caller.tenant_id, ref=ref).file_id
+        except DatasetError as exc:
+            raise ApiError(400, f"base.dataset.{param}: {exc.message}", param=f"base.dataset.{param}",
+                           code=exc.code) from None
+    if not pinned:
+        return spec
+    base = spec.base.model_copy(update={"dataset": spec.base.dataset.model_copy(update=pinned)})
+    return spec.model_copy(update={"base": base})
 
 
 def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
@@ -40,11 +62,7 @@ def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
             raise ApiError(400, f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
         if row.purpose != "fine-tune":
             raise ApiError(400, f"{param}: file {file_id} has purpose {row.purpose!r}, expected 'fine-tune'", param=param)
-    specs: list[tuple[str, JobSpec]] = [("base", spec.base)]
-    for path, parameter in spec.space.items():
-        context = {other: allowed[0] for other, allowed in (parameter.when or {}).items()}
-        specs += [(f"space.{path}", spec.trial_spec({**context, path: value})) for value in parameter.edges()]
-    for where, job_spec in specs:
+    for where, job_spec in spec.edge_specs():
         base_model = job_spec.model.base_model
         if base_model not in BUILTIN_BASE_MODELS and not REGISTERED_MODEL.match(base_model):
             raise ApiError(400, f"{where}: model.base_model {base_model!r} is neither a built-in model "
@@ -67,6 +85,7 @@ def _check_sources(session, caller: Principal, spec: SweepSpec) -> None:
 @router.post("", response_model=SweepObject)
 def create_sweep(body: SweepSpec, caller: JobsCaller, db: Db) -> SweepObject:
     with db.read_session() as session:
+        body = _pin_datasets(session, caller, body)
         _check_sources(session, caller, body)
         inventories = live_inventories(session)
     problem = check_submission(body.base, inventories).problem
