@@ -140,16 +140,22 @@ def test_grid_runs_every_point_as_a_job_within_the_parallelism_and_marks_the_bes
     assert shown.importance is not None and set(shown.importance) <= set(best.params) | {"adapter.rank"}
 
 
-def test_median_pruner_cancels_a_bad_trial_and_its_slot_goes_to_the_next(db):
+def median_sweep_after_one_trial(db, *, first_valid: list[float], max_trials: int = 3, **fields):
+    """(sweep id, driver, the second trial's job): a random sweep under the median pruner (one warm-up trial)
+    whose first trial finished at 0.5 with first_valid as its validation losses at steps 2, 4, ..."""
     sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=1, pruner="median",
-                          pruner_warmup_trials=1, budget={"max_trials": 3},
+                          pruner_warmup_trials=1, budget={"max_trials": max_trials}, **fields,
                           space={"training.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2}})
     driver = SweepDriver(db, Settings.from_env(database_url=db.url))
     driver.run_once()
-    (first, job), = trials(db, sweep_id)
-    run_job(db, job.id, valid=[1.0, 0.8, 0.6], final=0.5)
+    (_, job), = trials(db, sweep_id)
+    run_job(db, job.id, valid=first_valid, final=0.5)
     driver.run_once()
-    second, job = trials(db, sweep_id)[1]
+    return sweep_id, driver, trials(db, sweep_id)[1][1]
+
+
+def test_median_pruner_cancels_a_bad_trial_and_its_slot_goes_to_the_next(db):
+    sweep_id, driver, job = median_sweep_after_one_trial(db, first_valid=[1.0, 0.8, 0.6])
     run_job(db, job.id, valid=[2.0, 1.9])  # worse than the median at steps 2 and 4: pruned, still running
     driver.run_once()
     rows = trials(db, sweep_id)
@@ -159,15 +165,7 @@ def test_median_pruner_cancels_a_bad_trial_and_its_slot_goes_to_the_next(db):
 
 
 def test_pruner_warmup_steps_keeps_a_bad_trial_running_until_that_step(db):
-    sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=1, pruner="median",
-                          pruner_warmup_trials=1, pruner_warmup_steps=6, budget={"max_trials": 3},
-                          space={"training.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2}})
-    driver = SweepDriver(db, Settings.from_env(database_url=db.url))
-    driver.run_once()
-    (_, job), = trials(db, sweep_id)
-    run_job(db, job.id, valid=[1.0, 0.8, 0.6], final=0.5)
-    driver.run_once()
-    second, job = trials(db, sweep_id)[1]
+    sweep_id, driver, job = median_sweep_after_one_trial(db, first_valid=[1.0, 0.8, 0.6], pruner_warmup_steps=6)
     run_job(db, job.id, valid=[2.0, 1.9])  # worse at steps 2 and 4, but the pruner judges from step 6 on
     driver.run_once()
     rows = trials(db, sweep_id)
@@ -184,15 +182,7 @@ def test_pruner_warmup_steps_keeps_a_bad_trial_running_until_that_step(db):
 
 
 def test_a_trial_is_not_pruned_at_its_last_step_its_result_is_told(db):
-    sweep_id = make_sweep(db, training_file(db), sampler="random", parallelism=1, pruner="median",
-                          pruner_warmup_trials=1, budget={"max_trials": 2},
-                          space={"training.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2}})
-    driver = SweepDriver(db, Settings.from_env(database_url=db.url))
-    driver.run_once()
-    (_, job), = trials(db, sweep_id)
-    run_job(db, job.id, valid=[1.0, 0.8, 0.6, 0.5], final=0.5)
-    driver.run_once()
-    _, job = trials(db, sweep_id)[1]
+    sweep_id, driver, job = median_sweep_after_one_trial(db, first_valid=[1.0, 0.8, 0.6, 0.5], max_trials=2)
     run_job(db, job.id, valid=[0.9, 0.7, 0.55, 3.0])  # worse than the median only at step 8 = max_steps
     driver.run_once()
     assert trials(db, sweep_id)[1][0].status == "running"
