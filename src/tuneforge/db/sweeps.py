@@ -36,8 +36,12 @@ def list_sweeps(session: Session, *, tenant_id: str, limit: int, after: str | No
                        scope=mine)
 
 
-def running_sweeps(session: Session) -> list[Sweep]:
-    return list(session.scalars(select(Sweep).where(Sweep.status == RUNNING).order_by(Sweep.seq)))
+def running_sweeps(session: Session, *, tenant_id: str | None = None) -> list[Sweep]:
+    """The running sweeps, of one tenant or (None) of every tenant."""
+    query = select(Sweep).where(Sweep.status == RUNNING)
+    if tenant_id is not None:
+        query = query.where(Sweep.tenant_id == tenant_id)
+    return list(session.scalars(query.order_by(Sweep.seq)))
 
 
 def finish_sweep(session: Session, *, sweep_id: str, status: str, reason: str, best_job_id: str | None = None,

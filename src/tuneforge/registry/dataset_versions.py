@@ -28,9 +28,9 @@ ROLES = ("training", "validation")
 class DatasetError(LookupError):
     """A dataset request the registry refuses; status is the HTTP status it maps to."""
 
-    def __init__(self, message: str, *, status: int = 404, code: str = "dataset_not_found"):
+    def __init__(self, message: str, *, status: int = 404, code: str = "dataset_not_found", field: str | None = None):
         super().__init__(message)
-        self.message, self.status, self.code = message, status, code
+        self.message, self.status, self.code, self.field = message, status, code, field
 
 
 def check_name(name: str) -> None:
@@ -100,6 +100,21 @@ def resolve_file_reference(session: Session, *, tenant_id: str, ref: str) -> Dat
         raise DatasetError(f"{ref!r}: expected a file id, dataset:NAME@vN or dataset:NAME:ALIAS", status=400,
                            code="invalid_value")
     return find_version(session, tenant_id=tenant_id, name=name, ref=rest)
+
+
+def pin_references(session: Session, *, tenant_id: str, fields: dict[str, str | None]) -> dict[str, DatasetVersion]:
+    """field -> the version each dataset:NAME@vN / dataset:NAME:ALIAS among fields names now (file ids and empty
+    fields are left out): the caller pins its file id, so a moved alias never changes what was created. A
+    reference that names nothing raises DatasetError with the field's name in front of its message and in .field."""
+    pinned = {}
+    for field, ref in fields.items():
+        if not is_reference(ref):
+            continue
+        try:
+            pinned[field] = resolve_file_reference(session, tenant_id=tenant_id, ref=ref)
+        except DatasetError as exc:
+            raise DatasetError(f"{field}: {exc.message}", status=exc.status, code=exc.code, field=field) from None
+    return pinned
 
 
 def delete_version(session: Session, *, version: DatasetVersion) -> None:

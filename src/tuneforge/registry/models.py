@@ -456,8 +456,8 @@ def _names_model(spec: JobSpec, name: str) -> bool:
 
 def delete_base_model(session: Session, *, name: str) -> None:
     """Delete the base model an admin registered as `name`, unless a job not finished yet or a running sweep (of
-    any tenant) names it or a live adapter was trained on it (RegistryError 409 naming them). Its blobs and its objects in the
-    object store are collected once nothing else holds them (scheduler/blobs.py)."""
+    any tenant) names it or a live adapter was trained on it (RegistryError 409 naming them). Its blobs and its
+    objects in the object store are collected once nothing else holds them (scheduler/blobs.py)."""
     if name in BUILTIN_BASE_MODELS:
         raise RegistryError(f"{name} is a built-in base model: it ships with tuneforge and cannot be deleted",
                             status=403, code="forbidden")

@@ -21,9 +21,7 @@ def sweeps_using_model(session: Session, *, tenant_id: str | None, names: Callab
     or a value of whose space names the model (names(job spec) tells): every model a trial can name is named
     by one of the spec's edge specs (SweepSpec.edge_specs)."""
     reasons = []
-    for sweep in sweep_rows.running_sweeps(session):
-        if tenant_id is not None and sweep.tenant_id != tenant_id:
-            continue
+    for sweep in sweep_rows.running_sweeps(session, tenant_id=tenant_id):
         try:
             spec = SweepSpec.model_validate(sweep.spec)
         except ValueError:  # a spec this version cannot read: the driver cannot run it either
@@ -38,8 +36,8 @@ def sweeps_using_file(session: Session, *, tenant_id: str, file_id: str) -> list
     """"sweep ID (running) trains on it" for each running sweep of the tenant whose data is the file (a sweep's
     data is fixed: base.dataset.path and validation_path, pinned to file ids at creation)."""
     reasons = []
-    for sweep in sweep_rows.running_sweeps(session):
+    for sweep in sweep_rows.running_sweeps(session, tenant_id=tenant_id):
         dataset = ((sweep.spec or {}).get("base") or {}).get("dataset") or {}
-        if sweep.tenant_id == tenant_id and file_id in (dataset.get("path"), dataset.get("validation_path")):
+        if file_id in (dataset.get("path"), dataset.get("validation_path")):
             reasons.append(f"sweep {sweep.id} (running) trains on it")
     return reasons

@@ -22,8 +22,7 @@ from tuneforge.db import files as file_rows
 from tuneforge.db import job_events as event_rows
 from tuneforge.db import jobs as job_rows
 from tuneforge.db.session import Database
-from tuneforge.registry.dataset_versions import DatasetError, resolve_file_reference
-from tuneforge.registry.dataset_versions import is_reference as is_dataset_reference
+from tuneforge.registry.dataset_versions import DatasetError, pin_references
 from tuneforge.registry.models import RegistryError, resolve_base_reference
 from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler import states
@@ -43,22 +42,20 @@ from tuneforge.spec.openai_jobs import RequestError, job_spec_from_request
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 STREAM_KEEPALIVE_SECONDS = 15.0
 STREAM_BATCH = 500  # events per read; a stream that is behind reads again at once
+ROLES = {"training_file": "training", "validation_file": "validation"}  # a named dataset version's role
 
 
 def _pin_datasets(request: JobCreateRequest, session, caller: Principal) -> tuple[JobCreateRequest, dict[str, str]]:
     """The request with each dataset:NAME@vN / dataset:NAME:ALIAS in training_file / validation_file replaced by
     the file id that version holds now (pinned: a moved alias never changes what a created job trains on), and
     role -> the version id each reference named. Another tenant's dataset answers like a missing one."""
-    files, named = {}, {}
-    for role, param in (("training", "training_file"), ("validation", "validation_file")):
-        ref = getattr(request, param)
-        if not is_dataset_reference(ref):
-            continue
-        try:
-            version = resolve_file_reference(session, tenant_id=caller.tenant_id, ref=ref)
-        except DatasetError as exc:
-            raise ApiError(400, f"{param}: {exc.message}", param=param, code=exc.code) from None
-        files[param], named[role] = version.file_id, version.id
+    try:
+        versions = pin_references(session, tenant_id=caller.tenant_id, fields={
+            "training_file": request.training_file, "validation_file": request.validation_file})
+    except DatasetError as exc:
+        raise ApiError(400, exc.message, param=exc.field, code=exc.code) from None
+    files = {param: version.file_id for param, version in versions.items()}
+    named = {ROLES[param]: version.id for param, version in versions.items()}
     return (request.model_copy(update=files) if files else request), named
 
 

@@ -1,7 +1,8 @@
 """/v1/sweeps (tuneforge): create a hyperparameter sweep, list, retrieve (best trial, importance), its trials, cancel.
 
 A sweep's base job names uploaded file ids (or dataset:NAME@vN / dataset:NAME:ALIAS, pinned to the file at
-creation) and built-in or registered models, exactly as a job request's `tuneforge` extension does; its trials are ordinary jobs of the caller's tenant (scheduler/sweeps.py).
+creation) and built-in or registered models, exactly as a job request's `tuneforge` extension does; its trials
+are ordinary jobs of the caller's tenant (scheduler/sweeps.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import page
 from tuneforge.db import files as file_rows
 from tuneforge.db import sweeps as sweep_rows
-from tuneforge.registry.dataset_versions import DatasetError, resolve_file_reference
-from tuneforge.registry.dataset_versions import is_reference as is_dataset_reference
+from tuneforge.registry.dataset_versions import DatasetError, pin_references
 from tuneforge.registry.models import RegistryError, resolve_base_reference
 from tuneforge.registry.named_models import NamedModelError, check_named_models
 from tuneforge.scheduler.admission import live_inventories
@@ -33,19 +33,16 @@ def _pin_datasets(session, caller: Principal, spec: SweepSpec) -> SweepSpec:
     """The spec with a dataset:NAME@vN / dataset:NAME:ALIAS in base.dataset.path or validation_path replaced by
     the file id that version holds now: every trial trains on the same bytes, even if the alias moves while
     the sweep runs. Another tenant's dataset answers like a missing one."""
-    pinned = {}
-    for param in ("path", "validation_path"):
-        ref = getattr(spec.base.dataset, param)
-        if not is_dataset_reference(ref):
-            continue
-        try:
-            pinned[param] = resolve_file_reference(session, tenant_id=caller.tenant_id, ref=ref).file_id
-        except DatasetError as exc:
-            raise ApiError(400, f"base.dataset.{param}: {exc.message}", param=f"base.dataset.{param}",
-                           code=exc.code) from None
-    if not pinned:
+    dataset = spec.base.dataset
+    try:
+        versions = pin_references(session, tenant_id=caller.tenant_id, fields={
+            "base.dataset.path": dataset.path, "base.dataset.validation_path": dataset.validation_path})
+    except DatasetError as exc:
+        raise ApiError(400, exc.message, param=exc.field, code=exc.code) from None
+    if not versions:
         return spec
-    base = spec.base.model_copy(update={"dataset": spec.base.dataset.model_copy(update=pinned)})
+    pinned = {field.removeprefix("base.dataset."): version.file_id for field, version in versions.items()}
+    base = spec.base.model_copy(update={"dataset": dataset.model_copy(update=pinned)})
     return spec.model_copy(update={"base": base})
 
 
