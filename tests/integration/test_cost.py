@@ -1,7 +1,8 @@
-"""Cost end to end: usage records split by UTC day and budgets on SQLite and PostgreSQL; then a real
-`tuneforge server` with its worker prices a job at creation and in /jobs/plan, refuses jobs over their own
-or their tenant's budget, stops a running job at a checkpoint when its tenant's budget is spent, and
-records each finished job's actual cost, overhead and estimate error, reported by day as JSON and CSV."""
+"""Cost end to end: usage records split by UTC day and budgets on SQLite and PostgreSQL; an eval run priced
+at creation and refused over its tenant's budget (in process); then a real `tuneforge server` with its worker
+prices a job at creation and in /jobs/plan, refuses jobs over their own or their tenant's budget, stops a
+running job at a checkpoint when its tenant's budget is spent, and records each finished job's actual cost,
+overhead and estimate error, reported by day as JSON and CSV."""
 
 from __future__ import annotations
 
@@ -75,6 +76,51 @@ def test_usage_is_split_by_utc_day_and_spends_job_and_tenant_budgets(db):
         problem = cost.tenant_budget_problem(session, tenant_id="acme", estimate=plan_estimate, now_s=midnight + 5400)
         assert "has used 3.0000 of its 3.5 GPU-hours for 2026-12" in problem
         assert cost.tenant_budget_problem(session, tenant_id="other", estimate=plan_estimate, now_s=midnight) is None
+
+
+def test_an_eval_run_is_priced_when_created_and_refused_over_its_tenants_budget(db, database_url):
+    from fastapi.testclient import TestClient
+
+    from tuneforge.api.app import create_app
+    from tuneforge.settings import Settings
+
+    with db.session() as session:
+        secret = tenant_rows.create_api_key(session, tenant_id="tenant-a")[1]
+    with TestClient(create_app(Settings.from_env(database_url=database_url), db=db)) as a:
+        a.headers["Authorization"] = f"Bearer {secret}"
+        evaluation = a.post("/v1/evals", json={
+            "data_source_config": {"type": "custom", "item_schema": {"type": "object"}},
+            "testing_criteria": [{"type": "string_check", "name": "exact", "operation": "eq",
+                                  "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}]}).json()
+
+        def run(max_completion_tokens: int, items: int = 8):
+            return a.post(f"/v1/evals/{evaluation['id']}/runs", json={"data_source": {
+                "type": "completions", "model": "smollm2-135m-instruct",
+                "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.question}}"}]},
+                "sampling_params": {"max_completion_tokens": max_completion_tokens},
+                "source": {"type": "file_content", "content": [{"item": {"question": f"{i} + {i}?", "answer": str(2 * i)}}
+                                                               for i in range(items)]}}})
+
+        short = run(16).json()["tuneforge"]["cost"]
+        assert short["estimated_gpu_hours"] > 0 and "the model: 8 prompts of ~" in short["estimate_basis"]
+        assert short["estimated_cost_usd"] == pytest.approx(
+            short["estimated_gpu_hours"] * short["price_per_gpu_hour"], rel=1e-3)
+        assert (short["gpu_hours"], short["final"]) == (0.0, False)  # nothing ran: no worker here
+        longer = run(1024).json()["tuneforge"]["cost"]
+        assert longer["estimated_wall_seconds"] > short["estimated_wall_seconds"]  # decoding is priced
+        # A jsonl run grades the samples its items carry: no model, nothing to price.
+        jsonl = a.post(f"/v1/evals/{evaluation['id']}/runs", json={"data_source": {"type": "jsonl", "source": {
+            "type": "file_content", "content": [{"item": {"answer": "4"}, "sample": {"output_text": "4"}}]}}}).json()
+        assert jsonl["tuneforge"]["cost"]["estimated_gpu_hours"] is None
+
+        # The tenant's monthly budget takes what it has spent (nothing) plus the run's estimate.
+        with db.session() as session:
+            cost_rows.set_budget(session, tenant_id="tenant-a", monthly_cost_usd=None,
+                                 monthly_gpu_hours=(short["estimated_gpu_hours"] + longer["estimated_gpu_hours"]) / 2)
+        assert run(16).status_code == 200
+        refused = run(1024)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded", refused.text
+        assert "this job is estimated at" in refused.json()["error"]["message"]
 
 
 # ---- against a real server ---------------------------------------------------------------------------------

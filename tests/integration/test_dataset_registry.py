@@ -1,8 +1,8 @@
 """The dataset registry on SQLite and PostgreSQL, through the API (in process, no scheduler): a processed
 upload becomes v1, v2... of a name, the same content again is the same version, aliases move, a version an
 alias or an unfinished job holds cannot be deleted and neither can a file a version holds, a job names a
-dataset version and is pinned to its file, the lineage names the version the job trained on, and another
-tenant's datasets answer like missing ones. And the `tuneforge datasets` commands, and one tiny job through a
+dataset version and is pinned to its file (and so are a sweep and an eval run), the lineage names the version
+the job trained on, and another tenant's datasets answer like missing ones. And the `tuneforge datasets` commands, and one tiny job through a
 real server whose model's lineage names the dataset version it trained on."""
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def create_app_for(settings, db):
 
 
 def make_file(db: Database, *, tenant: str = "tenant-a", content: str = "a", status: str = "processed",
-              filename: str = "train.jsonl") -> str:
+              filename: str = "train.jsonl", purpose: str = "fine-tune", report: dict = REPORT) -> str:
     """A file row as the scheduler leaves it once validated (the registry reads rows, never bytes)."""
     with db.session() as session:
         tenant_rows.ensure_tenant(session, tenant_id=tenant)
-        row = file_rows.create_file(session, tenant_id=tenant, filename=filename, purpose="fine-tune",
+        row = file_rows.create_file(session, tenant_id=tenant, filename=filename, purpose=purpose,
                                     size=len(content) * 100, sha256=hashlib.sha256(content.encode()).hexdigest(),
-                                    report=REPORT if status == "processed" else {}, status=status, status_details=None)
+                                    report=report if status == "processed" else {}, status=status, status_details=None)
         return row.id
 
 
@@ -287,6 +287,64 @@ def test_a_sweep_names_dataset_versions_pinned_to_their_files_and_holds_them(db,
     assert b.delete(f"/v1/files/{one}").status_code == 404  # not theirs to delete either way
     assert a.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 200
     assert a.delete(f"/v1/files/{one}").status_code == 200
+
+
+EVAL_ITEMS_REPORT = {"valid": True, "examples": 2, "problems": [], "problems_total": 0,
+                     "stats": {"items": 2, "items_with_sample": 2}, "summary": "items.jsonl: 2 eval items (2 with samples)"}
+
+
+def test_an_eval_run_names_a_dataset_version_pinned_to_its_file_and_holds_it(db, api):
+    a, b = api
+    one, two = (make_file(db, content=c, filename="items.jsonl", purpose="evals", report=EVAL_ITEMS_REPORT)
+                for c in ("one", "two"))
+    for file_id in (one, two):
+        a.post("/v1/registry/datasets/qa/versions", json={"file_id": file_id})
+    a.put("/v1/registry/datasets/qa/aliases", json={"alias": "golden", "version": "v1"})
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    criteria = [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                 "reference": "{{item.answer}}", "operation": "eq"}]
+    evaluation = a.post("/v1/evals", json={"data_source_config": {"type": "custom", "item_schema": schema},
+                                           "testing_criteria": criteria}).json()
+
+    def run(ref: str, client=a):
+        return client.post(f"/v1/evals/{evaluation['id']}/runs", json={
+            "data_source": {"type": "jsonl", "source": {"type": "file_id", "id": ref}}})
+
+    created = run("dataset:qa:golden")
+    assert created.status_code == 200, created.text
+    assert created.json()["data_source"]["source"] == {"type": "file_id", "id": one, "dataset": "dataset:qa@v1"}
+    job = job_of_run(db, created.json())
+    assert job.training_file == one and job.spec["dataset"]["path"] == one
+    a.put("/v1/registry/datasets/qa/aliases", json={"alias": "golden", "version": "v2"})  # moved after creation
+    shown = a.get(f"/v1/evals/{evaluation['id']}/runs/{created.json()['id']}").json()
+    assert shown["data_source"]["source"]["id"] == one
+    assert run("dataset:qa@v2").json()["data_source"]["source"] == {"type": "file_id", "id": two,
+                                                                    "dataset": "dataset:qa@v2"}
+
+    for ref, code in (("dataset:qa@v9", "dataset_not_found"), ("dataset:qa", "invalid_value")):
+        refused = run(ref)
+        assert refused.status_code == 400, refused.text
+        assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == ("data_source.source.id", code)
+        assert refused.json()["error"]["message"].startswith("data_source.source.id: ")
+    training = make_file(db, content="chats")
+    a.post("/v1/registry/datasets/chats/versions", json={"file_id": training})
+    assert "purpose 'evals'" in run("dataset:chats@v1").json()["error"]["message"]  # as a plain file id would
+    b_eval = b.post("/v1/evals", json={"data_source_config": {"type": "custom", "item_schema": schema},
+                                       "testing_criteria": criteria}).json()
+    theirs = b.post(f"/v1/evals/{b_eval['id']}/runs", json={
+        "data_source": {"type": "jsonl", "source": {"type": "file_id", "id": "dataset:qa@v1"}}})
+    assert theirs.status_code == 400 and theirs.json()["error"]["code"] == "dataset_not_found"
+
+    # The run may still run (queued: no worker here): v1 is in use until it ends.
+    refused = a.delete("/v1/registry/datasets/qa/versions/v1")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "dataset_in_use"
+    assert a.post(f"/v1/evals/{evaluation['id']}/runs/{created.json()['id']}/cancel").status_code == 200
+    assert a.delete("/v1/registry/datasets/qa/versions/v1").status_code == 200
+
+
+def job_of_run(db: Database, run: dict):
+    with db.session() as session:
+        return job_rows.get_job_any_tenant(session, job_id=run["tuneforge"]["job_id"])
 
 
 def test_a_local_sweep_reads_the_local_tenants_datasets(db):

@@ -133,7 +133,7 @@ def eval_object(row: Eval) -> EvalObject:
 
 def run_object(run: EvalRun, job: Job) -> RunObject:
     """The run as OpenAI shows it; its status and error are its job's. Until it completes its counts are
-    zero (the items are counted by the recipe)."""
+    zero (the items are counted by the recipe). Its job's cost (estimate, then usage) is a tuneforge extension."""
     result = EvalRunResult.model_validate(run.result) if run.result else None
     criteria = [c.get("name", "") for c in (job.spec.get("eval_run") or {}).get("testing_criteria", [])]
     error = None
@@ -142,6 +142,7 @@ def run_object(run: EvalRun, job: Job) -> RunObject:
         error = EvalApiError(code=str(job.error.get("code") or "failed"), message=message)
     usage = [u.model_copy(update={"model_name": run.model or u.model_name})
              for u in (result.per_model_usage if result else [])]
+    cost = _cost(job)
     return RunObject(
         id=run.id, eval_id=run.eval_id, created_at=run.created_at, name=run.name, model=run.model,
         status=RUN_STATUS[job.status], data_source=run.data_source, metadata=run.metadata_, error=error,
@@ -150,7 +151,7 @@ def run_object(run: EvalRun, job: Job) -> RunObject:
         [CriterionResult(testing_criteria=name) for name in criteria],
         per_model_usage=usage, report_url=None,
         tuneforge={"job_id": job.id, "gpu_seconds": round(job.gpu_seconds or 0.0, 3), "started_at": job.started_at,
-                   "finished_at": job.finished_at},
+                   "finished_at": job.finished_at, "cost": cost.model_dump(mode="json") if cost else None},
     )
 
 

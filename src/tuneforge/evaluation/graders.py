@@ -23,6 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from tuneforge.evaluation.metrics import parse_json
 from tuneforge.spec.graders import (
+    DEFAULT_JUDGE_MAX_TOKENS,
     FORMULA_FUNCTIONS,
     TEMPLATE_FIELD,
     Grader,
@@ -37,8 +38,6 @@ from tuneforge.spec.graders import (
 
 if TYPE_CHECKING:
     from tuneforge.evaluation.judges import Judge
-
-DEFAULT_JUDGE_MAX_TOKENS = 128
 
 
 class GraderError(ValueError):
@@ -340,8 +339,7 @@ class _ModelRunner(GraderRunner):
                               "(they sample with temperature only); leave it out")
         self.temperature = 0.0 if params is None or params.temperature is None else params.temperature
         self.seed = None if params is None else params.seed
-        self.max_tokens = (DEFAULT_JUDGE_MAX_TOKENS if params is None or params.max_completions_tokens is None
-                           else params.max_completions_tokens)
+        self.max_tokens = DEFAULT_JUDGE_MAX_TOKENS if params is None else params.judge_max_tokens()
 
     def instruction(self) -> str:
         raise NotImplementedError

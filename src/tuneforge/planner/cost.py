@@ -230,6 +230,40 @@ def estimate_cost(plan, *, tokens: int, rate: Rate, basis: str = "", steps: int 
                         hours * rate.price_per_hour, hours * rate.on_demand, hours * rate.spot, basis.lstrip("; "))
 
 
+class Generation(NamedTuple):
+    """What one model does in an eval run: read `prompts` prompts of about `prompt_tokens` tokens each and
+    write up to `new_tokens` tokens for each."""
+    what: str  # "the model" or "judge NAME", for the basis
+    prompts: int
+    prompt_tokens: float
+    new_tokens: int
+
+
+def generation_tokens(work: Generation) -> tuple[int, str]:
+    """SFT step-equivalent tokens of a generation pass, by evaluation_tokens' measured rule: the prefill is a
+    forward (1/3 of a trained token per prompt token), a decoded token costs about one trained token."""
+    tokens = int(work.prompts * (work.prompt_tokens / 3 + work.new_tokens))
+    return tokens, (f"{work.what}: {work.prompts} prompts of ~{work.prompt_tokens:,.0f} tokens + up to "
+                    f"{work.new_tokens} generated each")
+
+
+def combined_estimate(parts: list[CostEstimate]) -> CostEstimate:
+    """One job's estimate from its parts run one after another in one process on the same device and rate (an
+    eval run's model, then its judges): each loads its weights, the process starts once; hours and money follow
+    the wall time. A part without a throughput makes the whole unpriced."""
+    if len(parts) == 1 or any(part.gpu_hours is None for part in parts):
+        return next((part for part in parts if part.gpu_hours is None), parts[0])
+    first, each = parts[0], sum(part.wall_seconds for part in parts)
+    wall = each - STARTUP_SECONDS * (len(parts) - 1)
+    scale = wall / each
+    tokens = sum(part.tokens for part in parts)
+    compute = sum(part.tokens / part.tokens_per_second for part in parts)
+    return CostEstimate(first.device, first.devices, tokens, tokens / compute if compute else None, wall,
+                        scale * sum(part.gpu_hours for part in parts), first.price_per_gpu_hour, first.market,
+                        scale * sum(part.cost_usd for part in parts), scale * sum(part.on_demand_usd for part in parts),
+                        scale * sum(part.spot_usd for part in parts), "; ".join(part.basis for part in parts))
+
+
 def tokens_per_example(stats: dict, examples: int, max_seq_length: int, image_tokens: int = 0) -> tuple[float, str]:
     """Mean tokens of one example from a dataset report's statistics, and how it was counted; a VLM's images
     fill `image_tokens` positions each (the validator counts images, not their tokens: that is the model's)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,11 +20,24 @@ from tuneforge.db import costs as cost_rows
 from tuneforge.db import files as file_rows
 from tuneforge.db.job_events import list_metrics
 from tuneforge.db.tables import Job, JobCost
-from tuneforge.planner.cost import CostEstimate, Rate, estimate_cost, packs, price_table, training_tokens
+from tuneforge.planner.cost import (
+    CHARS_PER_TOKEN,
+    TEMPLATE_TOKENS_PER_TURN,
+    CostEstimate,
+    Generation,
+    Rate,
+    combined_estimate,
+    estimate_cost,
+    generation_tokens,
+    packs,
+    price_table,
+    training_tokens,
+)
 from tuneforge.planner.errors import PlannerError
 from tuneforge.spec.api import TERMINAL_STATUSES, CostObject
 from tuneforge.spec.job import JobSpec
 
+JUDGE_INSTRUCTION_TOKENS = 32  # "Grade the response. Reply with only a number from 1 to 7 ..."
 DEFAULT_ANY_GPU = "h100-80gb"  # what the planner plans gpu_type any on when no live worker says more
 
 
@@ -97,6 +110,57 @@ def estimate_job(session: Session, *, tenant_id: str, spec: JobSpec, inventories
         return None
     return estimate_cost(plan, tokens=counted.tokens, steps=counted.steps, rate=price_table().rate(device, tenant_id),
                          basis=counted.basis)
+
+
+class LocalJudge(NamedTuple):
+    """A model grader an eval run serves itself (no endpoint): what its prompt and reply cost."""
+    name: str
+    base_model: str
+    input_characters: int  # of its input messages, before the item and the answer are filled in
+    max_tokens: int
+
+
+def estimate_eval_run(*, tenant_id: str, spec: JobSpec, inventories: list[dict[str, Any]], items: int,
+                      characters: int, judges: list[LocalJudge]) -> CostEstimate | None:
+    """An eval run's device time and cost at the tenant's price, planned as a job's: its model reads each item's
+    prompt and writes up to max_completion_tokens, then each judge served here reads its instructions, the item
+    and the answer and writes up to its max tokens. Tokens are characters / 4 (of the items as stored, JSON
+    included: an upper bound) plus the template's markers. None when there is nothing to price (no items
+    counted yet, or a jsonl run whose graders load no model) or the planner does not know a model; a judge
+    behind an endpoint is that endpoint's bill, not this server's."""
+    run = spec.eval_run
+    if run is None or items < 1:
+        return None
+    item_tokens = characters / items / CHARS_PER_TOKEN
+    work = []
+    if run.model:
+        template = run.input_messages or []
+        prompt = (item_tokens + sum(len(m.content) for m in template) / CHARS_PER_TOKEN
+                  + TEMPLATE_TOKENS_PER_TURN * max(1, len(template)))
+        work.append((spec.model.base_model, Generation("the model", items, prompt, run.max_completion_tokens)))
+    answer = run.max_completion_tokens if run.model else 0  # a jsonl run's answers are among its items' characters
+    for judge in judges:
+        # its input messages and the grader's one-line instruction (evaluation/graders.py), the item and the answer
+        prompt = (item_tokens + answer + judge.input_characters / CHARS_PER_TOKEN
+                  + JUDGE_INSTRUCTION_TOKENS + TEMPLATE_TOKENS_PER_TURN * 2)
+        work.append((judge.base_model, Generation(f"judge {judge.name}", items, prompt, judge.max_tokens)))
+    if not work:
+        return None
+    from tuneforge.planner.plan import plan_job
+
+    device = priced_device(spec, inventories)
+    rate = price_table().rate(device, tenant_id)
+    parts = []
+    for base_model, generation in work:
+        priced = spec.model_copy(update={"model": spec.model.model_copy(update={"base_model": base_model}),
+                                         "resources": spec.resources.model_copy(update={"gpu_type": device})})
+        try:
+            plan = plan_job(priced)
+        except PlannerError:
+            return None
+        tokens, basis = generation_tokens(generation)
+        parts.append(estimate_cost(plan, tokens=tokens, rate=rate, basis=basis))
+    return combined_estimate(parts)
 
 
 def job_budget_problem(spec: JobSpec, estimate: CostEstimate | None) -> tuple[str, str] | None:

@@ -388,7 +388,8 @@ class FileContentSource(_Request):
 
 class FileIdSource(_Request):
     type: Literal["file_id"]
-    id: Annotated[str, Field(min_length=1, max_length=64)]
+    # a file id, or a registered dataset version: dataset:NAME@vN or dataset:NAME:ALIAS (as a job's training_file)
+    id: Annotated[str, Field(min_length=1, max_length=140)]
 
 
 class StoredCompletionsSource(BaseModel):
@@ -552,7 +553,9 @@ class RunObject(_Response):
     per_testing_criteria_results: list[CriterionResult]
     per_model_usage: list[ModelUsage] = []
     report_url: str | None = None
-    tuneforge: dict[str, Any] = Field(default_factory=dict, description="The run's job id and its GPU-seconds.")
+    tuneforge: dict[str, Any] = Field(default_factory=dict, description=(
+        "The run's job id, its GPU-seconds and its cost: the estimate made when it was created, then its priced usage, "
+        "as a job's."))
 
 
 class RunDeleted(_Response):

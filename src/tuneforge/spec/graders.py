@@ -94,6 +94,9 @@ class Message(BaseModel):
         return value
 
 
+DEFAULT_JUDGE_MAX_TOKENS = 128  # a judge's reply without sampling_params.max_completions_tokens
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore")  # reasoning_effort and the like mean nothing to a local judge
 
@@ -101,6 +104,9 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     max_completions_tokens: int | None = Field(None, gt=0, le=8192)
+
+    def judge_max_tokens(self) -> int:
+        return self.max_completions_tokens or DEFAULT_JUDGE_MAX_TOKENS
 
 
 JudgeModel = Annotated[str, Field(min_length=1, max_length=4096)]

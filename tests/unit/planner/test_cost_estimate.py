@@ -220,3 +220,48 @@ def test_ppo_and_grpo_are_priced_by_their_rollouts_scoring_and_training_passes()
                             examples=20, stats=stats, validation_examples=0)
     assert evaluated.tokens - plain.tokens == int(2 * 5 * (40 / 3 + SAMPLED * 30 + 70 / 3))
     assert "2 evaluations of 5 prompts" in evaluated.basis
+
+
+def eval_run(**run):
+    body = {"method": "eval", "model": {"base_model": "smollm2-135m"} if run.get("model") else {},
+            "dataset": {"path": "file-x"}, "resources": {"gpu_type": "h100-80gb"},
+            "eval_run": {"testing_criteria": [{"type": "string_check", "name": "exact", "operation": "eq",
+                                               "input": "{{sample.output_text}}", "reference": "{{item.a}}"}],
+                         "item_schema": {"type": "object"}, **run}}
+    return validate_job_spec(body, source="test")
+
+
+def test_an_eval_run_is_priced_by_what_its_model_and_its_local_judges_read_and_write():
+    from tuneforge.scheduler.cost import JUDGE_INSTRUCTION_TOKENS, LocalJudge, estimate_eval_run
+
+    template = [{"role": "developer", "content": "x" * 40}, {"role": "user", "content": "{{item.q}}"}]
+    run = eval_run(model="smollm2-135m", input_messages=template, max_completion_tokens=64)
+    # 10 items of 400 characters: 100 tokens each, the template's 50 characters and two messages' markers.
+    alone = estimate_eval_run(tenant_id="t", spec=run, inventories=[], items=10, characters=4_000, judges=[])
+    prompt = 100 + 50 / 4 + 2 * 8
+    assert alone.tokens == int(10 * (prompt / 3 + 64)) and "the model: 10 prompts of ~128 tokens" in alone.basis
+    plan = plan_job(run)
+    assert alone.wall_seconds == pytest.approx(STARTUP_SECONDS + plan.model.num_params * 2 / 500e6
+                                               + alone.tokens / plan.throughput.tokens_per_second)
+    assert alone.gpu_hours == pytest.approx(alone.wall_seconds / 3600) and alone.device == "h100-80gb"
+
+    # A judge served here reads its instructions, the item and the model's answer, loads its own weights, and
+    # the process starts once.
+    judge = LocalJudge("rubric", "llama-3-8b", input_characters=200, max_tokens=16)
+    judged = estimate_eval_run(tenant_id="t", spec=run, inventories=[], items=10, characters=4_000, judges=[judge])
+    judge_prompt = 100 + 64 + 200 / 4 + JUDGE_INSTRUCTION_TOKENS + 2 * 8
+    assert judged.tokens == alone.tokens + int(10 * (judge_prompt / 3 + 16))
+    judge_plan = plan_job(run.model_copy(update={"model": run.model.model_copy(update={"base_model": "llama-3-8b"})}))
+    judge_wall = (judge_plan.model.num_params * 2 / 500e6
+                  + (judged.tokens - alone.tokens) / judge_plan.throughput.tokens_per_second)
+    assert judged.wall_seconds == pytest.approx(alone.wall_seconds + judge_wall)
+    assert judged.cost_usd == pytest.approx(judged.wall_seconds / 3600 * alone.price_per_gpu_hour)
+    assert "judge rubric: 10 prompts" in judged.basis
+
+    # A jsonl run loads a model only for a local judge (its answers are among the items' characters); items not
+    # counted yet (a file still being validated) price nothing.
+    jsonl = eval_run()
+    assert estimate_eval_run(tenant_id="t", spec=jsonl, inventories=[], items=10, characters=4_000, judges=[]) is None
+    only_judge = estimate_eval_run(tenant_id="t", spec=jsonl, inventories=[], items=10, characters=4_000, judges=[judge])
+    assert only_judge.tokens == int(10 * ((judge_prompt - 64) / 3 + 16))
+    assert estimate_eval_run(tenant_id="t", spec=run, inventories=[], items=0, characters=0, judges=[]) is None

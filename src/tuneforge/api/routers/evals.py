@@ -4,7 +4,7 @@ method eval: quotas, priorities, leases and cost apply as to training) and the r
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fastapi import APIRouter, Query
 from pydantic import TypeAdapter, ValidationError
@@ -19,11 +19,16 @@ from tuneforge.db import models as model_rows
 from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.session import Database
+from tuneforge.db.tables import DatasetVersion
+from tuneforge.db import dataset_versions as dataset_rows
 from tuneforge.registry.artifacts import LocalArtifactStore
-from tuneforge.scheduler import states
+from tuneforge.registry.dataset_versions import DatasetError, pin_references
+from tuneforge.scheduler import cost, states
+from tuneforge.scheduler.cost import LocalJudge
 from tuneforge.scheduler.admission import capacity_problem, live_inventories
 from tuneforge.scheduler.submission import QuotaExceeded, judge_endpoint_refusal, submit_job
 from tuneforge.spec.api import ACTIVE_STATUSES, ListObject
+from tuneforge.spec.datasets import DATASET_REFERENCE
 from tuneforge.spec.evals import (
     RUN_STATUS,
     CompletionsDataSource,
@@ -44,7 +49,7 @@ from tuneforge.spec.evals import (
     referenced_messages,
     render_item_template,
 )
-from tuneforge.spec.graders import Grader, ModelGrader, MultiGrader
+from tuneforge.spec.graders import Grader, ModelGrader, MultiGrader, SamplingParams
 from tuneforge.spec.job import BUILTIN_BASE_MODELS, JobSpec
 from tuneforge.spec.loader import format_validation_error
 from tuneforge.spec.openai_jobs import REGISTERED_MODEL
@@ -70,19 +75,26 @@ def _model_of_caller(session, caller: Principal, model: str, param: str):
     return row
 
 
-def _check_judges(session, caller: Principal, criteria: list, config: Settings) -> None:
+def _check_judges(session, caller: Principal, criteria: list, config: Settings) -> list[LocalJudge]:
     """Every judge is a model the caller may load here, or a model served by an endpoint the operator
-    configured whose host the egress rules allow (the request names the endpoint, never a URL)."""
+    configured whose host the egress rules allow (the request names the endpoint, never a URL). Returns the
+    judges a run serves itself, for its cost estimate."""
+    local = []
     for index, grader in enumerate(criteria):
         subs = grader.graders.items() if isinstance(grader, MultiGrader) else [(None, grader)]
         for name, sub in subs:
             if isinstance(sub, ModelGrader):
                 where = f"testing_criteria[{index}]" + (f".graders.{name}" if name else "")
                 if sub.endpoint is None:
-                    _model_of_caller(session, caller, sub.model, where + ".model")
+                    registered = _model_of_caller(session, caller, sub.model, where + ".model")
+                    local.append(LocalJudge(
+                        sub.name, registered.base_model if registered is not None else sub.model,
+                        sum(len(m.content) for m in sub.input),
+                        (sub.sampling_params or SamplingParams()).judge_max_tokens()))
                 elif problem := judge_endpoint_refusal(sub.endpoint, config):
                     raise ApiError(400, f"{where}.endpoint: {problem}", param=where + ".endpoint",
                                    code="judge_endpoint_refused")
+    return local
 
 
 def _eval(session, caller: Principal, eval_id: str):
@@ -170,13 +182,18 @@ def _check_inline_items(source: FileContentSource, data_source, config: CustomDa
                                code="invalid_item") from None
 
 
+def _inline_body(source: FileContentSource) -> bytes:
+    """The inline items as the JSONL file they are stored as."""
+    return "".join(json.dumps(row.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n"
+                   for row in source.content).encode()
+
+
 def _store_inline_items(session, store: LocalArtifactStore, caller: Principal, source: FileContentSource,
                         max_bytes: int) -> str:
     """The inline items as an uploaded file (purpose evals), through the content-addressed store and the
     scheduler's validation like any upload; returns its file id. Under the tenant's lock, within its
     storage quota."""
-    body = "".join(json.dumps(row.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n"
-                   for row in source.content).encode()
+    body = _inline_body(source)
     tenant_rows.lock_tenant(session, tenant_id=caller.tenant_id)
     tenant = tenant_rows.get_tenant(session, tenant_id=caller.tenant_id)
     if tenant is not None and tenant.max_storage_bytes is not None and \
@@ -197,7 +214,7 @@ def _store_inline_items(session, store: LocalArtifactStore, caller: Principal, s
     return row.id
 
 
-def _items_file(session, caller: Principal, file_id: str) -> None:
+def _items_file(session, caller: Principal, file_id: str):
     row = file_rows.get_file(session, tenant_id=caller.tenant_id, file_id=file_id)
     param = "data_source.source.id"
     if row is None:
@@ -208,6 +225,32 @@ def _items_file(session, caller: Principal, file_id: str) -> None:
     if row.status == file_rows.ERROR:
         raise ApiError(400, f"{param}: file {file_id} is not a valid eval data file: {row.status_details}",
                        param=param, code="invalid_file")
+    return row
+
+
+class Items(NamedTuple):
+    """A run's items as its request names them: the stored file (None: inline items, stored with the run),
+    the dataset version a reference named, and how many items of how many characters (0 items: not counted
+    yet, the file is still being validated)."""
+    file_id: str | None
+    version: DatasetVersion | None
+    count: int
+    characters: int
+
+
+def _items(session, caller: Principal, source) -> Items:
+    """A file_id source's file, or a dataset:NAME@vN / dataset:NAME:ALIAS reference pinned to the file its
+    version holds now (a moved alias never changes what a created run grades); or the inline items."""
+    if isinstance(source, FileContentSource):
+        return Items(None, None, len(source.content), len(_inline_body(source)))
+    param = "data_source.source.id"
+    try:
+        version = pin_references(session, tenant_id=caller.tenant_id, fields={param: source.id}).get(param)
+    except DatasetError as exc:
+        raise ApiError(400, exc.message, param=param, code=exc.code) from None
+    row = _items_file(session, caller, version.file_id if version is not None else source.id)
+    counted = int((row.report or {}).get("examples") or 0) if row.status == file_rows.PROCESSED else 0
+    return Items(row.id, version, counted, row.bytes)
 
 
 def _run_spec(eval_row, data_source, base_model: str | None, file_id: str) -> JobSpec:
@@ -231,27 +274,31 @@ def create_run(eval_id: str, body: RunCreateRequest, caller: Caller, db: Db, sto
         item_config = CustomDataSourceConfig.model_validate(eval_row.data_source_config)
         model_name = data_source.model if isinstance(data_source, CompletionsDataSource) else None
         registered = _model_of_caller(session, caller, model_name, "data_source.model") if model_name else None
-        _check_judges(session, caller, CRITERIA.validate_python(eval_row.testing_criteria), config)  # may be gone since
+        # the judges may be gone since the eval was created
+        judges = _check_judges(session, caller, CRITERIA.validate_python(eval_row.testing_criteria), config)
         if isinstance(source, FileContentSource):
             _check_inline_items(source, data_source, item_config)
-        else:
-            _items_file(session, caller, source.id)
+        items = _items(session, caller, source)
         inventories = live_inventories(session)
     base_model = registered.base_model if registered is not None else model_name
     probe = _run_spec(eval_row, data_source, base_model, "file-pending")
     # Only whether a worker can ever hold it: the memory planner plans training, which a run does not do.
     if problem := capacity_problem(probe, inventories):
         raise ApiError(400, problem, param=None, code="insufficient_capacity")
+    estimate = cost.estimate_eval_run(tenant_id=caller.tenant_id, spec=probe, inventories=inventories,
+                                      items=items.count, characters=items.characters, judges=judges)
     try:
         with db.session() as session:
-            file_id = (_store_inline_items(session, store, caller, source, config.max_upload_bytes)
-                       if isinstance(source, FileContentSource) else source.id)
+            file_id = items.file_id or _store_inline_items(session, store, caller, source, config.max_upload_bytes)
             spec = probe.model_copy(update={"dataset": probe.dataset.model_copy(update={"path": file_id})})
             job = submit_job(session, tenant_id=caller.tenant_id, spec=spec, model=model_name or "",
                              training_file=file_id, validation_file=None, suffix=None, metadata=None,
-                             idempotency_key=None, request_hash=None)
+                             idempotency_key=None, request_hash=None, estimate=estimate)
             shown = data_source.model_dump(mode="json", exclude_none=True)
             shown["source"] = {"type": "file_id", "id": file_id}  # inline items are stored as a file
+            if (version := items.version) is not None:  # what the reference named, recorded as a job's dataset
+                shown["source"]["dataset"] = f"{DATASET_REFERENCE}{version.name}@v{version.version}"
+                dataset_rows.record_job_dataset(session, job_id=job.id, role="training", version_id=version.id)
             run = eval_rows.create_run(session, tenant_id=caller.tenant_id, eval_id=eval_id, job_id=job.id,
                                        name=body.name or "", model=model_name, data_source=shown, metadata=body.metadata)
             return run_object(run, job)
