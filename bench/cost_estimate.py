@@ -1,17 +1,19 @@
 """How close is the cost estimate to what jobs cost? Real jobs through a real `tuneforge server`, one at a time.
 
-    .venv/bin/python bench/cost_estimate.py [--jobs tiny-steps,tiny-epochs,smollm2-lora,smollm2-full,smollm2-epochs]
+    .venv/bin/python bench/cost_estimate.py [--jobs tiny-steps,...,smollm2-ppo,smollm2-eval-run,smollm2-eval-judged]
 
 A fresh TUNEFORGE_HOME and SQLite database, `tuneforge server --cpu-slots 1` with its worker, the json-extraction
 example data uploaded through the files API; each job is created through `POST /v1/fine_tuning/jobs` (its
-`tuneforge.cost` holds the estimate made at creation) and waited for; its actual device-hours are the
-scheduler's own accounting. Jobs run one at a time, so the numbers are the jobs' own, not a queue's. Run it
+`tuneforge.cost` holds the estimate made at creation) and waited for, and so is each eval run (`POST
+/v1/evals/{id}/runs`, its run object's `tuneforge.cost`); its actual device-hours are the scheduler's own
+accounting. Jobs run one at a time, so the numbers are the jobs' own, not a queue's. Run it
 alone on the machine: the estimate error is a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +54,40 @@ JOBS = {
                                               "rollout": {**RL["rollout"], "graders": [FORMAT]}},
                     "SmolLM2-135M PPO LoRA, 3 steps x 4 prompts, 4 PPO epochs"),
 }
+# Eval runs (POST /v1/evals/{id}/runs) on json-extraction's 48 validation chats as items: the model answers each
+# text, graded by an exact match (string_check), and with a judge the run serves itself (score_model).
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.expected}}",
+         "operation": "eq"}
+JUDGE = {"type": "score_model", "name": "judge", "model": "smollm2-135m-instruct", "range": [0, 10],
+         "sampling_params": {"max_completions_tokens": 8},
+         "input": [{"role": "user", "content": "Text: {{item.text}}\nExpected: {{item.expected}}\n"
+                                               "Answer: {{sample.output_text}}\nScore the answer from 0 to 10."}]}
+EVAL_RUNS = {
+    "smollm2-eval-run": ([EXACT], 64, "SmolLM2-135M eval run, 48 items, <= 64 tokens each, string_check"),
+    "smollm2-eval-judged": ([EXACT, JUDGE], 64, "SmolLM2-135M eval run, 48 items, <= 64 tokens, + a local judge"),
+}
+
+
+def eval_items() -> list[dict]:
+    rows = [json.loads(line) for line in (DATA / "val.jsonl").read_text().splitlines() if line.strip()]
+    return [{"item": {"system": r["messages"][0]["content"], "text": r["messages"][1]["content"],
+                      "expected": r["messages"][2]["content"]}} for r in rows]
+
+
+def create_eval_run(http: httpx.Client, name: str) -> tuple[dict, str]:
+    """(the run's cost estimate, the run's path) of a completions run created through the Evals API."""
+    criteria, max_tokens, _ = EVAL_RUNS[name]
+    schema = {"type": "object", "properties": {k: {"type": "string"} for k in ("system", "text", "expected")}}
+    evaluation = http.post("/v1/evals", json={"name": name, "testing_criteria": criteria,
+                                              "data_source_config": {"type": "custom", "item_schema": schema}})
+    evaluation.raise_for_status()
+    run = http.post(f"/v1/evals/{evaluation.json()['id']}/runs", json={"data_source": {
+        "type": "completions", "model": "smollm2-135m-instruct", "sampling_params": {"max_completion_tokens": max_tokens},
+        "input_messages": {"type": "template", "template": [{"role": "system", "content": "{{item.system}}"},
+                                                            {"role": "user", "content": "{{item.text}}"}]},
+        "source": {"type": "file_content", "content": eval_items()}}})
+    run.raise_for_status()
+    return run.json()["tuneforge"]["cost"], f"/v1/evals/{evaluation.json()['id']}/runs/{run.json()['id']}"
 
 
 def run(names: list[str]) -> list[dict]:
@@ -76,6 +112,19 @@ def run(names: list[str]) -> list[dict]:
             wait(lambda: http.get(f"/v1/files/{files[name]}").json()["status"] == "processed", 120, f"{name} validated")
         results = []
         for name in names:
+            if name in EVAL_RUNS:
+                estimate, path = create_eval_run(http, name)
+                done = wait(lambda: (r := http.get(path).json())["status"] in ("completed", "failed", "canceled") and r,
+                            3600, f"eval run {name}")
+                # the job's final cost is written just after its status: wait for it
+                cost = wait(lambda: (c := http.get(path).json()["tuneforge"]["cost"])["final"] and c, 60, "its cost")
+                results.append({"job": name, "what": EVAL_RUNS[name][2], "basis": estimate["estimate_basis"],
+                                "status": "succeeded" if done["status"] == "completed" else done["status"],
+                                "estimated_hours": estimate["estimated_gpu_hours"],
+                                "estimated_s": estimate["estimated_wall_seconds"], "actual_hours": cost["gpu_hours"],
+                                "error": cost.get("estimate_error"), "overhead": cost.get("overhead_fraction")})
+                print(_row(results[-1]), flush=True)
+                continue
             model, sections, what = JOBS[name]
             sections = dict(sections)
             method = sections.pop("method", None)  # OpenAI's method object (reinforcement is GRPO)
@@ -128,12 +177,12 @@ def _row(r: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--jobs", default=",".join([*JOBS, *EVAL_RUNS]))
     args = parser.parse_args()
     names = [n for n in args.jobs.split(",") if n]
-    unknown = [n for n in names if n not in JOBS]
+    unknown = [n for n in names if n not in JOBS and n not in EVAL_RUNS]
     if unknown:
-        parser.error(f"unknown jobs {unknown}; choose from {list(JOBS)}")
+        parser.error(f"unknown jobs {unknown}; choose from {[*JOBS, *EVAL_RUNS]}")
     print("| job | estimated device-hours (wall s) | actual device-hours (wall s) | error | overhead | status |")
     print("|---|---|---|---|---|---|")
     results = run(names)

@@ -13,6 +13,7 @@ from tuneforge.api.auth import Principal
 from tuneforge.api.dependencies import Caller, Config, Db, Store
 from tuneforge.api.errors import ApiError, not_found
 from tuneforge.api.objects import eval_object, output_item_object, page, run_object
+from tuneforge.db import dataset_versions as dataset_rows
 from tuneforge.db import evals as eval_rows
 from tuneforge.db import files as file_rows
 from tuneforge.db import models as model_rows
@@ -20,12 +21,11 @@ from tuneforge.db import quotas
 from tuneforge.db import tenants as tenant_rows
 from tuneforge.db.session import Database
 from tuneforge.db.tables import DatasetVersion
-from tuneforge.db import dataset_versions as dataset_rows
 from tuneforge.registry.artifacts import LocalArtifactStore
 from tuneforge.registry.dataset_versions import DatasetError, pin_references
 from tuneforge.scheduler import cost, states
-from tuneforge.scheduler.cost import LocalJudge
 from tuneforge.scheduler.admission import capacity_problem, live_inventories
+from tuneforge.scheduler.cost import LocalJudge
 from tuneforge.scheduler.submission import QuotaExceeded, judge_endpoint_refusal, submit_job
 from tuneforge.spec.api import ACTIVE_STATUSES, ListObject
 from tuneforge.spec.datasets import DATASET_REFERENCE
