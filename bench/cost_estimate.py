@@ -58,7 +58,7 @@ JOBS = {
 # text, graded by an exact match (string_check), and with a judge the run serves itself (score_model).
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.expected}}",
          "operation": "eq"}
-JUDGE = {"type": "score_model", "name": "judge", "model": "smollm2-135m-instruct", "range": [0, 10],
+JUDGE = {"type": "score_model", "name": "judge", "model": "smollm2-135m-instruct", "range": [0, 10], "pass_threshold": 5,
          "sampling_params": {"max_completions_tokens": 8},
          "input": [{"role": "user", "content": "Text: {{item.text}}\nExpected: {{item.expected}}\n"
                                                "Answer: {{sample.output_text}}\nScore the answer from 0 to 10."}]}
