@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,21 @@ from tuneforge.data.templating import TokenizedExample
 MIN_PARALLEL_BYTES = 8 << 20  # below this, starting processes costs more than it saves
 
 _renderer = None  # set in the parent before forking; the children inherit it
+
+
+def _default_signals() -> None:
+    """A pool worker's start: SIGTERM ends it, SIGINT is the parent's. A fork inherits the parent's handlers, and
+    a process that catches SIGTERM to stop gracefully (the scheduler's loops, a recipe's preemption watcher)
+    would give its workers a SIGTERM that only sets a flag. Pool.terminate ends them with SIGTERM whenever its
+    exit drains the stop sentinels first (a race a loaded machine loses): the pool then waited for them
+    forever (seen as two 900 s test timeouts)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pool(processes: int):
+    """A forked pool whose workers start with default signal handling (_default_signals)."""
+    return multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals)
 
 
 def worker_count(path: str | Path) -> int:
@@ -71,9 +87,8 @@ def tokenize_file_to(path: str | Path, fmt: str, renderer, workers: int, directo
     _renderer = renderer
     ranges = line_aligned_ranges(path, workers)
     parts = [directory / "parts" / str(index) for index in range(len(ranges))]
-    context = multiprocessing.get_context("fork")
-    with context.Pool(len(ranges)) as pool:
-        results = pool.starmap(_tokenize_range_to, [(str(path), fmt, r, str(part), keep)
+    with pool(len(ranges)) as processes:
+        results = processes.starmap(_tokenize_range_to, [(str(path), fmt, r, str(part), keep)
                                                     for r, part in zip(ranges, parts)])
     _renderer = None
     problems = [p for kept, _ in results for p in kept][:keep]
@@ -114,9 +129,8 @@ def tokenize_file(path: str | Path, fmt: str, renderer, workers: int) -> tuple[d
     global _renderer
     _renderer = renderer
     ranges = line_aligned_ranges(path, workers)
-    context = multiprocessing.get_context("fork")
-    with context.Pool(len(ranges)) as pool:
-        results = pool.starmap(_tokenize_range, [(str(path), fmt, r) for r in ranges])
+    with pool(len(ranges)) as processes:
+        results = processes.starmap(_tokenize_range, [(str(path), fmt, r) for r in ranges])
     _renderer = None
     problems = [p for _, found in results for p in found]
     if problems:

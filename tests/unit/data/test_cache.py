@@ -93,3 +93,25 @@ def test_parallel_tokenization_equals_one_process_and_names_lines(tmp_path, byte
     write_jsonl(path, records)
     arrays, problems = parallel.tokenize_file(path, "chat", renderer, 3)
     assert arrays is None and [(p.line, p.kind) for p in problems] == [(251, "not_json")]
+
+
+def _sigterm_is_default(_: int) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_tokenization_workers_end_on_sigterm_though_their_parent_catches_it():
+    # Pool.terminate ends its workers with SIGTERM when its exit has drained their stop sentinels (a race a loaded
+    # machine loses); forked workers used to inherit a parent's catching handler (the scheduler's loops, a
+    # recipe's preemption watcher, or one a test left behind), ignore it, and the pool's exit waited forever.
+    import signal
+
+    from tuneforge.data import parallel
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with parallel.pool(2) as processes:
+            assert processes.map(_sigterm_is_default, range(4), chunksize=1) == [True] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
