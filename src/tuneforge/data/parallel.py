@@ -29,11 +29,12 @@ _renderer = None  # set in the parent before forking; the children inherit it
 
 
 def _default_signals() -> None:
-    """A pool worker's start: SIGTERM ends it, SIGINT is the parent's. A fork inherits the parent's handlers, and
-    a process that catches SIGTERM to stop gracefully (the scheduler's loops, a recipe's preemption watcher)
-    would give its workers a SIGTERM that only sets a flag. Pool.terminate ends them with SIGTERM whenever its
-    exit drains the stop sentinels first (a race a loaded machine loses): the pool then waited for them
-    forever (seen as two 900 s test timeouts)."""
+    """A pool worker's start: SIGTERM ends it, SIGINT is the parent's. A fork inherits the parent's Python
+    signal handlers (the scheduler's loops, a recipe's preemption watcher, Ray's driver all install one for
+    SIGTERM), and Pool.terminate ends its workers with SIGTERM whenever its exit drains their stop sentinels
+    first (a race a loaded machine loses). In the test suite, with Ray's driver handler inherited, workers
+    blocked on the pool's queue lock outlived that SIGTERM and the pool's exit waited for them until the
+    900 s test timeout; at the OS default the signal ends them wherever they are."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
