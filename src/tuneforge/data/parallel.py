@@ -29,19 +29,27 @@ _renderer = None  # set in the parent before forking; the children inherit it
 
 
 def _default_signals() -> None:
-    """A pool worker's start: SIGTERM ends it, SIGINT is the parent's. A fork inherits the parent's Python
-    signal handlers (the scheduler's loops, a recipe's preemption watcher, Ray's driver all install one for
-    SIGTERM), and Pool.terminate ends its workers with SIGTERM whenever its exit drains their stop sentinels
-    first (a race a loaded machine loses). In the test suite, with Ray's driver handler inherited, workers
-    blocked on the pool's queue lock outlived that SIGTERM and the pool's exit waited for them until the
-    900 s test timeout; at the OS default the signal ends them wherever they are."""
+    """A pool worker's start: SIGTERM at the OS default (then unblocked, see pool()), SIGINT the parent's."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def pool(processes: int):
-    """A forked pool whose workers start with default signal handling (_default_signals)."""
-    return multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals)
+    """A forked pool whose workers end on SIGTERM whatever handler the parent has.
+
+    A fork inherits the parent's Python signal handlers (the scheduler's loops, a recipe's preemption watcher,
+    Ray's driver all install one for SIGTERM), and Pool.terminate ends its workers with SIGTERM whenever its
+    exit drains their stop sentinels first (a race a loaded machine loses). In the test suite, with Ray's
+    driver handler inherited, workers blocked on the pool's queue lock outlived that SIGTERM and the pool's
+    exit waited for them until the 900 s test timeout. SIGTERM is blocked while the workers are forked, so one
+    that arrives before a worker has reset its handler stays pending until the reset, and then ends it; the
+    parent's own mask is restored at once (a SIGTERM meant for it is delivered to its handler)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_count(path: str | Path) -> int:
